@@ -1,0 +1,3 @@
+from prefrun.cli import main
+
+main()

