@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,9 +22,14 @@ def config_dir() -> str:
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
+    from prefrun.errors import PrefrunError
     from prefrun.run import run  # heavy imports after Hydra has parsed the command line (fast --help)
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except PrefrunError as err:
+        logging.getLogger("prefrun").error("%s", err)  # into <run dir>/train.log too
+        sys.exit(2)
 
 
 COMMANDS = {"train": (train, "preference optimisation: DPO / IPO now; MC-PO, online rounds and APO to come")}
@@ -39,7 +45,7 @@ Examples:
   prefrun train --cfg job                         # print the composed config
   prefrun train loss=ipo loss.beta=0.5            # override any key
   prefrun train -m loss.beta=0.05,0.1 optim.lr=1e-4,3e-4   # a multirun grid
-  prefrun train model.name_or_path=<hub id|dir> data=jsonl data.path=pairs.jsonl task=null
+  prefrun train model.name_or_path=<hub id|dir> data=jsonl data.path=pairs.jsonl ~task
 """
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from prefrun.errors import InputError
 from prefrun.generate import hf_generate
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class PreferenceData:
             log.warning("data: skipped %d of %d records whose prompt fills max_length=%d", dropped, len(records),
                         self.max_length)
         if not examples:
-            raise ValueError(f"data: no usable records ({len(records)} read, {dropped} too long)")
+            raise InputError(f"data: no usable records ({len(records)} read, {dropped} too long)")
         return examples
 
     def truncate(self, example: Example) -> Example | None:
@@ -82,7 +83,7 @@ class JsonlPairs(PreferenceData):
     def records(self, **_) -> list[dict]:
         path = Path(self.path).expanduser()
         if not self.path or not path.is_file():
-            raise FileNotFoundError(f"data.path={self.path!r}: no such file; give a jsonl of prompt/chosen/rejected")
+            raise InputError(f"data.path={self.path!r}: no such file; give a jsonl of prompt/chosen/rejected")
         records = []
         with path.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, 1):
@@ -91,10 +92,10 @@ class JsonlPairs(PreferenceData):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                    raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
                 for key in ("prompt", "chosen", "rejected"):
                     if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                        raise ValueError(f"{path}:{number}: needs string field {key!r}")
+                        raise InputError(f"{path}:{number}: needs string field {key!r}")
                 records.append(record)
         return records
 
@@ -114,6 +115,9 @@ class TaskPairs(PreferenceData):
     def records(self, *, policy, tokenizer, task, cache_dir: Path) -> list[dict]:
         from prefrun.model import fingerprint
 
+        if task is None:
+            raise InputError("data=task_pairs samples pairs for a built-in task, but the task is removed (~task): "
+                             "keep task=sort or choose data=jsonl")
         settings = {k: getattr(self, k) for k in ("num_prompts", "samples_per_prompt", "temperature",
                                                    "max_new_tokens", "seed")}
         key = _hash(fingerprint(policy), repr(task), settings)

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prefrun.errors import InputError
+
 
 def _check_pairs(policy_logps: Tensor, name: str) -> None:
     if policy_logps.dim() != 2 or policy_logps.shape[1] != 2:
-        raise ValueError(
+        raise InputError(
             f"loss={name} needs exactly one negative per prompt (logps of shape [B, 2]), got "
             f"{tuple(policy_logps.shape)}; use loss=mcpo for several negatives"
         )

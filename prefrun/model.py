@@ -10,6 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from prefrun.errors import InputError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,23 +22,23 @@ def load_policy(cfg: DictConfig, task, cache_dir: str | Path):
     name_or_path = cfg.name_or_path
     if name_or_path is None:
         if cfg.build is None:
-            raise ValueError("model.name_or_path is null and model.build is null: set model.name_or_path=<hub id | dir>")
+            raise InputError("model.name_or_path is null and model.build is null: set model.name_or_path=<hub id | dir>")
         name_or_path = str(instantiate(cfg.build).materialize(cache_dir, task))
     trust = bool(cfg.trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise InputError(
             f"model.name_or_path={name_or_path!r}: cannot load a model config ({err.__class__.__name__}: "
             f"{str(err).splitlines()[0]}). Give a local directory with config.json or a hub id."
         ) from None
     if type(config) not in AutoModelForCausalLM._model_mapping and not trust:
-        raise ValueError(
+        raise InputError(
             f"model.name_or_path={name_or_path!r} is a {config.model_type!r} model, not a causal LM "
             "(AutoModelForCausalLM cannot load it): choose a decoder-only language model."
         )
     if cfg.dtype not in ("auto", *DTYPES):
-        raise ValueError(f"model.dtype={cfg.dtype!r}: choose auto, float32, bfloat16 or float16")
+        raise InputError(f"model.dtype={cfg.dtype!r}: choose auto, float32, bfloat16 or float16")
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
@@ -48,7 +50,7 @@ def load_policy(cfg: DictConfig, task, cache_dir: str | Path):
         model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"model.name_or_path={name_or_path!r}: the tokenizer has no eos token; completions need one")
+        raise InputError(f"model.name_or_path={name_or_path!r}: the tokenizer has no eos token; completions need one")
     if tokenizer.pad_token_id is None:
         log.info("tokenizer has no pad token: padding with eos (%r); padded positions are masked", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token

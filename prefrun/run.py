@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> float | None:
     cache_dir = Path(cfg.cache_dir).expanduser()
     set_seed(cfg.seed)
 
-    task = instantiate(cfg.task) if cfg.task else None
+    task = instantiate(cfg.task) if cfg.get("task") else None  # `~task`: no built-in task
     policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
     policy.to(accelerator.device)
     examples = instantiate(cfg.data).load(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)

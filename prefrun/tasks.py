@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from prefrun.errors import InputError
+
 
 @dataclass
 class SortDigits:
@@ -25,22 +27,22 @@ class SortDigits:
     name: str = "sort"
     min_digits: int = 3
     max_digits: int = 8
-    teacher_error_rate: float = 0.5
+    teacher_error_rate: float = 0.75
     teacher_errors: tuple[str, ...] = ("echo", "descending", "swap", "drop")
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits:
-            raise ValueError(f"task: need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
+            raise InputError(f"task: need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
         unknown = set(self.teacher_errors) - {"echo", "descending", "swap", "drop"}
         if unknown:
-            raise ValueError(f"task.teacher_errors: unknown {sorted(unknown)}; choose from echo, descending, swap, drop")
+            raise InputError(f"task.teacher_errors: unknown {sorted(unknown)}; choose from echo, descending, swap, drop")
 
     def prompts(self, split: str, n: int) -> list[str]:
         """`n` prompts of `split` ("train" or "eval"); eval prompts never occur in train."""
         offsets = {"train": 1, "eval": 2}
         if split not in offsets:
-            raise ValueError(f"unknown split {split!r}: use 'train' or 'eval'")
+            raise InputError(f"unknown split {split!r}: use 'train' or 'eval'")
         rng = random.Random(self.seed * 1000 + offsets[split])
         out: list[str] = []
         while len(out) < n:

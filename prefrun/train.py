@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefrun.data import Example, collate
+from prefrun.errors import PrefrunError
 from prefrun.logprobs import sequence_logps
 from prefrun.losses import log_reference_noise
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(PrefrunError, RuntimeError):
     pass
 
 

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny models and tokenizers built here and saved with save_pretrained (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_bpe_model(path: Path, *, hidden: int = 64, layers: int = 2, heads: int = 2, vocab: int = 320,
+                    bos: bool = True, seed: int = 0) -> Path:
+    """A byte-level BPE tokenizer trained on a small corpus and a randomly initialised Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [f"Question {i}: what is {i} plus {2 * i}? Answer: {3 * i}. The quick brown fox {i}." for i in range(300)]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_model_dir(tmp_path_factory) -> Path:
+    return build_bpe_model(tmp_path_factory.mktemp("bpe_llama"))
+
+
+@pytest.fixture(scope="session")
+def pairs_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}: what is {i} plus {2 * i}?", "chosen": f" Answer: {3 * i}.",
+             "rejected": f" Answer: {3 * i + 1}, the quick fox."} for i in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv("PREFRUN_CACHE", str(path))
+    return path
+
+
+# Overrides that make the embedded job take seconds: a short warm-up, few pairs, few eval prompts.
+TINY_JOB = ["model.build.sft_steps=20", "model.build.hidden_size=64", "model.build.num_heads=1",
+            "model.build.intermediate_size=128", "data.num_prompts=64", "eval.num_prompts=8", "trainer.batch_size=8",
+            "trainer.log_every=2", "trainer.epochs=1"]
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`prefrun <args>` in a subprocess, exactly as a user types it."""
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "prefrun", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"prefrun {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,77 @@
+"""End to end through the real command line: `python -m prefrun train ...` in a subprocess."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from .conftest import TINY_JOB, run_cli
+
+pytestmark = pytest.mark.slow
+
+METRIC_KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+               "logps/chosen", "logps/rejected", "log_gamma/mean", "log_gamma/frac_positive", "lr", "grad_norm",
+               "tokens_per_s"}
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("outputs/**/summary.json"))
+
+
+def test_help_and_cfg_job(tmp_path):
+    help_text = run_cli(["train", "--help"], tmp_path).stdout
+    for group in ("model:", "data:", "loss: dpo, ipo", "sampler:", "optim:", "trainer:", "logger:", "experiment:"):
+        assert group in help_text
+    job = run_cli(["train", "--cfg", "job", "loss=ipo", "loss.beta=0.25"], tmp_path).stdout
+    assert "_target_: prefrun.losses.ipo_loss" in job and "beta: 0.25" in job
+    assert "usage: prefrun" in run_cli([], tmp_path).stdout
+
+
+def test_embedded_job_writes_run_dir_and_reuses_reference_cache(tmp_path, cache_dir):
+    first = run_cli(["train", *TINY_JOB], tmp_path)
+    [run] = run_dirs(tmp_path)
+    assert (run / "config.yaml").read_text().count("sft_steps: 20") == 1  # resolved config
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and METRIC_KEYS <= set(rows[-1])
+    summary = json.loads((run / "summary.json").read_text())
+    for when in ("eval_before", "eval_after"):
+        assert set(summary[when]) == {"sampled", "greedy"}
+        assert 0 <= summary[when]["sampled"]["mean"] <= 1 and summary[when]["sampled"]["num_prompts"] == 8
+    assert {"torch", "transformers", "hydra-core"} <= set(summary["environment"]["packages"])
+    assert "git_commit" in summary["environment"] and summary["peak_memory_mb"]["cpu_rss"] > 0
+    AutoModelForCausalLM.from_pretrained(run / "checkpoint-final")
+    assert "computed" in (run / "train.log").read_text() and "judged score" in first.stdout + first.stderr
+
+    run_cli(["train", *TINY_JOB], tmp_path)
+    second = [d for d in run_dirs(tmp_path) if d != run]
+    log = second[0].joinpath("train.log").read_text()
+    assert "cache hit" in log and "0 reference forwards" in log and "cached pairs" in log and "(cached)" in log
+    # Same seed, same machine: the same metrics.
+    again = [json.loads(line) for line in second[0].joinpath("metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
+
+
+def test_multirun_writes_one_directory_per_job(tmp_path, cache_dir):
+    run_cli(["train", "-m", "loss.beta=0.1,0.2", *TINY_JOB, "eval.num_prompts=0", "trainer.save_final=false"],
+            tmp_path)
+    runs = run_dirs(tmp_path)
+    assert len(runs) == 2 and all("multirun" in str(r) for r in runs)
+    betas = sorted(float(r.joinpath("config.yaml").read_text().split("beta: ")[1].split()[0]) for r in runs)
+    assert betas == [0.1, 0.2]
+
+
+def test_local_model_and_jsonl_pairs(tmp_path, cache_dir, bpe_model_dir, pairs_jsonl):
+    run_cli(["train", "model=hf", f"model.name_or_path={bpe_model_dir}", "data=jsonl", f"data.path={pairs_jsonl}",
+             "~task", "trainer.batch_size=4", "trainer.max_steps=3", "trainer.log_every=1"], tmp_path)
+    [run] = run_dirs(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_examples"] == 24 and summary["eval_after"] == {} and summary["final"]["step"] == 3
+
+
+def test_bad_data_path_is_one_clear_line(tmp_path, cache_dir, bpe_model_dir):
+    proc = run_cli(["train", "model=hf", f"model.name_or_path={bpe_model_dir}", "data=jsonl",
+                    "data.path=/no/such.jsonl", "~task"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "data.path='/no/such.jsonl': no such file" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
