@@ -44,6 +44,9 @@ class PreferenceData:
     max_length: int = 512
     max_prompt_length: int | None = None
 
+    def check(self) -> None:
+        """Fail fast on what can be checked before any model is loaded (e.g. a missing file)."""
+
     def records(self, *, policy, tokenizer, task, cache_dir: Path) -> list[dict]:
         raise NotImplementedError
 
@@ -80,10 +83,13 @@ class JsonlPairs(PreferenceData):
 
     path: str = ""
 
-    def records(self, **_) -> list[dict]:
-        path = Path(self.path).expanduser()
-        if not self.path or not path.is_file():
+    def check(self) -> None:
+        if not self.path or not Path(self.path).expanduser().is_file():
             raise InputError(f"data.path={self.path!r}: no such file; give a jsonl of prompt/chosen/rejected")
+
+    def records(self, **_) -> list[dict]:
+        self.check()
+        path = Path(self.path).expanduser()
         records = []
         with path.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, 1):

@@ -33,9 +33,11 @@ def run(cfg: DictConfig) -> float | None:
     set_seed(cfg.seed)
 
     task = instantiate(cfg.task) if cfg.get("task") else None  # `~task`: no built-in task
+    data = instantiate(cfg.data)
+    data.check()
     policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
     policy.to(accelerator.device)
-    examples = instantiate(cfg.data).load(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
+    examples = data.load(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
     # The reference is the policy's starting weights: its log-probs are computed (or loaded) before
     # training, so no second copy of the model is ever held in memory.
     attach_reference_logps(examples, policy, tokenizer, cache_dir=cache_dir, batch_size=cfg.trainer.eval_batch_size,

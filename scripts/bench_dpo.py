@@ -196,7 +196,8 @@ def _print_table(args, results: dict) -> None:
     sides = [s for s in ("prefrun", "trl") if s in results]
     rows = [
         ("steps/s", "steps_per_s", "{:.3f}"),
-        ("s/step", "s_per_step", "{:.3f}"),
+        ("s/step (mean)", "s_per_step", "{:.3f}"),
+        ("s/step (median; min-max)", "median_s_per_step", "{:.3f}"),
         ("tokens/s (non-pad, policy fwd)", "tokens_per_s", "{:.0f}"),
         ("padding share of positions", "pad_fraction", "{:.1%}"),
         ("timed seconds", "timed_s", "{:.1f}"),
@@ -207,16 +208,25 @@ def _print_table(args, results: dict) -> None:
         ("setup s (tokenize/init)", "setup_s", "{:.2f}"),
         ("train() call s (all steps)", "train_call_s", "{:.1f}"),
         ("child process s", "process_s", "{:.1f}"),
+        ("own CPU use (cores)", "cpu_util", "{:.2f}"),
+        ("other processes' CPU share", "others_cpu_share", "{:.0%}"),
     ]
     labels = {"prefrun": "prefrun", "trl": "TRL" + (" (precompute)" if args.trl_precompute else "")}
     width = max(len(r[0]) for r in rows)
-    print(f"{'':{width}}  " + "  ".join(f"{labels[s]:>18}" for s in sides))
+    print(f"{'':{width}}  " + "  ".join(f"{labels[s]:>22}" for s in sides))
     for label, key, fmt in rows:
         cells = []
         for s in sides:
             value = results[s].get(key)
-            cells.append(f"{'-' if value is None else fmt.format(value):>18}")
+            text = "-" if value is None else fmt.format(value)
+            if key == "median_s_per_step" and value is not None:
+                text += f" ({results[s]['min_s_per_step']:.2f}-{results[s]['max_s_per_step']:.2f})"
+            cells.append(f"{text:>22}")
         print(f"{label:{width}}  " + "  ".join(cells))
+    busy = [s for s in sides if (results[s].get("others_cpu_share") or 0) > 0.05]
+    if busy:
+        print(f"\nwarning: other processes used >5% of the machine's CPU during the timed steps of {busy}; "
+              "the numbers are not reliable (OpenMP threads degrade badly when cores are shared)")
     if len(sides) == 2:
         p, t = results["prefrun"], results["trl"]
         print(f"\nprefrun/TRL throughput (steps/s): {p['steps_per_s'] / t['steps_per_s']:.2f}x   "
@@ -298,6 +308,7 @@ def side_prepare(args) -> None:
 
     rng = random.Random(args.seed)
     lexicon = _lexicon(rng)
+    rng.shuffle(lexicon)  # Zipf ranks independent of spelling
     weights = [1 / (rank + 1) ** 1.1 for rank in range(len(lexicon))]  # Zipf-like
     corpus = [_sentence_words(rng, lexicon, weights, rng.randint(8, 40)) for _ in range(20000)]
 
@@ -363,15 +374,31 @@ def _load(args):
     return torch, model, tokenizer, records, base
 
 
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes of the machine have used (from /proc/stat), None where unavailable."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 class _Clock:
-    """Timestamps after each optimiser step, and the token counts of each policy forward."""
+    """Timestamps after each optimiser step (wall, own CPU, machine CPU), and the token counts of
+    each policy forward."""
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        self.cpu: list[tuple[float, float | None]] = []  # (this process, whole machine) CPU seconds
         self.forwards: list[tuple[int, int]] = []  # (non-pad tokens, padded positions)
 
     def watch_optimizer(self, optimizer) -> None:
-        optimizer.register_step_post_hook(lambda *_: self.stamps.append(time.perf_counter()))
+        def hook(*_):
+            self.stamps.append(time.perf_counter())
+            self.cpu.append((time.process_time(), _busy_cpu_s()))
+
+        optimizer.register_step_post_hook(hook)
 
     def watch_model(self, model) -> None:
         def hook(_module, args, kwargs):
@@ -387,9 +414,14 @@ class _Clock:
         timed = self.stamps[-1] - self.stamps[warmup - 1]
         window = self.forwards[warmup : warmup + steps]
         real, padded = sum(f[0] for f in window), sum(f[1] for f in window)
+        durations = sorted(b - a for a, b in zip(self.stamps[warmup - 1 :], self.stamps[warmup:]))
+        (own0, all0), (own1, all1) = self.cpu[warmup - 1], self.cpu[-1]
+        others = None if all0 is None else max(0.0, (all1 - all0) - (own1 - own0)) / (timed * (os.cpu_count() or 1))
         return {"steps_per_s": steps / timed, "s_per_step": timed / steps, "timed_s": timed,
-                "tokens_per_s": real / timed, "pad_fraction": 1 - real / padded if padded else 0.0,
-                "policy_forwards": len(self.forwards)}
+                "median_s_per_step": durations[len(durations) // 2], "min_s_per_step": durations[0],
+                "max_s_per_step": durations[-1], "tokens_per_s": real / timed,
+                "pad_fraction": 1 - real / padded if padded else 0.0, "policy_forwards": len(self.forwards),
+                "cpu_util": (own1 - own0) / timed, "others_cpu_share": others}
 
 
 def _trainer_cfg(args):
