@@ -86,3 +86,13 @@ def test_default_job_improves_the_judged_score(tmp_path, cache_dir):
     assert before["mean"] < 0.8 and before["num_prompts"] >= 200
     assert after["mean"] - before["mean"] > 3 * (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
     assert summary["eval_after"]["greedy"]["mean"] >= summary["eval_before"]["greedy"]["mean"]
+
+
+def test_wandb_offline_run_is_written(tmp_path, cache_dir):
+    run_cli(["train", "logger=wandb", "logger.wandb.tags=[smoke]", *TINY_JOB, "trainer.save_final=false"], tmp_path,
+            env_extra={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    [run] = run_dirs(tmp_path)
+    [record] = run.glob("wandb/offline-run-*/run-*.wandb")
+    content = record.read_bytes()  # protobuf records: the keys are stored as plain strings
+    for key in (b"train/loss", b"train/rewards/accuracy", b"eval_after/sampled/mean", b"smoke", b"sft_steps"):
+        assert key in content, key
