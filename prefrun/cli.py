@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# `hydra.run.dir` is the directory being resumed, if any, else a fresh timestamped one.
+OmegaConf.register_new_resolver("prefrun.run_dir", lambda resume, fresh: resume or fresh, replace=True)
 
 
 def config_dir() -> str:

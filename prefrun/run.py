@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from prefrun.checkpoint import Checkpoints
 from prefrun.data import attach_reference_logps
 from prefrun.evaluate import judged_scores
 from prefrun.model import fingerprint, load_policy
@@ -47,7 +48,8 @@ def run(cfg: DictConfig) -> float | None:
     last = train(policy, tokenizer, examples, loss_fn=instantiate(cfg.loss), beta=cfg.loss.beta,
                  sampler=instantiate(cfg.sampler),
                  optimizer_factory=instantiate(cfg.optim), cfg=cfg.trainer, accelerator=accelerator, seed=cfg.seed,
-                 on_log=record.metrics)
+                 on_log=record.metrics, on_resume=record.truncate_metrics,
+                 checkpoints=Checkpoints(record.dir / "checkpoints", cfg.trainer.save_every, cfg.trainer.keep_last))
     policy = accelerator.unwrap_model(policy)
     after = judged_scores(policy, tokenizer, task, cfg.eval, cfg.seed) if task and cfg.eval.num_prompts else {}
 

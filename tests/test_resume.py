@@ -1,0 +1,59 @@
+"""Kill a real run with SIGKILL after a checkpoint; the same command resumes and ends where an
+uninterrupted run ends (fp32, CPU: same metrics to 1e-6, same weights to 1e-6)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import TINY_JOB, run_cli
+
+pytestmark = pytest.mark.slow
+
+JOB = [*TINY_JOB, "trainer.epochs=4", "trainer.save_every=2", "trainer.keep_last=2", "trainer.log_every=3",
+       "eval.num_prompts=0"]
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_result(tmp_path, cache_dir):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_cli(["train", *JOB, f"hydra.run.dir={whole}"], tmp_path)
+
+    command = [sys.executable, "-m", "prefrun", "train", *JOB, f"hydra.run.dir={broken}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (broken / "checkpoints" / "step-4").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (broken / "summary.json").exists()
+
+    run_cli(["train", *JOB, f"hydra.run.dir={broken}"], tmp_path)  # the same command again
+    assert "resuming from" in (broken / "train.log").read_text()
+    resumed, expected = metrics(broken), metrics(whole)
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected]
+    for a, b in zip(resumed, expected):
+        for key in ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "grad_norm", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    final_a = load_file(broken / "checkpoint-final" / "model.safetensors")
+    final_b = load_file(whole / "checkpoint-final" / "model.safetensors")
+    for name in final_b:
+        torch.testing.assert_close(final_a[name], final_b[name], atol=1e-6, rtol=0)
+    assert len(list((broken / "checkpoints").glob("step-*"))) <= 2  # keep_last
+
+
+def test_resume_key_continues_a_timestamped_run(tmp_path, cache_dir):
+    run_cli(["train", *JOB, "trainer.max_steps=4"], tmp_path)
+    [run] = [p.parent for p in tmp_path.glob("outputs/*/*/summary.json")]
+    run_cli(["train", *JOB, "trainer.max_steps=8", f"resume={run}"], tmp_path)
+    log = (run / "train.log").read_text()
+    assert "resuming from" in log and "other values of: trainer.max_steps" in log
+    assert metrics(run)[-1]["step"] == 8
