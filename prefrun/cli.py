@@ -5,13 +5,38 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-# `hydra.run.dir` is the directory being resumed, if any, else a fresh timestamped one.
-OmegaConf.register_new_resolver("prefrun.run_dir", lambda resume, fresh: resume or fresh, replace=True)
+
+def run_dir(resume: str | None, fresh: str) -> str:
+    """`hydra.run.dir`: the directory being resumed, if any, else a fresh timestamped one, the same
+    for every process of an `accelerate launch` job (rank 0 picks it; the others read it from a
+    file keyed by the job's rendezvous port; on several machines set hydra.run.dir yourself)."""
+    if resume:
+        return resume
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return fresh
+    note = Path(tempfile.gettempdir()) / f"prefrun-run-dir-{os.environ.get('MASTER_PORT', '0')}"
+    if int(os.environ.get("RANK", "0")) == 0:
+        tmp = note.with_suffix(".tmp")
+        tmp.write_text(str(Path(fresh).resolve()))
+        os.replace(tmp, note)
+        return fresh
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        # A note older than a minute belongs to an earlier job that used the same port.
+        if note.exists() and time.time() - note.stat().st_mtime < 60:
+            return note.read_text()
+        time.sleep(0.1)
+    raise RuntimeError(f"rank {os.environ.get('RANK')}: rank 0 never announced its run directory in {note}")
+
+
+OmegaConf.register_new_resolver("prefrun.run_dir", run_dir, replace=True)
 
 
 def config_dir() -> str:

@@ -18,52 +18,98 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_policy(cfg: DictConfig, task, cache_dir: str | Path):
-    """Return (model, tokenizer, name_or_path) for `cfg` (the `model` group)."""
+    """Return (model, tokenizer, name_or_path) for `cfg` (the `model` group), with LoRA adapters if
+    `model.lora` is set (then only the adapters train, and the frozen base is the reference)."""
     name_or_path = cfg.name_or_path
     if name_or_path is None:
         if cfg.build is None:
             raise InputError("model.name_or_path is null and model.build is null: set model.name_or_path=<hub id | dir>")
         name_or_path = str(instantiate(cfg.build).materialize(cache_dir, task))
-    trust = bool(cfg.trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust)
-    except (OSError, ValueError) as err:
-        raise InputError(
-            f"model.name_or_path={name_or_path!r}: cannot load a model config ({err.__class__.__name__}: "
-            f"{str(err).splitlines()[0]}). Give a local directory with config.json or a hub id."
-        ) from None
-    if type(config) not in AutoModelForCausalLM._model_mapping and not trust:
-        raise InputError(
-            f"model.name_or_path={name_or_path!r} is a {config.model_type!r} model, not a causal LM "
-            "(AutoModelForCausalLM cannot load it): choose a decoder-only language model."
-        )
-    if cfg.dtype not in ("auto", *DTYPES):
-        raise InputError(f"model.dtype={cfg.dtype!r}: choose auto, float32, bfloat16 or float16")
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=trust,
-    )
+    model = load_causal_lm(name_or_path, cfg, key="model.name_or_path")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust)
+    if cfg.get("lora"):
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input when the base is frozen
+        model = add_lora(model, cfg.lora)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=bool(cfg.trust_remote_code))
     if tokenizer.eos_token_id is None:
         raise InputError(f"model.name_or_path={name_or_path!r}: the tokenizer has no eos token; completions need one")
     if tokenizer.pad_token_id is None:
         log.info("tokenizer has no pad token: padding with eos (%r); padded positions are masked", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
-    log.info("policy: %s (%s, %.2fM parameters)", name_or_path, model.dtype, model.num_parameters() / 1e6)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("policy: %s (%s, %.2fM parameters, %.2fM trainable)", name_or_path, model.dtype,
+             sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
     return model, tokenizer, name_or_path
 
 
+def load_reference(cfg: DictConfig):
+    """A separate reference model (`model.reference`), or None: the policy's starting weights."""
+    if not cfg.get("reference"):
+        return None
+    return load_causal_lm(cfg.reference, cfg, key="model.reference").eval()
+
+
+def load_causal_lm(name_or_path: str, cfg: DictConfig, *, key: str):
+    """AutoModelForCausalLM.from_pretrained with prefrun's checks: one clear line for a bad path or
+    a model that is not a causal LM."""
+    trust = bool(cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust)
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"{key}={name_or_path!r}: cannot load a model config ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0]}). Give a local directory with config.json or a hub id."
+        ) from None
+    if type(config) not in AutoModelForCausalLM._model_mapping and not trust:
+        raise InputError(
+            f"{key}={name_or_path!r} is a {config.model_type!r} model, not a causal LM "
+            "(AutoModelForCausalLM cannot load it): choose a decoder-only language model."
+        )
+    if cfg.dtype not in ("auto", *DTYPES):
+        raise InputError(f"model.dtype={cfg.dtype!r}: choose auto, float32, bfloat16 or float16")
+    return AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=trust,
+    )
+
+
+def add_lora(model, cfg: DictConfig):
+    """Wrap `model` with peft LoRA adapters; the base weights freeze."""
+    from peft import LoraConfig, get_peft_model
+
+    target = cfg.target_modules
+    target = target if isinstance(target, str) else list(target)
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise InputError(f"model.lora.target_modules={target!r}: {str(err).splitlines()[0]}") from None
+
+
+def save_policy(model, tokenizer, path: Path, *, merge_lora: bool) -> None:
+    """save_pretrained; a LoRA policy saves its adapters, or the merged full model if asked."""
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def fingerprint(model) -> str:
-    """A hash of the weights' bytes: what the reference log-prob cache is keyed by."""
+    """A hash of the starting weights' bytes: what the reference log-prob cache is keyed by. Fresh
+    LoRA adapters are left out: they start as the identity (B = 0), so the function is the base's."""
     import hashlib
 
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.replace("base_model.model.", "").replace(".base_layer", "")
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from prefrun.checkpoint import Checkpoints
 from prefrun.data import attach_reference_logps
 from prefrun.evaluate import judged_scores
-from prefrun.model import fingerprint, load_policy
+from prefrun.model import fingerprint, load_policy, load_reference, save_policy
 from prefrun.runlog import RunLog
 from prefrun.train import make_accelerator, train
 
@@ -32,6 +32,8 @@ def run(cfg: DictConfig) -> float | None:
     record = RunLog(Path(hydra_cfg.runtime.output_dir), cfg, enabled=accelerator.is_main_process, sweep_name=sweep)
     cache_dir = Path(cfg.cache_dir).expanduser()
     set_seed(cfg.seed)
+    log.info("accelerate: %d process(es), %s, mixed precision %s", accelerator.num_processes, accelerator.device,
+             accelerator.mixed_precision)
 
     task = instantiate(cfg.task) if cfg.get("task") else None  # `~task`: no built-in task
     data = instantiate(cfg.data)
@@ -39,10 +41,16 @@ def run(cfg: DictConfig) -> float | None:
     policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
     policy.to(accelerator.device)
     examples = data.load(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
-    # The reference is the policy's starting weights: its log-probs are computed (or loaded) before
-    # training, so no second copy of the model is ever held in memory.
-    attach_reference_logps(examples, policy, tokenizer, cache_dir=cache_dir, batch_size=cfg.trainer.eval_batch_size,
-                           weights_key=fingerprint(policy))
+    # The reference is the policy's starting weights (with LoRA: the base, adapters being zero at
+    # start) unless model.reference names another model. Its log-probs are computed (or loaded from
+    # the cache) before training, so no second model is held in memory while training.
+    reference = load_reference(cfg.model)
+    if reference is not None:
+        reference.to(accelerator.device)
+    reference = reference or policy
+    attach_reference_logps(examples, reference, tokenizer, cache_dir=cache_dir,
+                           batch_size=cfg.trainer.reference_batch_size, weights_key=fingerprint(reference))
+    del reference
 
     before = judged_scores(policy, tokenizer, task, cfg.eval, cfg.seed) if task and cfg.eval.num_prompts else {}
     last = train(policy, tokenizer, examples, loss_fn=instantiate(cfg.loss), beta=cfg.loss.beta,
@@ -55,8 +63,8 @@ def run(cfg: DictConfig) -> float | None:
 
     if accelerator.is_main_process:
         if cfg.trainer.save_final:
-            policy.save_pretrained(record.dir / "checkpoint-final")
-            tokenizer.save_pretrained(record.dir / "checkpoint-final")
+            save_policy(policy, tokenizer, record.dir / "checkpoint-final",
+                        merge_lora=bool(cfg.model.get("lora") and cfg.model.lora.merge))
         summary = record.summary({"model": name_or_path, "num_examples": len(examples), "final": last,
                                   "eval_before": before, "eval_after": after})
         _report(summary, cfg.eval.get("primary"), record.dir)

@@ -31,7 +31,9 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
+    # cpu=True on a machine without CUDA: that is what makes several processes use gloo (MULTI_CPU).
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
+                       cpu=not torch.cuda.is_available())
 
 
 def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sampler, optimizer_factory,
@@ -47,8 +49,10 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     optimizer = optimizer_factory(params=[p for p in model.parameters() if p.requires_grad])
     batches_per_epoch = len(accelerator.prepare(_epoch_loader(examples, cfg, tokenizer, columns, seed, 0)))
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * max(1, batches_per_epoch // cfg.grad_accum))
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    # accelerate steps a prepared scheduler once per process at every optimiser step: count in those units.
+    processes = accelerator.num_processes
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps) * processes,
+                              num_training_steps=total_steps * processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
 
