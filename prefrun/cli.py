@@ -60,7 +60,31 @@ def train(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
-COMMANDS = {"train": (train, "preference optimisation: DPO / IPO now; MC-PO, online rounds and APO to come")}
+@hydra.main(config_path=config_dir(), config_name="testbed", version_base="1.3")
+def testbed(cfg: DictConfig) -> None:
+    from prefrun.errors import PrefrunError
+    from prefrun.testbed import run  # heavy imports after Hydra has parsed the command line (fast --help)
+
+    try:
+        run(cfg)
+    except PrefrunError as err:
+        logging.getLogger("prefrun").error("%s", err)  # into <run dir>/testbed.log too
+        sys.exit(2)
+
+
+def report() -> None:
+    from prefrun.errors import PrefrunError
+    from prefrun.report import main as report_main
+
+    try:
+        report_main(sys.argv[1:])
+    except PrefrunError as err:
+        sys.exit(f"prefrun report: {err}")
+
+
+COMMANDS = {"train": (train, "preference optimisation: DPO / IPO now; MC-PO, online rounds and APO to come"),
+            "testbed": (testbed, "exact checks of DPO, MC-PO, APO on a finite bandit; writes docs/testbed.md"),
+            "report": (report, "tables and plots of a run or multirun directory: prefrun report <dir>")}
 
 USAGE = """usage: prefrun <command> [overrides ...] [hydra flags]
 
@@ -74,6 +98,7 @@ Examples:
   prefrun train loss=ipo loss.beta=0.5            # override any key
   prefrun train -m loss.beta=0.05,0.1 optim.lr=1e-4,3e-4   # a multirun grid
   prefrun train model.name_or_path=<hub id|dir> data=jsonl data.path=pairs.jsonl ~task
+  prefrun testbed                                 # exact checks on a finite bandit -> docs/testbed.md
 """
 
 
