@@ -10,9 +10,11 @@ from omegaconf import OmegaConf
 from prefrun.cli import config_dir
 
 CONF = Path(config_dir())
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+GLOBAL_GROUPS = ("hydra", "experiment", "hparams_search")  # `# @package _global_` presets, tested below
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in GLOBAL_GROUPS)
 # Keys that a group's option leaves for the user (`???`) get a value here.
-REQUIRED = {"model=hf": ["model.name_or_path=some/model"], "data=jsonl": ["data.path=pairs.jsonl"]}
+REQUIRED = {"model=hf": ["model.name_or_path=some/model"], "data=jsonl": ["data.path=pairs.jsonl"],
+            "data=hf": ["data.path=pairs.jsonl"]}
 
 
 def options(group: str) -> list[str]:
@@ -43,6 +45,15 @@ def test_every_experiment_composes(name):
     for group in ("task", "loss", "sampler", "optim", "data"):
         if cfg[group] is not None:
             instantiate(cfg[group])
+
+
+@pytest.mark.parametrize("name", options("hparams_search"))
+def test_every_hparams_search_composes_into_a_maximising_sweep(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={name}"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.direction == "maximize"
+    for key in cfg.hydra.sweeper.params:
+        OmegaConf.select(cfg, key, throw_on_missing=True)  # every searched key exists
 
 
 def test_default_config_is_the_embedded_job():
