@@ -24,6 +24,7 @@ def judged_scores(model, tokenizer, task, cfg: DictConfig, seed: int) -> dict:
             "exact": statistics.fmean(task.score(p, c) == 1.0 for p, g in zip(prompts, completions) for c in g),
             "num_prompts": len(prompts),
             "decoding": dict(decoding),
-            "examples": [{"prompt": p, "completion": g[0]} for p, g in zip(prompts[:5], completions[:5])],
+            "examples": [{"prompt": p, "completion": g[0], "score": task.score(p, g[0])}
+                         for p, g in zip(prompts[: cfg.num_examples], completions[: cfg.num_examples])],
         }
     return results

@@ -72,12 +72,24 @@ class RunLog:
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.metrics_file.close()
             if self.wandb:
-                for when in ("eval_before", "eval_after"):
-                    for decoding, result in summary.get(when, {}).items():
-                        self.wandb.summary[f"{when}/{decoding}/mean"] = result["mean"]
-                        self.wandb.summary[f"{when}/{decoding}/stderr"] = result["stderr"]
+                self._wandb_eval(summary)
                 self.wandb.finish()
         return summary
+
+
+    def _wandb_eval(self, summary: dict) -> None:
+        """Judged scores into the W&B summary, and a table of sample completions before/after."""
+        import wandb
+
+        table = wandb.Table(columns=["when", "decoding", "prompt", "completion", "score"])
+        for when in ("eval_before", "eval_after"):
+            for decoding, result in summary.get(when, {}).items():
+                self.wandb.summary[f"{when}/{decoding}/mean"] = result["mean"]
+                self.wandb.summary[f"{when}/{decoding}/stderr"] = result["stderr"]
+                for example in result["examples"]:
+                    table.add_data(when, decoding, example["prompt"], example["completion"], example["score"])
+        if table.data:
+            self.wandb.log({"eval/samples": table})
 
 
 def _changed_keys(old: DictConfig, new: DictConfig, prefix: str = "") -> list[str]:

@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from .conftest import TINY_JOB, run_cli
+from .wandb_records import run_info
 
 pytestmark = pytest.mark.slow
 
@@ -88,11 +89,19 @@ def test_default_job_improves_the_judged_score(tmp_path, cache_dir):
     assert summary["eval_after"]["greedy"]["mean"] >= summary["eval_before"]["greedy"]["mean"]
 
 
-def test_wandb_offline_run_is_written(tmp_path, cache_dir):
-    run_cli(["train", "logger=wandb", "logger.wandb.tags=[smoke]", *TINY_JOB, "trainer.save_final=false"], tmp_path,
-            env_extra={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    [run] = run_dirs(tmp_path)
-    [record] = run.glob("wandb/offline-run-*/run-*.wandb")
-    content = record.read_bytes()  # protobuf records: the keys are stored as plain strings
-    for key in (b"train/loss", b"train/rewards/accuracy", b"eval_after/sampled/mean", b"smoke", b"sft_steps"):
-        assert key in content, key
+def test_wandb_offline_runs_of_a_multirun_share_a_group(tmp_path, cache_dir):
+    run_cli(["train", "-m", "logger=wandb", "logger.wandb.tags=[smoke]", "loss.beta=0.2,0.4", *TINY_JOB,
+             "trainer.save_final=false"], tmp_path, env_extra={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    [sweep] = tmp_path.glob("outputs/multirun/*/*")
+    betas = set()
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        [record] = job.glob("wandb/offline-run-*/run-*.wandb")
+        info = run_info(record)  # parsed back from the offline file
+        assert info["group"] == sweep.name and info["tags"] == ["smoke"]
+        betas.add(info["config"]["loss"]["beta"])
+        local = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+        assert [h["train/loss"] for h in info["history"] if "train/loss" in h] == [r["loss"] for r in local]
+        summary = json.loads((job / "summary.json").read_text())
+        assert info["summary"]["eval_after/sampled/mean"] == summary["eval_after"]["sampled"]["mean"]
+        assert info["summary"]["eval/samples/nrows"] == 2 * 2 * 8  # before/after x sampled/greedy x examples
+    assert betas == {0.2, 0.4}
