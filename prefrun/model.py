@@ -92,11 +92,12 @@ def add_lora(model, cfg: DictConfig):
         raise InputError(f"model.lora.target_modules={target!r}: {str(err).splitlines()[0]}") from None
 
 
-def save_policy(model, tokenizer, path: Path, *, merge_lora: bool) -> None:
-    """save_pretrained; a LoRA policy saves its adapters, or the merged full model if asked."""
+def save_policy(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: dict | None = None) -> None:
+    """save_pretrained; a LoRA policy saves its adapters, or the merged full model if asked.
+    `state_dict`: the full weights gathered by accelerate (sharded training), if any."""
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(path)
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
 
 

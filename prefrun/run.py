@@ -61,10 +61,13 @@ def run(cfg: DictConfig) -> float | None:
     policy = accelerator.unwrap_model(policy)
     after = judged_scores(policy, tokenizer, task, cfg.eval, cfg.seed) if task and cfg.eval.num_prompts else {}
 
+    lora = cfg.model.get("lora")
+    # Every process takes part: under FSDP or DeepSpeed ZeRO-3 this gathers the shards.
+    state_dict = accelerator.get_state_dict(policy) if cfg.trainer.save_final and not lora else None
     if accelerator.is_main_process:
         if cfg.trainer.save_final:
-            save_policy(policy, tokenizer, record.dir / "checkpoint-final",
-                        merge_lora=bool(cfg.model.get("lora") and cfg.model.lora.merge))
+            save_policy(policy, tokenizer, record.dir / "checkpoint-final", merge_lora=bool(lora and lora.merge),
+                        state_dict=state_dict)
         summary = record.summary({"model": name_or_path, "num_examples": len(examples), "final": last,
                                   "eval_before": before, "eval_after": after})
         _report(summary, cfg.eval.get("primary"), record.dir)
