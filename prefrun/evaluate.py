@@ -1,12 +1,16 @@
-"""Judged evaluation: sample completions for held-out task prompts and score them with the task's judge."""
+"""Evaluation: judged scores of sampled completions on the task's held-out prompts, and preference
+metrics (loss, reward accuracy, margin) on held-out pairs of the data."""
 
 from __future__ import annotations
 
 import statistics
 
+import torch
 from omegaconf import DictConfig
 
+from prefrun.data import Example, collate
 from prefrun.generate import hf_generate
+from prefrun.logprobs import sequence_logps
 
 
 def judged_scores(model, tokenizer, task, cfg: DictConfig, seed: int) -> dict:
@@ -28,3 +32,23 @@ def judged_scores(model, tokenizer, task, cfg: DictConfig, seed: int) -> dict:
                          for p, g in zip(prompts[: cfg.num_examples], completions[: cfg.num_examples])],
         }
     return results
+
+
+@torch.no_grad()
+def preference_metrics(model, tokenizer, examples: list[Example], *, loss_fn, batch_size: int) -> dict:
+    """The loss, reward accuracy and margin on held-out pairs (reference log-probs attached)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals = {"loss": 0.0, "rewards/accuracy": 0.0, "rewards/margin": 0.0}
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+        logps = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                               batch["completion_mask"].to(device)).view(batch["completion_lengths"].shape).cpu()
+        losses, rewards = loss_fn(logps, batch["reference_logps"], batch["completion_lengths"])
+        hardest = rewards[:, 1:].max(dim=1).values
+        totals["loss"] += losses.sum().item()
+        totals["rewards/accuracy"] += (rewards[:, 0] > hardest).sum().item()
+        totals["rewards/margin"] += (rewards[:, 0] - hardest).sum().item()
+    model.train(was_training)
+    return {**{k: v / len(examples) for k, v in totals.items()}, "num_pairs": len(examples)}

@@ -64,10 +64,13 @@ def test_multirun_writes_one_directory_per_job(tmp_path, cache_dir):
 
 def test_local_model_and_jsonl_pairs(tmp_path, cache_dir, bpe_model_dir, pairs_jsonl):
     run_cli(["train", "model=hf", f"model.name_or_path={bpe_model_dir}", "data=jsonl", f"data.path={pairs_jsonl}",
-             "~task", "trainer.batch_size=4", "trainer.max_steps=3", "trainer.log_every=1"], tmp_path)
+             "~task", "data.eval_size=4", "trainer.batch_size=4", "trainer.max_steps=3", "trainer.log_every=1"],
+            tmp_path)
     [run] = run_dirs(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["num_examples"] == 24 and summary["eval_after"] == {} and summary["final"]["step"] == 3
+    assert summary["num_examples"] == 20 and summary["eval_after"] == {} and summary["final"]["step"] == 3
+    pairs = summary["held_out_pairs_after"]
+    assert pairs["num_pairs"] == 4 and 0 <= pairs["rewards/accuracy"] <= 1 and pairs["loss"] > 0
 
 
 def test_bad_data_path_is_one_clear_line(tmp_path, cache_dir, bpe_model_dir):
