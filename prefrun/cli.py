@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 
 def run_dir(resume: str | None, fresh: str) -> str:
@@ -57,6 +58,10 @@ def train(cfg: DictConfig) -> float | None:
         return run(cfg)
     except PrefrunError as err:
         logging.getLogger("prefrun").error("%s", err)  # into <run dir>/train.log too
+        sys.exit(2)
+    except MissingMandatoryValue as err:
+        logging.getLogger("prefrun").error("%s is not set: give it on the command line (%s=...)", err.full_key,
+                                           err.full_key)
         sys.exit(2)
 
 

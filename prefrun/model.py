@@ -33,7 +33,11 @@ def load_policy(cfg: DictConfig, task, cache_dir: str | Path):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input when the base is frozen
         model = add_lora(model, cfg.lora)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=bool(cfg.trust_remote_code))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=bool(cfg.trust_remote_code))
+    except (OSError, ValueError, TypeError) as err:
+        raise InputError(f"model.name_or_path={name_or_path!r}: cannot load its tokenizer ({err.__class__.__name__}: "
+                         f"{str(err).splitlines()[0]}); save the tokenizer next to the model") from None
     if tokenizer.eos_token_id is None:
         raise InputError(f"model.name_or_path={name_or_path!r}: the tokenizer has no eos token; completions need one")
     if tokenizer.pad_token_id is None:

@@ -1,0 +1,61 @@
+"""Bad models, unset keys and a diverging loss end the run with one line, and lose nothing."""
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTModel
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def one_line_failure(proc, *needles):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and all(n in errors[0] for n in needles), errors
+
+
+def test_missing_model_dir(tmp_path, cache_dir, pairs_jsonl):
+    proc = run_cli(["train", "model=hf", "model.name_or_path=/no/such/model", "data=jsonl", f"data.path={pairs_jsonl}",
+                    "~task"], tmp_path, check=False)
+    one_line_failure(proc, "model.name_or_path='/no/such/model'", "cannot load")
+
+
+def test_model_that_is_not_a_causal_lm(tmp_path, cache_dir, pairs_jsonl):
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(tmp_path / "vit")
+    proc = run_cli(["train", "model=hf", f"model.name_or_path={tmp_path / 'vit'}", "data=jsonl",
+                    f"data.path={pairs_jsonl}", "~task"], tmp_path, check=False)
+    one_line_failure(proc, "'vit' model, not a causal LM")
+
+
+def test_model_without_a_tokenizer(tmp_path, cache_dir, bpe_model_dir, pairs_jsonl):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(bpe_model_dir).save_pretrained(tmp_path / "bare")
+    proc = run_cli(["train", "model=hf", f"model.name_or_path={tmp_path / 'bare'}", "data=jsonl",
+                    f"data.path={pairs_jsonl}", "~task"], tmp_path, check=False)
+    one_line_failure(proc, "cannot load its tokenizer")
+
+
+def test_unset_mandatory_key(tmp_path, cache_dir, pairs_jsonl):
+    proc = run_cli(["train", "model=hf", "data=jsonl", f"data.path={pairs_jsonl}", "~task"], tmp_path, check=False)
+    one_line_failure(proc, "model.name_or_path is not set")
+
+
+def test_diverging_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir, bpe_model_dir, pairs_jsonl):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["train", "model=hf", f"model.name_or_path={bpe_model_dir}", "data=jsonl",
+                    f"data.path={pairs_jsonl}", "~task", "trainer.batch_size=4", "trainer.max_steps=6",
+                    "trainer.save_every=1", "trainer.max_grad_norm=0", "optim._target_=torch.optim.SGD",
+                    "~optim.betas", "~optim.weight_decay", "optim.lr=1e30", f"hydra.run.dir={run_dir}"],
+                   tmp_path, check=False)
+    one_line_failure(proc, "loss is", "lower optim.lr")
+    kept = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert kept and not any(p.name.endswith(".tmp") for p in kept)
+    from safetensors.torch import load_file
+
+    weights = load_file(kept[-1] / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())  # the last good checkpoint, untouched
