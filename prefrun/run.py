@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> float | None:
     policy = accelerator.unwrap_model(policy)
     after = judge()
     pairs_after = preference_metrics(policy, tokenizer, held_out, loss_fn=loss_fn,
-                                     batch_size=cfg.trainer.reference_batch_size) if held_out else {}
+                                     batch_size=_scoring_batch(cfg)) if held_out else {}
 
     _save_final(cfg, accelerator, policy, tokenizer, record.dir)
     if accelerator.is_main_process:
@@ -80,7 +80,12 @@ def _attach_reference(cfg, accelerator, policy, tokenizer, parts, cache_dir: Pat
     for examples in parts:
         if examples:
             attach_reference_logps(examples, reference, tokenizer, cache_dir=cache_dir,
-                                   batch_size=cfg.trainer.reference_batch_size, weights_key=weights_key)
+                                   batch_size=_scoring_batch(cfg), weights_key=weights_key)
+
+
+def _scoring_batch(cfg) -> int:
+    """Prompts per no-grad forward; by default the training micro-batch, which is known to fit."""
+    return cfg.trainer.reference_batch_size or cfg.trainer.batch_size
 
 
 def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path) -> None:
