@@ -32,7 +32,7 @@ prefrun goes through its real code path: `tokenize_record` + `PreferenceData.tru
 precompute"), then `prefrun.train.train` with conf/trainer/default.yaml (max_steps set, logging off,
 mixed_precision "no"). TRL runs `DPOTrainer` with `ref_model=None`: by default it loads a second copy
 of the model and runs a reference forward every step (TRL's default); `--trl-precompute` sets
-`precompute_ref_log_probs=True` (reference batch size = prefrun's eval_batch_size) for an
+`precompute_ref_log_probs=True` (reference batch size = prefrun's trainer.reference_batch_size) for an
 apples-to-apples comparison. TRL's optimiser is `--trl-optim` (default `adamw_torch`, the same
 torch.optim.AdamW prefrun uses; TRL's own default is `adamw_torch_fused`).
 """
@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--heads", type=int, default=4, help="attention heads; head_dim = hidden/heads (default 4)")
     model.add_argument("--intermediate", type=int, default=None, help="MLP size (default 4*hidden)")
     model.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size to train (default 4096)")
+    model.add_argument("--model", type=Path, default=None, metavar="DIR",
+                       help="use this local causal LM and its tokenizer (save_pretrained directory) instead of "
+                            "building one; the size flags above are then ignored")
     data = p.add_argument_group("data and loop")
     data.add_argument("--batch", type=int, default=8, help="preference pairs per optimiser step (default 8)")
     data.add_argument("--steps", type=int, default=30, help="timed optimiser steps (default 30)")
@@ -89,6 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="profile prefrun's step instead (phase breakdown + top torch ops); no TRL run")
     run.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     run.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    run.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                     help="before each timed side, wait up to this long for the machine to be idle (other "
+                          "processes < 10%% of the CPU over 3 s), and run a side again (twice at most) when "
+                          "others used > 5%% of the CPU during its timed steps; for shared machines "
+                          "(default 0: don't wait)")
     # internal: what a child process does
     p.add_argument("--side", choices=["prepare", "prefrun", "trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -114,11 +122,11 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
     """The options a child needs, as command-line arguments."""
     out = []
     for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "steps", "warmup", "lr", "seed",
-                 "threads", "trl_optim"):
+                 "threads", "trl_optim", "model"):
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
-    out += ["--prompt-len", "%d-%d" % args.prompt_len, "--completion-len", "%d-%d" % args.completion_len]
+    out += ["--prompt-len", "{}-{}".format(*args.prompt_len), "--completion-len", "{}-{}".format(*args.completion_len)]
     if args.trl_precompute:
         out.append("--trl-precompute")
     if args.profile:
@@ -147,10 +155,19 @@ def parent(args: argparse.Namespace) -> int:
     try:
         results = {}
         for side in ["prepare", *sides]:
-            start = time.perf_counter()
-            results[side] = _child(side, args, workdir, env)
-            results[side]["process_s"] = time.perf_counter() - start
+            for attempt in range(1 + (2 if args.wait_idle and side != "prepare" else 0)):
+                if side != "prepare" and args.wait_idle:
+                    _wait_idle(args.wait_idle)
+                start = time.perf_counter()
+                results[side] = _child(side, args, workdir, env)
+                results[side]["process_s"] = time.perf_counter() - start
+                busy = results[side].get("others_cpu_share") or 0
+                if not args.wait_idle or busy <= 0.05 or attempt == 2:
+                    break
+                print(f"({side}: other processes used {busy:.0%} of the CPU during the timed steps; running it again)",
+                      flush=True)
             if side == "prepare":
+                results["prepare"]["prefrun_version"] = _git_version()
                 _print_setup(args, results["prepare"])
         if args.profile:
             _print_profile(results["prefrun"])
@@ -167,6 +184,34 @@ def parent(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _git_version() -> str | None:
+    """The repository's commit, with `+dirty` when prefrun/ or conf/ have uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "prefrun", "conf"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def _wait_idle(limit: float, window: float = 3.0, threshold: float = 0.10) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        before = _busy_cpu_s()
+        time.sleep(window)
+        after = _busy_cpu_s()
+        if before is None or after is None:
+            return
+        share = (after - before) / (window * (os.cpu_count() or 1))
+        if share < threshold:
+            return
+        if time.monotonic() > deadline:
+            print(f"(machine still busy: {share:.0%} CPU used by others; going ahead)", flush=True)
+            return
 
 
 def _child(side: str, args, workdir: Path, env: dict) -> dict:
@@ -187,7 +232,8 @@ def _print_setup(args, prep: dict) -> None:
     print(f"data: {s['records']} pairs, {args.batch} pairs/step, {args.warmup} warm-up + {args.steps} timed steps; "
           f"tokens/record: prompt {s['prompt_mean']:.0f} ({s['prompt_min']}-{s['prompt_max']}), "
           f"completion {s['completion_mean']:.0f} ({s['completion_min']}-{s['completion_max']}) incl. EOS")
-    print(f"lr {args.lr}, beta {BETA}, seed {args.seed}; TRL: "
+    print(f"prefrun {prep.get('prefrun_version') or '(version unknown)'}; lr {args.lr}, beta {BETA}, "
+          f"seed {args.seed}; TRL: "
           + ("precompute_ref_log_probs=True" if args.trl_precompute else "reference model + reference forward per step")
           + f", optim {args.trl_optim}\n")
 
@@ -202,13 +248,16 @@ def _print_table(args, results: dict) -> None:
         ("padding share of positions", "pad_fraction", "{:.1%}"),
         ("timed seconds", "timed_s", "{:.1f}"),
         ("peak RSS MB (VmHWM)", "peak_rss_mb", "{:.0f}"),
-        ("RSS MB before model load", "base_rss_mb", "{:.0f}"),
+        ("  peak before train() (load, ref precompute)", "pre_train_peak_rss_mb", "{:.0f}"),
+        ("  peak during train()", "train_peak_rss_mb", "{:.0f}"),
+        ("  RSS MB after imports", "base_rss_mb", "{:.0f}"),
         ("mean loss (all steps)", "mean_loss", "{:.4f}"),
         ("ref precompute s", "ref_precompute_s", "{:.2f}"),
         ("setup s (tokenize/init)", "setup_s", "{:.2f}"),
         ("train() call s (all steps)", "train_call_s", "{:.1f}"),
         ("child process s", "process_s", "{:.1f}"),
         ("own CPU use (cores)", "cpu_util", "{:.2f}"),
+        ("  of which kernel (page faults...)", "sys_share", "{:.0%}"),
         ("other processes' CPU share", "others_cpu_share", "{:.0%}"),
     ]
     labels = {"prefrun": "prefrun", "trl": "TRL" + (" (precompute)" if args.trl_precompute else "")}
@@ -239,13 +288,14 @@ def _print_profile(result: dict) -> None:
     prof = result["profile"]
     print(f"prefrun step: {result['s_per_step'] * 1e3:.0f} ms ({result['steps_per_s']:.3f} steps/s), "
           f"mean over {prof['steps']} steps")
-    print("\nphase (wall time per step, instrumented run)      ms    share")
+    print(f"\n{'phase (wall time per step, instrumented run)':<64} {'ms':>7}  {'share':>6}")
     for name, ms in prof["phases_ms"].items():
-        print(f"  {name:<46} {ms:7.1f}  {ms / prof['step_ms']:6.1%}")
-    print(f"  {'= step':<46} {prof['step_ms']:7.1f}")
+        print(f"  {name:<62} {ms:7.1f}  {ms / prof['step_ms']:6.1%}")
+    print(f"  {'= step':<62} {prof['step_ms']:7.1f}")
     print(f"\ntorch.profiler, {prof['profiled_steps']} steps (self CPU time per step, ms; profiler overhead included)")
     for name, ms in prof["categories_ms"].items():
-        print(f"  {name:<46} {ms:7.1f}")
+        print(f"  {name:<52} {ms:7.1f}")
+    print(f"  {'= total':<52} {sum(prof['categories_ms'].values()):7.1f}")
     print("\ntop ops by self CPU time per step (ms, calls per step)")
     for op in prof["top_ops"]:
         print(f"  {op['name'][:60]:<60} {op['self_ms']:7.1f}  {op['calls']:7.1f}")
@@ -255,6 +305,7 @@ def _print_profile(result: dict) -> None:
 
 
 def _peak_rss() -> dict:
+    """Peak RSS of this process in MB: VmHWM (this address space only) and ru_maxrss."""
     status = Path("/proc/self/status")
     hwm = None
     if status.exists():
@@ -266,7 +317,28 @@ def _peak_rss() -> dict:
 
 
 def _emit(payload: dict) -> None:
-    print(json.dumps({**payload, **_peak_rss()}), flush=True)
+    print(json.dumps({**_peak_rss(), **payload}), flush=True)
+
+
+def _start_train_peak() -> dict:
+    """The peak RSS so far, then reset the high-water mark (Linux: clear_refs 5) so that what
+    `_train_peak` reads afterwards is the peak of the training phase alone."""
+    before = _peak_rss()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before["reset"] = True
+    except OSError:
+        before["reset"] = False
+    return before
+
+
+def _train_peak(before: dict) -> dict:
+    """Overall peak (max of both phases), peak up to train(), and the training phase's own peak."""
+    after = _peak_rss()
+    return {"peak_rss_mb": max(before["peak_rss_mb"], after["peak_rss_mb"]),
+            "ru_maxrss_mb": max(before["ru_maxrss_mb"], after["ru_maxrss_mb"]),
+            "pre_train_peak_rss_mb": before["peak_rss_mb"],
+            "train_peak_rss_mb": after["peak_rss_mb"] if before["reset"] else None}
 
 
 def _setup_torch(args):
@@ -303,8 +375,7 @@ def side_prepare(args) -> None:
     import random
 
     torch = _setup_torch(args)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     rng = random.Random(args.seed)
     lexicon = _lexicon(rng)
@@ -312,22 +383,18 @@ def side_prepare(args) -> None:
     weights = [1 / (rank + 1) ** 1.1 for rank in range(len(lexicon))]  # Zipf-like
     corpus = [_sentence_words(rng, lexicon, weights, rng.randint(8, 40)) for _ in range(20000)]
 
-    special = ["<pad>", "<s>", "</s>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=args.vocab, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>")
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        decode = tokenizer.decode
+    else:
+        tokenizer, encode, decode = _build_tokenizer(args, corpus)
 
     def text_of(n_tokens: int, lead: str = "") -> str:
         """A string of about n_tokens tokens: the first n_tokens of a longer random text, decoded."""
-        ids = backend.encode(lead + _sentence_words(rng, lexicon, weights, n_tokens + 8),
-                             add_special_tokens=False).ids
-        return backend.decode(ids[:n_tokens])
+        return decode(encode(lead + _sentence_words(rng, lexicon, weights, n_tokens + 8))[:n_tokens])
 
     records = []
     for _ in range(args.batch * (args.warmup + args.steps)):
@@ -347,19 +414,41 @@ def side_prepare(args) -> None:
              "completion_mean": sum(completion_lens) / len(completion_lens), "completion_min": min(completion_lens),
              "completion_max": max(completion_lens)}
 
-    torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        head_dim=args.hidden // args.heads, max_position_embeddings=max_length(args),
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(args.workdir / "model")
-    tokenizer.save_pretrained(args.workdir / "model")
+    if args.model:
+        (args.workdir / "model").symlink_to(Path(args.model).resolve())
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    else:
+        torch.manual_seed(args.seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+            head_dim=args.hidden // args.heads, max_position_embeddings=max_length(args),
+            tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(args.workdir / "model")
+        tokenizer.save_pretrained(args.workdir / "model")
     _emit({"num_parameters": model.num_parameters(), "vocab": len(tokenizer), "stats": stats,
            "torch_threads": torch.get_num_threads()})
+
+
+def _build_tokenizer(args, corpus):
+    """A byte-level BPE tokenizer trained on the synthetic corpus (BOS prepended, EOS `</s>`, pad `<pad>`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=args.vocab, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>")
+    return tokenizer, (lambda text: backend.encode(text, add_special_tokens=False).ids), backend.decode
 
 
 def _load(args):
@@ -370,6 +459,8 @@ def _load(args):
     path = str(args.workdir / "model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:  # as prefrun's model loader does
+        tokenizer.pad_token = tokenizer.eos_token
     records = [json.loads(line) for line in (args.workdir / "records.jsonl").read_text().splitlines()]
     return torch, model, tokenizer, records, base
 
@@ -390,13 +481,14 @@ class _Clock:
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
-        self.cpu: list[tuple[float, float | None]] = []  # (this process, whole machine) CPU seconds
+        self.cpu: list[tuple[float, float, float | None]] = []  # this process (user, system), machine CPU s
         self.forwards: list[tuple[int, int]] = []  # (non-pad tokens, padded positions)
 
     def watch_optimizer(self, optimizer) -> None:
         def hook(*_):
             self.stamps.append(time.perf_counter())
-            self.cpu.append((time.process_time(), _busy_cpu_s()))
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            self.cpu.append((usage.ru_utime, usage.ru_stime, _busy_cpu_s()))
 
         optimizer.register_step_post_hook(hook)
 
@@ -415,13 +507,15 @@ class _Clock:
         window = self.forwards[warmup : warmup + steps]
         real, padded = sum(f[0] for f in window), sum(f[1] for f in window)
         durations = sorted(b - a for a, b in zip(self.stamps[warmup - 1 :], self.stamps[warmup:]))
-        (own0, all0), (own1, all1) = self.cpu[warmup - 1], self.cpu[-1]
-        others = None if all0 is None else max(0.0, (all1 - all0) - (own1 - own0)) / (timed * (os.cpu_count() or 1))
+        (user0, sys0, all0), (user1, sys1, all1) = self.cpu[warmup - 1], self.cpu[-1]
+        own = (user1 - user0) + (sys1 - sys0)
+        others = None if all0 is None else max(0.0, (all1 - all0) - own) / (timed * (os.cpu_count() or 1))
         return {"steps_per_s": steps / timed, "s_per_step": timed / steps, "timed_s": timed,
                 "median_s_per_step": durations[len(durations) // 2], "min_s_per_step": durations[0],
                 "max_s_per_step": durations[-1], "tokens_per_s": real / timed,
                 "pad_fraction": 1 - real / padded if padded else 0.0, "policy_forwards": len(self.forwards),
-                "cpu_util": (own1 - own0) / timed, "others_cpu_share": others}
+                "cpu_util": own / timed, "sys_share": (sys1 - sys0) / own if own else 0.0,
+                "others_cpu_share": others}
 
 
 def _trainer_cfg(args):
@@ -434,7 +528,14 @@ def _trainer_cfg(args):
     cfg.log_every = 10**9  # only the final step logs (mean over all steps)
     cfg.mixed_precision = "no"
     cfg.save_final = False
+    if "save_every" in cfg:
+        cfg.save_every = 0  # no resumable checkpoints (train() is called without any anyway)
     return cfg
+
+
+def _reference_batch_size(cfg) -> int:
+    """Prompts per reference forward: trainer.reference_batch_size, null meaning the training batch (prefrun's rule)."""
+    return int(cfg.get("reference_batch_size") or cfg.batch_size)
 
 
 def side_prefrun(args) -> None:
@@ -453,16 +554,22 @@ def side_prefrun(args) -> None:
     set_seed(args.seed)
     start = time.perf_counter()
     data = PreferenceData(max_length=max_length(args), max_prompt_length=None)
-    examples = [data.truncate(tokenize_record(r, tokenizer)) for r in records]
-    if any(ex is None for ex in examples):
-        raise RuntimeError("an example was dropped by truncation; raise max_length")
+    items = [tokenize_record(r, tokenizer) for r in records]
+    if hasattr(data, "finish"):  # truncation + skip accounting, as PreferenceData.load does
+        examples = data.finish(items, len(items), "bench", "train")
+    else:
+        examples = [ex for ex in map(data.truncate, items) if ex is not None]
+    if len(examples) != len(records):
+        raise RuntimeError("examples were dropped by truncation; raise max_length")
     setup_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    attach_reference_logps(examples, model, tokenizer, cache_dir=args.workdir / "prefrun_cache",
-                           batch_size=cfg.eval_batch_size, weights_key=fingerprint(model))
+    cache_dir = tempfile.mkdtemp(prefix="prefrun_cache_", dir=args.workdir)  # fresh: a rerun must not hit it
+    attach_reference_logps(examples, model, tokenizer, cache_dir=cache_dir,
+                           batch_size=_reference_batch_size(cfg), weights_key=fingerprint(model))
     precompute_s = time.perf_counter() - start
 
+    before_train = _start_train_peak()
     clock = _Clock()
     clock.watch_model(model)
     phases = _Phases(ptrain) if args.profile else None
@@ -484,13 +591,10 @@ def side_prefrun(args) -> None:
     train_call_s = time.perf_counter() - start
     result = {"side": "prefrun", **clock.result(args.warmup, args.steps), "mean_loss": last["loss"],
               "ref_precompute_s": precompute_s, "setup_s": setup_s, "train_call_s": train_call_s,
-              "base_rss_mb": base, "torch_threads": torch.get_num_threads()}
-    if phases:
-        peak = _peak_rss()  # the peak of the timed run, before the profiler's own memory
+              "base_rss_mb": base, "torch_threads": torch.get_num_threads(), **_train_peak(before_train)}
+    if phases:  # the memory numbers above are from before the profiler ran
         result["profile"] = phases.summary(args.warmup, args.steps)
         result["profile"].update(_torch_profile(args, torch, ptrain, model, tokenizer, examples, cfg))
-        print(json.dumps({**result, **peak}), flush=True)
-        return
     _emit(result)
 
 
@@ -521,7 +625,7 @@ def side_trl(args) -> None:
         warmup_steps=int(cfg.warmup_ratio * total), max_grad_norm=cfg.max_grad_norm or 0.0, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim=args.trl_optim,
         beta=BETA, loss_type="sigmoid", max_length=max_length(args),
-        precompute_ref_log_probs=args.trl_precompute, precompute_ref_batch_size=cfg.eval_batch_size,
+        precompute_ref_log_probs=args.trl_precompute, precompute_ref_batch_size=_reference_batch_size(cfg),
         bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
         logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
         seed=args.seed,
@@ -530,6 +634,7 @@ def side_trl(args) -> None:
     trainer = Trainer(model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(records),
                       processing_class=tokenizer, callbacks=[Stamp()])
     init_s = time.perf_counter() - start
+    before_train = _start_train_peak()
     clock.watch_model(trainer.model)
     start = time.perf_counter()
     output = trainer.train()
@@ -538,7 +643,7 @@ def side_trl(args) -> None:
     _emit({"side": "trl", **clock.result(args.warmup, args.steps), "mean_loss": output.training_loss,
            "ref_precompute_s": precompute_s, "setup_s": init_s - (precompute_s or 0.0), "train_call_s": train_call_s,
            "reference_model": trainer.ref_model is not None, "base_rss_mb": base,
-           "torch_threads": torch.get_num_threads()})
+           "torch_threads": torch.get_num_threads(), **_train_peak(before_train)})
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -615,11 +720,12 @@ def _torch_profile(args, torch, ptrain, model, tokenizer, examples, cfg) -> dict
 
     warm, active = 2, min(5, args.steps)
     cfg = cfg.copy()
-    cfg.max_steps = warm + active
+    cfg.max_steps = warm + active + 1  # a profiler step runs from one policy forward to the next
     state = {}
     prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=warm, active=active, repeat=1))
 
     def enter(*_):
+        prof.step()  # outside any other range, unlike a hook on optimizer.step (ranges must nest)
         state["rf"] = record_function("bench::model_forward")
         state["rf"].__enter__()
 
@@ -627,9 +733,7 @@ def _torch_profile(args, torch, ptrain, model, tokenizer, examples, cfg) -> dict
     model.register_forward_hook(lambda *_: state.pop("rf").__exit__(None, None, None))
 
     def optimizer_factory(params):
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        optimizer.register_step_post_hook(lambda *_: prof.step())
-        return optimizer
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
     with prof:
         ptrain.train(model, tokenizer, examples, loss_fn=functools.partial(dpo_loss, beta=BETA), beta=BETA,
@@ -639,15 +743,15 @@ def _torch_profile(args, torch, ptrain, model, tokenizer, examples, cfg) -> dict
     categories: dict[str, float] = {}
     for event in prof.events():
         root = event
-        while root.cpu_parent is not None and not root.cpu_parent.name.startswith("ProfilerStep#"):
+        while root.cpu_parent is not None and not root.cpu_parent.name.startswith("ProfilerStep"):
             root = root.cpu_parent
         name = root.name
-        if name.startswith("ProfilerStep#"):
-            continue
-        if name.startswith("autograd::engine::evaluate_function"):
+        if name.startswith("ProfilerStep"):
+            cat = "no op running (Python: loop, hooks, module calls)"
+        elif name.startswith("autograd::engine::evaluate_function"):
             cat = "backward ops"
         elif name == "bench::model_forward":
-            cat = "forward ops (model)"
+            cat = "forward: Python in the HF modules" if event is root else "forward ops (model)"
         elif name.startswith("Optimizer.step"):
             cat = "optimizer.step ops"
         elif name.startswith("Optimizer.zero_grad"):
