@@ -27,12 +27,12 @@ step to the end of the last one (a post-step hook on the torch optimiser, on bot
 trainer construction, tokenisation, reference precompute and the first steps are not counted; they
 are reported separately.
 
-prefrun goes through its real code path: `tokenize_record` + `PreferenceData.truncate`,
+prefrun goes through its real code path: `tokenize_record` + `PreferenceData.finish` (truncation),
 `attach_reference_logps` (reference log-probs computed once and cached; reported as "ref
 precompute"), then `prefrun.train.train` with conf/trainer/default.yaml (max_steps set, logging off,
 mixed_precision "no"). TRL runs `DPOTrainer` with `ref_model=None`: by default it loads a second copy
 of the model and runs a reference forward every step (TRL's default); `--trl-precompute` sets
-`precompute_ref_log_probs=True` (reference batch size = prefrun's trainer.reference_batch_size) for an
+`precompute_ref_log_probs=True` (reference batch = prefrun's trainer.reference_batch_size, null: the training batch) for an
 apples-to-apples comparison. TRL's optimiser is `--trl-optim` (default `adamw_torch`, the same
 torch.optim.AdamW prefrun uses; TRL's own default is `adamw_torch_fused`).
 """
