@@ -1,4 +1,4 @@
-"""Preference losses as pure functions of log-prob tensors (formulas: shared/ALGORITHMS.md).
+"""Preference losses as pure functions of log-prob tensors (formulas: docs/algorithms.md).
 
 Every loss takes
     policy_logps     [B, C]  log π_θ(y|x) summed over completion tokens; column 0 is the chosen y_w,
@@ -80,6 +80,37 @@ def mcpo_loss(
     if nll_weight:
         losses = losses + nll_weight * _nll(policy_logps, completion_lengths)
     return losses, rewards
+
+
+def mcpo_cd_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    completion_lengths: Tensor,
+    *,
+    beta: float,
+    nll_weight: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """MC-PO, contrastive-divergence form: −r_w + (1/M)·Σ_j r_j over M draws y_j (columns 1..M).
+
+    The draws must come from the whole pool, y_w included, with replacement, ∝ softmax(r_θ) computed without
+    gradient (`sampler=cd`): then the expected gradient is that of the whole-pool log-softmax
+    −log softmax(r_pool)[w], while only 1 + M sequences need a backward pass. A draw that is y_w itself
+    cancels its share of −r_w, so the loss stops pushing once the policy puts its mass on y_w. The value is
+    a surrogate (it can be negative); the training loop logs the whole-pool log-softmax as `loss`."""
+    if policy_logps.dim() != 2 or policy_logps.shape[1] < 2:
+        raise InputError(f"loss=mcpo_cd needs the chosen completion and at least one draw (logps [B, 1 + M]), got "
+                         f"{tuple(policy_logps.shape)}")
+    rewards = beta * (policy_logps - reference_logps)
+    losses = -rewards[:, 0] + rewards[:, 1:].mean(dim=1)
+    if nll_weight:
+        losses = losses + nll_weight * _nll(policy_logps, completion_lengths)
+    return losses, rewards
+
+
+def pool_log_softmax_loss(rewards: Tensor, chosen_index: int = 0) -> Tensor:
+    """−log softmax(r_pool)[w] over each row's whole pool (−inf entries: absent candidates): the NLL of y_w
+    under p_θ restricted to the pool, which MC-PO estimates. Comparable across samplers and loss forms. [B]"""
+    return -torch.log_softmax(rewards, dim=1)[:, chosen_index]
 
 
 def log_reference_noise(reference_logps: Tensor, beta: float) -> Tensor:

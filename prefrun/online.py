@@ -1,7 +1,7 @@
 """Online rounds, math layer: the APO extrapolation step as pure tensor functions (paper 004).
 
 APO runs iterative DPO and, after round t produced π̂_{t+1}, extrapolates with momentum α over the
-*un-extrapolated* iterates (shared/ALGORITHMS.md, "APO"):
+*un-extrapolated* iterates (docs/algorithms.md, "APO"):
     exact, in log-probability space:  log π_{t+1} = log π̂_{t+1} + α·(log π̂_{t+1} − log π̂_t) − log Z
     approximate, in parameter space:  θ_{t+1} = θ̂_{t+1} + α·(θ̂_{t+1} − θ̂_t)
 The two agree exactly for softmax-linear policies (log π is linear in θ up to the normaliser); for

@@ -8,7 +8,7 @@ Bradley–Terry draws from them, so every optimum is computable (float64 through
     (b) `constrained_dpo`  Proposition 3.1 of Wipf et al.: under a constraint DPO ≡ forward KL, RLHF ≡ reverse KL
     (c) `reference_noise`  the same paper, §5: the reference noise γ against the per-pair gradient scale
     (d) `apo`              iterative DPO as proximal steps against APO's extrapolation (log and parameter space)
-    (e) `mcpo`             MC-PO: the normaliser estimate against M, and CD against random negatives
+    (e) `mcpo`             MC-PO: the normaliser estimate against M, and which loss × sampler keeps π**
 
 Every loss, sampler and extrapolation is the function the LLM path calls (prefrun.losses, prefrun.samplers,
 prefrun.online). For a tabular policy the "sequence log-prob" of a response is one table entry, so the losses
@@ -19,6 +19,7 @@ it runs (a)–(e) and writes the markdown report and its plots (the second half 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -33,9 +34,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from prefrun.errors import InputError
-from prefrun.losses import dpo_loss, log_reference_noise, mcpo_loss
+from prefrun.losses import dpo_loss, log_reference_noise, mcpo_cd_loss, mcpo_loss
 from prefrun.online import extrapolate_logprobs, extrapolate_parameters
-from prefrun.samplers import cd_negatives, hardest_negatives, random_negatives
+from prefrun.samplers import (
+    CDSampler,
+    DatasetSampler,
+    HardestSampler,
+    PoolSampler,
+    RandomSampler,
+    RewardSampler,
+    effective_sample_size,
+)
 
 log = logging.getLogger("prefrun")
 
@@ -468,7 +477,7 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
 def apo_rounds(bandit: Bandit, policy: nn.Module, loss_fn: LossFn, *, alpha: float, rounds: int,
                max_iter: int) -> dict:
-    """APO as in shared/ALGORITHMS.md with exact population losses: π_0 = π̂_0 = the policy's start; round t
+    """APO as in docs/algorithms.md with exact population losses: π_0 = π̂_0 = the policy's start; round t
     minimises the loss with reference π_t on pairs drawn from π_t (starting from θ_t), giving π̂_{t+1}, then
     extrapolates. A tabular policy is extrapolated in log space (`extrapolate_logprobs`, the paper's update),
     any other in parameter space (`extrapolate_parameters`, what the LLM path does), and the log-space update
@@ -547,7 +556,7 @@ def apo(bandit: Bandit, loss_fn: LossFn, *, beta: float, alphas: list[float], ro
 
 
 # ---------------------------------------------------------------------------------------------------------
-# (e) MC-PO: the normaliser estimate, and CD against random negatives
+# (e) MC-PO: the normaliser estimate, and every loss form × sampler that `prefrun train` offers
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -581,89 +590,233 @@ def normaliser_estimates(bandit: Bandit, *, num_negatives: list[int], repeats: i
     return {"rows": rows, "relative_variance_of_z_times_m": float((bandit.prompt_weights * relative).sum())}
 
 
-def make_pools(bandit: Bandit, *, pool_size: int, num_pools: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """MC-PO data: per prompt, `num_pools` pools of K candidates drawn i.i.d. from π_ref; the preferred one is
-    picked by the Luce choice rule on r* (for K = 2 that is Bradley–Terry: DPO's data). Returns the prompt
-    [P], the candidates [P, K] (response indices) and the position of the preferred one [P]."""
+def _chosen_first(candidates: Tensor, chosen: Tensor) -> Tensor:
+    """Each pool [P, K] reordered so that the chosen position comes first (the LLM path's layout: column 0 is
+    y_w), the candidate it displaces taking its place."""
+    order = torch.arange(candidates.shape[1]).repeat(len(candidates), 1)
+    order[torch.arange(len(candidates)), chosen] = 0
+    order[:, 0] = chosen
+    return candidates.gather(1, order)
+
+
+def make_pools(bandit: Bandit, *, pool_size: int, num_pools: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """MC-PO data as the training loop sees it: per prompt, `num_pools` pools of K candidates drawn i.i.d. from
+    π_ref; the preferred one, picked by the Luce choice rule on r* (for K = 2 that is Bradley–Terry: DPO's
+    data), in column 0. Returns the prompt [P] and the pools [P, K] (response indices)."""
     prompt = torch.arange(bandit.reward.shape[0]).repeat_interleave(num_pools)
     candidates = torch.multinomial(bandit.reference_logps.exp()[prompt], pool_size, replacement=True,
                                    generator=generator)
     chosen = torch.multinomial(torch.softmax(bandit.reward[prompt[:, None], candidates], -1), 1, generator=generator)
-    return prompt, candidates, chosen.squeeze(1)
+    return prompt, _chosen_first(candidates, chosen.squeeze(1))
 
 
-def mcpo_batch_loss(policy_logps: Tensor, bandit: Bandit, prompt: Tensor, pool: Tensor, chosen: Tensor,
-                    sample: Callable[..., Tensor], num_negatives: int, beta: float,
-                    generator: torch.Generator) -> Tensor:
-    """One MC-PO step's loss, as the LLM path will compute it: score the pool with r_θ = β·(log π_θ − log π_ref)
-    without gradient (the default `sampler.score=reward`), draw negatives with the sampler, then mcpo_loss."""
-    pool_policy, pool_reference = policy_logps[prompt[:, None], pool], bandit.reference_logps[prompt[:, None], pool]
-    negatives = sample(beta * (pool_policy - pool_reference).detach(), chosen, num_negatives, generator=generator)
-    columns = torch.cat([chosen[:, None], negatives], dim=1)
-    chosen_policy = pool_policy.gather(1, columns)
-    losses, _ = mcpo_loss(chosen_policy, pool_reference.gather(1, columns), torch.ones_like(chosen_policy), beta=beta)
-    return losses.mean()
+def winner_weighted_pools(bandit: Bandit, *, pool_size: int, num_pools: int,
+                          generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Fresh pools as in `make_pools`, with the Luce draw of y_w done in closed form: each pool appears K
+    times, each of its candidates in turn in column 0, weighted by D(x)·Luce probability/num_pools. A
+    weighted sum over these rows is the expectation over x, pools and winners with the winner's sampling
+    noise removed. Returns the prompt [P·K], the pools [P·K, K] and the weights [P·K] (summing to 1)."""
+    prompt = torch.arange(bandit.reward.shape[0]).repeat_interleave(num_pools)
+    candidates = torch.multinomial(bandit.reference_logps.exp()[prompt], pool_size, replacement=True,
+                                   generator=generator)
+    luce = torch.softmax(bandit.reward[prompt[:, None], candidates], -1)
+    pools = _chosen_first(candidates.repeat_interleave(pool_size, 0), torch.arange(pool_size).repeat(len(prompt)))
+    weights = bandit.prompt_weights[prompt][:, None] * luce / num_pools
+    return prompt.repeat_interleave(pool_size), pools, weights.flatten()
 
 
-def mcpo_training(bandit: Bandit, *, beta: float, pool_size: int, pools_per_prompt: int, num_negatives: int,
-                  temperature: float, steps: int, batch_size: int, lr: float, seeds: int, eval_every: int,
-                  stationarity_pools: int) -> dict:
-    """Train a tabular policy (start: π_ref, Adam) with mcpo_loss on fixed pools, negatives redrawn every step
-    by each sampler of prefrun.samplers, plus the whole pool (M = K − 1, where all samplers coincide) as the
-    reference; E_x KL(π** ‖ π_θ) every `eval_every` steps. Then the mean gradient of each variant's loss at
-    π** over fresh pools: zero (up to noise) iff π** is a fixed point of that variant."""
+MCPO_LOSSES: dict[str, LossFn] = {"mcpo": mcpo_loss, "mcpo_cd": mcpo_cd_loss}
+Sampler = PoolSampler | DatasetSampler
+
+
+@dataclass(frozen=True)
+class McpoVariant:
+    """One pairing `prefrun train` offers: `loss=<loss>` with a sampler as conf/sampler/*.yaml builds it.
+    `fixed_point` names, when the pairing is biased in a known way, the policy it does keep as a fixed point
+    (a function of the bandit and β giving log-probs [X, K]), which the testbed checks too."""
+
+    loss: str
+    sampler: Sampler
+    settings: str
+    fixed_point: tuple[str, Callable[[Bandit, float], Tensor]] | None = None
+
+    @property
+    def name(self) -> str:
+        return getattr(self.sampler, "name", "dataset")
+
+    @property
+    def label(self) -> str:
+        return f"{self.loss} × {self.name}" + (f" ({self.settings})" if self.settings else "")
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the sampler ranks the pool by the policy's score (a no-grad forward over the K candidates)."""
+        return isinstance(self.sampler, (CDSampler, HardestSampler))
+
+
+def mcpo_variants(num_negatives: int, temperatures: list[float]) -> list[McpoVariant]:
+    """Every loss form × sampler of `prefrun train` on pools: the four replacement / y_w switches of `cd`
+    and `random`, `hardest`, `reward` and `dataset` (the whole pool, M = K − 1) with each loss; for `mcpo_cd`
+    also the CD temperatures of `temperatures` and `sampler.score=logp`."""
+    m = num_negatives
+
+    def switches(replacement: bool, include_chosen: bool) -> str:
+        return f"{'with' if replacement else 'without'} replacement, y_w {'in' if include_chosen else 'out'}"
+
+    def cd(replacement: bool, include_chosen: bool, temperature: float = 1.0, score: str = "reward",
+           fixed_point: tuple[str, Callable[[Bandit, float], Tensor]] | None = None) -> McpoVariant:
+        settings = (switches(replacement, include_chosen) + (f", τ = {temperature:g}" if temperature != 1 else "")
+                    + (f", score = {score}" if score != "reward" else ""))
+        sampler = CDSampler(num_negatives=m, temperature=temperature, replacement=replacement,
+                            include_chosen=include_chosen, score=score)
+        return McpoVariant("", sampler, settings, fixed_point)
+
+    def random(replacement: bool, include_chosen: bool) -> McpoVariant:
+        return McpoVariant("", RandomSampler(num_negatives=m, replacement=replacement, include_chosen=include_chosen),
+                           switches(replacement, include_chosen))
+
+    def tempered(tau: float) -> tuple[str, Callable[[Bandit, float], Tensor]]:
+        # the draws' law softmax(r_θ/τ) matches the Luce winner's softmax(r*) where r_θ = τ·r* + const
+        return (f"π_ref·exp({tau:g}·r*/β)/Z",
+                lambda bandit, beta: torch.log_softmax(bandit.reference_logps + tau * bandit.reward / beta, -1))
+
+    def by_logp() -> tuple[str, Callable[[Bandit, float], Tensor]]:
+        # softmax(log π_θ) matches softmax(r*) where π_θ ∝ exp r*: π_ref and β drop out
+        return "exp(r*)/Z", lambda bandit, beta: torch.log_softmax(bandit.reward, -1)
+
+    both = [McpoVariant("", HardestSampler(num_negatives=m), ""), McpoVariant("", RewardSampler(num_negatives=m), ""),
+            McpoVariant("", DatasetSampler(), "whole pool, M = K − 1")]
+    log_softmax = [cd(False, False), cd(True, True), cd(True, False), cd(False, True),
+                   random(False, False), random(True, True), random(True, False), random(False, True), *both]
+    contrastive = [cd(True, True, float(tau), fixed_point=tempered(float(tau)) if tau != 1 else None)
+                   for tau in temperatures]
+    contrastive += [cd(True, True, score="logp", fixed_point=by_logp()), cd(False, False), cd(True, False),
+                    cd(False, True), random(True, True), random(False, False), *both]
+    return ([dataclasses.replace(v, loss="mcpo") for v in log_softmax]
+            + [dataclasses.replace(v, loss="mcpo_cd") for v in contrastive])
+
+
+def mcpo_batch_loss(policy_table: Tensor, reference_table: Tensor, judge_table: Tensor, prompt: Tensor, pool: Tensor,
+                    variant: McpoVariant, *, beta: float, generator: torch.Generator,
+                    weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One MC-PO step's loss as the training loop computes it. The pool's log-probs [B, K] (column 0: y_w) are
+    scored without gradient by the sampler (`kernel_scores`: r_θ = β·(log π_θ − log π_ref) by default), the
+    sampler draws M columns (they may repeat and, if it includes y_w, be column 0), and the loss of
+    prefrun.losses gets the columns [y_w, draws...] gathered from the pool: `mcpo` their log-softmax, `mcpo_cd`
+    −r_w + the mean of the draws' r_θ. `dataset` takes the whole pool, unscored. The tables are [rows, K]
+    (`prompt` indexes their rows); `judge_table` holds the judge's scores, here r*. Returns the mean loss (the
+    `weights`-weighted sum if given) and the columns [B, 1 + M]."""
+    index = (prompt[:, None], pool)
+    policy_logps, reference_logps = policy_table[index], reference_table[index]
+    lengths = torch.ones_like(policy_logps)  # a tabular "sequence" is one table entry
+    if variant.sampler.uses_pools:
+        scores = variant.sampler.kernel_scores(policy_logps.detach(), reference_logps, lengths, beta)
+        drawn = variant.sampler.draw(scores, judge_table[index], generator)
+        columns = torch.cat([torch.zeros_like(drawn[:, :1]), drawn], dim=1)
+    else:
+        columns = torch.tensor(variant.sampler.columns(pool.shape[1])).expand(len(pool), -1)
+    losses, _ = MCPO_LOSSES[variant.loss](policy_logps.gather(1, columns), reference_logps.gather(1, columns),
+                                          lengths.gather(1, columns), beta=beta)
+    return (losses.mean() if weights is None else (weights * losses).sum()), columns
+
+
+def distinct_columns(columns: Tensor) -> Tensor:
+    """How many different pool candidates each row's columns [y_w, draws...] name: the sequences a step has to
+    run forward and backward (a draw that repeats, or that is y_w itself, costs nothing more). [B]"""
+    ordered = columns.sort(dim=1).values
+    return 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(1)
+
+
+def mcpo_train(bandit: Bandit, variant: McpoVariant, prompt: Tensor, pools: Tensor, *, beta: float, steps: int,
+               batch_size: int, lr: float, eval_every: int, seed: int) -> dict:
+    """Train tabular policies (start: π_ref, Adam) on fixed pools with one variant, one policy per pool set:
+    `prompt` [S, P] and `pools` [S, P, K] hold S independent sets. The S policies are trained side by side as
+    one [S, X, K] table with the sum of their losses, which for Adam (element-wise) is S separate runs. Every
+    `eval_every` steps: E_x KL(π** ‖ π_θ) per set. Also the mean number of sequences per row and step."""
+    num_sets, num_pools = prompt.shape
+    num_prompts = bandit.reward.shape[0]
     target = bandit.optimal_logps(beta)
-    variants = {"cd": (functools.partial(cd_negatives, temperature=temperature), num_negatives),
-                "random": (random_negatives, num_negatives), "hardest": (hardest_negatives, num_negatives),
-                f"whole pool (M = {pool_size - 1})": (random_negatives, pool_size - 1)}
-    curves: dict[str, list[list[float]]] = {name: [] for name in variants}
-    for seed in range(seeds):
-        prompt, candidates, chosen = make_pools(bandit, pool_size=pool_size, num_pools=pools_per_prompt,
-                                                generator=torch.Generator().manual_seed(seed))
-        for name, (sample, m) in variants.items():
-            batches = torch.Generator().manual_seed(10_000 + seed)  # the same batches for every variant
-            negatives = torch.Generator().manual_seed(20_000 + seed)
-            policy = TabularPolicy(bandit.reference_logps)
-            optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
-            curve = [float(expected_kl(target, policy().detach(), bandit.prompt_weights))]
-            for step in range(1, steps + 1):
-                batch = torch.randint(len(prompt), (batch_size,), generator=batches)
-                loss = mcpo_batch_loss(policy(), bandit, prompt[batch], candidates[batch], chosen[batch], sample, m,
-                                       beta, negatives)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if step % eval_every == 0:
-                    curve.append(float(expected_kl(target, policy().detach(), bandit.prompt_weights)))
-            curves[name].append(curve)
-    stationarity = {name: gradient_at_optimum(bandit, sample, m, beta=beta, pool_size=pool_size,
-                                              num_pools=stationarity_pools)
-                    for name, (sample, m) in variants.items()}
-    return {"steps": list(range(0, steps + 1, eval_every)), "curves": curves, "num_negatives": num_negatives,
-            "pool_size": pool_size, "stationarity": stationarity}
+    rows = prompt + num_prompts * torch.arange(num_sets)[:, None]  # set s uses rows s·X + x of the stacked tables
+    reference, judge = bandit.reference_logps.repeat(num_sets, 1), bandit.reward.repeat(num_sets, 1)
+    policy = TabularPolicy(bandit.reference_logps.expand(num_sets, -1, -1))
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    batches, negatives = torch.Generator().manual_seed(10_000 + seed), torch.Generator().manual_seed(20_000 + seed)
+
+    def kls() -> list[float]:
+        logps = policy().detach()
+        return [float(expected_kl(target, logps[s], bandit.prompt_weights)) for s in range(num_sets)]
+
+    curves, sequences = [kls()], 0.0
+    for step in range(1, steps + 1):
+        batch = torch.randint(num_pools, (num_sets, batch_size), generator=batches)
+        loss, columns = mcpo_batch_loss(policy().flatten(0, 1), reference, judge, rows.gather(1, batch).flatten(),
+                                        pools[torch.arange(num_sets)[:, None], batch].flatten(0, 1), variant,
+                                        beta=beta, generator=negatives)
+        optimizer.zero_grad()
+        (num_sets * loss).backward()  # the sum over sets of each set's mean loss
+        optimizer.step()
+        sequences += float(distinct_columns(columns).to(DTYPE).mean())
+        if step % eval_every == 0:
+            curves.append(kls())
+    return {"curves": [list(c) for c in zip(*curves)], "grad_sequences": sequences / steps}
 
 
-def gradient_at_optimum(bandit: Bandit, sample: Callable[..., Tensor], num_negatives: int, *, beta: float,
-                        pool_size: int, num_pools: int, chunks: int = 16) -> dict:
-    """‖E ∇ loss‖ at π_θ = π** over fresh pools, in `chunks` independent batches: `norm` of the mean gradient,
-    and `noise`, the norm that the mean of the chunks would have from sampling noise alone."""
-    policy = TabularPolicy(bandit.optimal_logps(beta))
-    pools, negatives = torch.Generator().manual_seed(30_000), torch.Generator().manual_seed(40_000)  # same pools for all
+def gradient_at(bandit: Bandit, logps: Tensor, variant: McpoVariant, *, beta: float, pool_size: int,
+                num_pools: int, seed: int, chunks: int = 32) -> dict:
+    """‖E ∇ loss‖ at the tabular policy `logps` over fresh pools (`num_pools` per prompt, winners in closed
+    form), in `chunks` independent batches: `norm` of the mean gradient, and `noise`, the norm that the mean of
+    the chunks would have from sampling noise alone (the draws, the pools). A fixed point has norm ≈ noise."""
+    policy = TabularPolicy(logps)
+    pools, negatives = torch.Generator().manual_seed(30_000 + seed), torch.Generator().manual_seed(40_000 + seed)
     gradients = []
     for _ in range(chunks):
-        prompt, pool, chosen = make_pools(bandit, pool_size=pool_size, num_pools=max(1, num_pools // chunks),
-                                          generator=pools)
+        prompt, pool, weights = winner_weighted_pools(bandit, pool_size=pool_size,
+                                                      num_pools=max(1, num_pools // chunks), generator=pools)
         policy.zero_grad()
-        mcpo_batch_loss(policy(), bandit, prompt, pool, chosen, sample, num_negatives, beta, negatives).backward()
+        loss, _ = mcpo_batch_loss(policy(), bandit.reference_logps, bandit.reward, prompt, pool, variant, beta=beta,
+                                  generator=negatives, weights=weights)
+        loss.backward()
         gradients.append(policy.logits.grad.flatten().clone())
     stacked = torch.stack(gradients)
     return {"norm": float(stacked.mean(0).norm()), "noise": float((stacked.var(0).sum() / chunks).sqrt())}
 
 
+def mcpo_training(bandit: Bandit, *, beta: float, pool_size: int, pools_per_prompt: int, num_negatives: int,
+                  temperatures: list[float], steps: int, batch_size: int, lr: float, seeds: int, eval_every: int,
+                  stationarity_pools: int, seed: int) -> dict:
+    """Every variant of `mcpo_variants`: trained on the same `seeds` sets of fixed pools (and the same batch
+    order), E_x KL(π** ‖ π_θ) every `eval_every` steps; then the mean gradient of its loss at π** over fresh
+    pools (zero up to noise iff π** is a fixed point), and at the policy it is predicted to keep instead; and
+    the cost per step, in sequences with gradient (distinct columns) and without (the scoring pass)."""
+    generated = [make_pools(bandit, pool_size=pool_size, num_pools=pools_per_prompt,
+                            generator=torch.Generator().manual_seed(1_000 * seed + s)) for s in range(seeds)]
+    prompt, pools = torch.stack([p for p, _ in generated]), torch.stack([c for _, c in generated])
+    target = bandit.optimal_logps(beta)
+    results = []
+    for variant in mcpo_variants(num_negatives, temperatures):
+        trained = mcpo_train(bandit, variant, prompt, pools, beta=beta, steps=steps, batch_size=batch_size, lr=lr,
+                             eval_every=eval_every, seed=1_000 * seed)
+        check = functools.partial(gradient_at, bandit, variant=variant, beta=beta, pool_size=pool_size,
+                                  num_pools=stationarity_pools, seed=1_000 * seed)
+        result = {"loss": variant.loss, "sampler": variant.name, "settings": variant.settings,
+                  "label": variant.label, **trained, "at_optimum": check(target),
+                  "scored_sequences": pool_size if variant.needs_scores else 0}
+        if variant.fixed_point is not None:
+            name, logps = variant.fixed_point
+            result["predicted"] = {"policy": name, **check(logps(bandit, beta))}
+        results.append(result)
+    # what the CD weights look like at π**, where r_θ = r* + const: softmax(r*) over each pool
+    prompt, fresh = make_pools(bandit, pool_size=pool_size, num_pools=1024,
+                               generator=torch.Generator().manual_seed(50_000 + seed))
+    ess = effective_sample_size(bandit.reward[prompt[:, None], fresh])
+    return {"steps": list(range(0, steps + 1, eval_every)), "variants": results, "num_negatives": num_negatives,
+            "pool_size": pool_size, "effective_sample_size": float(ess.mean())}
+
+
 def mcpo(bandit: Bandit, *, beta: float, normaliser: dict, training: dict, seed: int) -> dict:
-    """(e): the normaliser estimate against M, and MC-PO training with CD, random and hardest negatives."""
+    """(e): the normaliser estimate against M, and MC-PO training with every loss × sampler pairing."""
     return {"beta": beta, "normaliser": normaliser_estimates(bandit, seed=seed, **normaliser),
-            "training": mcpo_training(bandit, beta=beta, **training)}
+            "training": mcpo_training(bandit, beta=beta, seed=seed, **training)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -683,6 +836,8 @@ def run(cfg: DictConfig) -> dict:
     if not 1 <= training["num_negatives"] < training["pool_size"]:  # fail before minutes of (a)–(d), not after
         raise InputError(f"mcpo.training.num_negatives={training['num_negatives']} must be between 1 and "
                          f"mcpo.training.pool_size − 1 = {training['pool_size'] - 1}")
+    if not training["temperatures"] or min(training["temperatures"]) <= 0:
+        raise InputError(f"mcpo.training.temperatures={training['temperatures']}: give CD temperatures τ > 0, e.g. [1.0]")
     bandit = make_bandit(**c["bandit"], seed=seed)
     proposition = proposition_bandit(**c["constrained"].pop("bandit"), seed=seed)
     experiments = {
@@ -1127,22 +1282,92 @@ def plot_apo(r: dict, path: Path) -> None:
 
 # (e) -----------------------------------------------------------------------------------------------------
 
+FIXED_POINT_RATIO = 2.0  # π** is a fixed point when ‖mean gradient at π**‖ < this × the noise level...
+ROUNDING = 1e-12  # ...or is zero up to rounding (the whole pool, winners in closed form: exactly zero)
+DEFAULTS = {"mcpo_cd": ("cd", "with replacement, y_w in"), "mcpo": ("random", "without replacement, y_w out")}
+
+
+def is_fixed_point(check: dict) -> bool:
+    return check["norm"] < FIXED_POINT_RATIO * check["noise"] or check["norm"] < ROUNDING
+
+
+def _ratio(check: dict) -> str:
+    ratio = "0 (rounding)" if check["norm"] < ROUNDING else f"{check['norm'] / check['noise']:.3g}×"
+    return f"{_num(check['norm'])} / {_num(check['noise'])} = {ratio}"
+
+
+def _final_kl(row: dict) -> tuple[float, float, float]:
+    final = [curve[-1] for curve in row["curves"]]
+    return sum(final) / len(final), min(final), max(final)
+
+
+def _kl_at(row: dict, index: int) -> float:
+    return sum(curve[index] for curve in row["curves"]) / len(row["curves"])
+
 
 def report_mcpo(r: dict, cfg: DictConfig) -> str:
     normaliser, training = r["normaliser"], r["training"]
     rows = [[str(row["M"]), f"{_num(row['plain']['bias'])} ± {_num(row['plain']['bias_stderr'])}",
              _num(row["plain"]["variance"]), f"{_num(row['loss']['bias'])} ± {_num(row['loss']['bias_stderr'])}",
              _num(row["loss"]["variance"])] for row in normaliser["rows"]]
-    final = {name: sum(c[-1] for c in curves) / len(curves) for name, curves in training["curves"].items()}
-    quarter = {name: sum(c[len(c) // 4] for c in curves) / len(curves) for name, curves in training["curves"].items()}
-    train_rows = [[name, _num(quarter[name]), _num(final[name]), _num(training["stationarity"][name]["norm"]),
-                   _num(training["stationarity"][name]["noise"])] for name in training["curves"]]
-    t = cfg.mcpo.training
-    early_step = training["steps"][len(training["steps"]) // 4]
-    stationary = {name: s["norm"] <= 3 * s["noise"] for name, s in training["stationarity"].items()}
-    fixed = [name for name, ok in stationary.items() if ok]
-    biased = [name for name, ok in stationary.items() if not ok]
-    return f"""## (e) MC-PO: the normaliser estimate and CD against random negatives
+    t, variants = cfg.mcpo.training, training["variants"]
+    steps, quarter = training["steps"][-1], len(training["steps"]) // 4
+    k, m = training["pool_size"], training["num_negatives"]
+    by = {(v["loss"], v["sampler"], v["settings"]): v for v in variants}
+    default = {loss: by.get((loss, *pick)) for loss, pick in DEFAULTS.items()}
+    whole = {loss: by.get((loss, "dataset", "whole pool, M = K − 1")) for loss in DEFAULTS}
+    ratios = [v["at_optimum"]["norm"] / v["at_optimum"]["noise"] for v in variants
+              if is_fixed_point(v["at_optimum"]) and v["at_optimum"]["norm"] >= ROUNDING]
+    biased_ratios = [v["at_optimum"]["norm"] / v["at_optimum"]["noise"] for v in variants
+                     if not is_fixed_point(v["at_optimum"])]
+
+    def table(loss: str) -> str:
+        lines = []
+        for v in (v for v in variants if v["loss"] == loss):
+            mean, low, high = _final_kl(v)
+            bold = "**" if v is default[loss] else ""
+            lines.append([f"{bold}`{v['sampler']}`{bold}", v["settings"] or "—",
+                          "**yes**" if is_fixed_point(v["at_optimum"]) else "no", _ratio(v["at_optimum"]),
+                          f"{_num(mean)} [{_num(low)} – {_num(high)}]", f"{v['grad_sequences']:.2f}",
+                          str(v["scored_sequences"])])
+        return _table(["sampler", "settings", "π** fixed point", "‖mean ∇ at π**‖ / noise",
+                       f"E_x KL(π** ‖ π_θ) at step {steps}, mean [min – max]", "sequences with grad",
+                       "without grad"], lines)
+
+    def names(loss: str, fixed: bool) -> str:
+        picked = [f"`{v['sampler']}`" + (f" ({v['settings']})" if v["settings"] else "") for v in variants
+                  if v["loss"] == loss and is_fixed_point(v["at_optimum"]) == fixed]
+        return ", ".join(picked) or "none"
+
+    def kl(v: dict | None) -> str:
+        return _num(_final_kl(v)[0]) if v else "—"
+
+    def verdict(v: dict | None) -> str:
+        if v is None:
+            return "not run"
+        return "a fixed point" if is_fixed_point(v["at_optimum"]) else "**not** a fixed point (its gradient is biased)"
+
+    predicted = [v for v in variants if "predicted" in v]
+    shifted = "; ".join(f"{v['label']}: at π** {_ratio(v['at_optimum'])}, at {v['predicted']['policy']} "
+                        f"{_ratio(v['predicted'])} ({'a fixed point' if is_fixed_point(v['predicted']) else 'not one either'})"
+                        for v in predicted)
+    cd, rnd, paper = default["mcpo_cd"], default["mcpo"], by.get(("mcpo", "cd", "without replacement, y_w out"))
+    mixed = [by.get(("mcpo", "random", s)) for s in ("with replacement, y_w out", "without replacement, y_w in")]
+    mixed_ratios = ", ".join(f"{v['at_optimum']['norm'] / v['at_optimum']['noise']:.3g}×" for v in mixed if v)
+    linear = [by.get(("mcpo_cd", s, settings)) for s, settings in
+              (("random", "with replacement, y_w in"), ("reward", ""), ("dataset", "whole pool, M = K − 1"))]
+    linear_kls = ", ".join(kl(v) for v in linear if v)
+    compare = ""
+    if cd and rnd:
+        (cd_mean, cd_low, cd_high), (rnd_mean, rnd_low, rnd_high) = _final_kl(cd), _final_kl(rnd)
+        overlap = cd_low <= rnd_high and rnd_low <= cd_high
+        compare = (f"On this bandit the two defaults end {'within' if overlap else 'outside'} each other's seed range "
+                   f"({_num(cd_mean)} [{_num(cd_low)} – {_num(cd_high)}] against {_num(rnd_mean)} [{_num(rnd_low)} – "
+                   f"{_num(rnd_high)}]): the testbed shows that both are consistent and what each costs"
+                   + (", not that one learns better." if overlap else "."))
+    consistent_quarter = ", ".join(f"{v['label']} {_num(_kl_at(v, quarter))}" for v in variants
+                                   if is_fixed_point(v["at_optimum"]))
+    return f"""## (e) MC-PO: the normaliser estimate, and which loss × sampler keeps π**
 
 **The normaliser.** MC-PO reads preference optimisation as the NLL of y_w under p_θ(y|x) = π_ref(y|x)·exp(r_θ(x, y))/Z_θ(x)
 and estimates Z_θ with the negatives as Monte Carlo samples. We take Z(x) = Σ_y π_ref(y|x)·exp r*(x, y) (the
@@ -1156,57 +1381,135 @@ Before the log the plain estimate is unbiased with Var(Ẑ/Z) = {_num(normaliser
 Both biases fall like 1/M, with opposite signs: Jensen makes the plain log-estimate too small; y_w, drawn from
 p* and so biased towards large r, makes the in-loss one too large (the InfoNCE bound). Variances fall like 1/M.
 
-**Training.** A tabular policy (Adam, lr {t.lr}, batch {t.batch_size} pools) trained with `prefrun.losses.mcpo_loss` on
-{t.pools_per_prompt} fixed pools per prompt of K = {t.pool_size} candidates from π_ref (y_w by the Luce rule on r*, which
-for K = 2 is Bradley–Terry), M = {training['num_negatives']} negatives redrawn each step from the pool minus y_w by
-`cd_negatives` (τ = {t.temperature}), `random_negatives` or `hardest_negatives`, scored by r_θ = β·(log π_θ − log π_ref);
-"whole pool" uses all K − 1 others, where the samplers coincide. Mean over {t.seeds} seeds of E_x KL(π** ‖ π_θ); then the
-norm of the mean gradient of each variant's loss **at π_θ = π**** over {t.stationarity_pools:,} fresh pools per prompt,
-beside the norm that sampling noise alone would give: π** is a fixed point of a variant only if the first is
-no larger than the second.
+**Every loss × sampler that `prefrun train` offers.** Data as the training loop sees it: per prompt,
+{t.pools_per_prompt} fixed pools of K = {k} candidates drawn from π_ref, the preferred y_w picked by the Luce rule on r* (for
+K = 2 that is Bradley–Terry) and put in column 0. A step does what the LLM loop does (`mcpo_batch_loss`): the
+sampler scores the whole pool without gradient (`kernel_scores`, r_θ = β·(log π_θ − log π_ref), `score=reward`),
+draws M = {m} columns (`prefrun.samplers`: `CDSampler`, `RandomSampler`, `HardestSampler`, `RewardSampler`;
+`DatasetSampler` takes the whole pool, M = K − 1, unscored), and the columns [y_w, draws…] gathered from the pool go
+through the loss: `mcpo` = `prefrun.losses.mcpo_loss`, −log softmax over them; `mcpo_cd` = `mcpo_cd_loss`,
+−r_w + the mean r_θ of the draws (which may repeat and, when y_w is in, be y_w). `reward` takes the lowest judge
+scores (here the judge is r*). A tabular policy from π_ref, Adam (lr {t.lr}, {t.batch_size} pools a step), {steps} steps, on the same
+{t.seeds} pool sets and batch order for every pairing; KL is E_x KL(π** ‖ π_θ).
 
-{_table(["negatives", f"KL at step {early_step}", f"KL at step {training['steps'][-1]}",
-         "‖mean gradient at π**‖", "noise level"], train_rows)}
+**Is π** a fixed point?** The mean gradient of the pairing's loss at π_θ = π** over {t.stationarity_pools:,} fresh pools per
+prompt (the Luce winner in closed form: each candidate in turn as y_w, weighted by its probability), in 32
+independent chunks, beside the norm that sampling noise alone (pools, draws) would give the mean. Rule: **yes** iff
+‖mean ∇‖ < {FIXED_POINT_RATIO:g} × noise (or < {ROUNDING:g}: the whole pool's gradient is zero up to rounding once the winner
+is averaged out). Here the pairings called fixed points sit at {min(ratios, default=0):.3g}–{max(ratios, default=0):.3g}× the noise and
+the others at {min(biased_ratios, default=0):.3g}–{max(biased_ratios, default=0):.3g}×.
+**Cost** per pool and step: *with grad*, the distinct candidates among [y_w, draws] (a repeat, or a draw that is y_w,
+needs no further forward or backward), mean over steps; *without grad*, the scoring pass over the K candidates for
+the samplers that rank by the policy's score (`cd`, `hardest`), 0 for the others. The training loop scores every
+pool anyway (no grad) for the logged whole-pool loss and the hardness metrics, so there every pool sampler pays K.
 
-What comes out: π** is a fixed point (‖mean gradient‖ within 3× the noise level) for **{', '.join(fixed) or 'none'}**,
-and not for **{', '.join(biased) or 'none'}**. Why: by the Luce rule's independence of irrelevant alternatives, the
-pool's winner, given that it lies in a random subset of the pool, is that subset's Luce winner, so with random
-negatives the expected loss keeps its optimum at r_θ = r* + const, i.e. π**. CD negatives are drawn with
-probability ∝ exp r_θ *and* then weighted again by the log-softmax, so high-reward negatives count twice and training
-settles at a biased policy; hardest negatives are the τ → 0 extreme of the same bias. CD's consistency argument
-(paper 000: samples from p_θ give an unbiased gradient of log Z) needs a loss whose negative term is a plain average
-over those samples, not a second softmax; with the log-softmax form of shared/ALGORITHMS.md it does not hold here.
-Early on, CD is {'no faster than' if quarter['cd'] >= quarter['random'] else 'faster than'} random negatives: at step
-{early_step} its KL is {_num(quarter['cd'])} against {_num(quarter['random'])} (mean over seeds)."""
+`loss=mcpo` (log-softmax over [y_w, draws]):
+
+{table("mcpo")}
+
+`loss=mcpo_cd` (−r_w + mean of the draws' r_θ):
+
+{table("mcpo_cd")}
+
+**What comes out.** π** is a fixed point of `mcpo` with {names("mcpo", True)} only, and of `mcpo_cd` with
+{names("mcpo_cd", True)} only (τ = 1, `score=reward`); every other pairing in the tables is biased.
+
+*Why, for `mcpo_cd`:* with i.i.d. draws ∝ softmax(r_θ) from the whole pool, y_w included, the mean of the draws'
+∇r_θ has expectation Σ_i softmax(r_θ)_i·∇r_i, so the expected gradient is the whole-pool log-softmax's, whose
+minimiser is π** (the Luce winner's law is softmax(r*)); a draw that is y_w cancels its share of −r_w, which is what
+stops the push at the optimum. Every other switch breaks that identity: without y_w the loss keeps pushing y_w up,
+without replacement the draws are not i.i.d. softmax. A temperature τ ≠ 1 or `score=logp` keeps a fixed point but
+at another policy, checked the same way: {shifted or '—'}. (There the draws and the gradient with respect to the
+logits are exactly those of τ = 1 at π**, hence the same numbers.) So τ acts as β/τ, and `score=logp` loses π_ref
+and β altogether. With `random`, `reward`, `dataset` the draws do not depend on θ: the loss is linear in r_θ, its gradient
+never vanishes and the policy runs off (KL at step {steps}: {linear_kls}).
+
+*Why, for `mcpo`:* the log-softmax keeps π** when y_w and the draws are exchangeable given the candidates they
+name. Without replacement from the pool minus y_w they form a uniform random subset containing the winner, and by
+the Luce rule's independence of irrelevant alternatives the pool's winner is that subset's Luce winner; with
+replacement from the whole pool, y_w included, P(y_w = a | the multiset) ∝ (multiplicity of a)·exp r*_a, which is
+what the softmax over repeated columns computes. The two mixed switches of `random` break exchangeability: a
+small bias ({mixed_ratios} the noise, hardly visible in the KL at M = {m} of K = {k}, but there). CD negatives, in any
+form, are drawn ∝ exp r_θ *and* weighted again by the softmax, so hard negatives count twice; `hardest` is the τ → 0
+extreme of that, and `reward` picks the negative by r*, which no longer leaves it exchangeable with the winner.
+The paper's reading, `mcpo` × `cd` without replacement and without y_w, ends at KL {kl(paper)} against
+{kl(rnd)} for `random` and {kl(whole['mcpo'])} for the whole pool.
+
+**Defaults, from these numbers.** `loss=mcpo_cd sampler=cd` with replacement and y_w included, τ = 1,
+`score=reward` (the `CDSampler` defaults): π** is {verdict(cd)}, KL {kl(cd)} at step {steps} against
+{kl(whole['mcpo'])} for the whole-pool log-softmax, at {cd['grad_sequences'] if cd else float('nan'):.2f} sequences with
+gradient per pool instead of K = {k} (a draw that is y_w, or repeats the other, costs nothing; at π** the CD weights
+over a pool have a Kish effective sample size of {training['effective_sample_size']:.2f} of {k}, `effective_sample_size`), plus the no-grad
+scoring pass the loop runs anyway. It is the one CD pairing that is consistent. With `loss=mcpo`, the default is `sampler=random` (without
+replacement, y_w out, the `RandomSampler` defaults): π** is {verdict(rnd)}, KL {kl(rnd)}, {rnd['grad_sequences'] if rnd else float('nan'):.2f}
+sequences with gradient and no score needed. {compare} Mean KL at step {training['steps'][quarter]} of the consistent
+pairings (how fast they start): {consistent_quarter}. The other pairings run, with a warning (`prefrun.samplers.bias_warning`).
+Not exercised here: `sampler.refresh_every` (scores are fresh every step) and `length_normalize` (one-entry
+sequences).
+The resampling argument is exact because these pools are drawn from π_ref (the weight p_θ/π_ref ∝ exp r_θ); for
+pools written by other models (UltraFeedback) the proposal is unknown and the same rule is a heuristic."""
 
 
 def plot_mcpo(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(2, 3, figsize=(19, 11.5))
     rows = r["normaliser"]["rows"]
     ms = [row["M"] for row in rows]
     for name, color, label in (("plain", "tab:blue", "plain: log((1/M)·Σ exp r_j)"),
                                ("loss", "tab:red", "in the loss: log((exp r_w + Σ exp r_j)/(M+1))")):
-        axes[0].errorbar(ms, [row[name]["bias"] for row in rows], yerr=[2 * row[name]["bias_stderr"] for row in rows],
-                         fmt="o-", color=color, capsize=3, label=label)
-        axes[1].loglog(ms, [row[name]["variance"] for row in rows], "o-", color=color, label=label)
-    axes[1].loglog(ms, [rows[0]["plain"]["variance"] * ms[0] / m for m in ms], ":", color="grey", label="∝ 1/M")
-    axes[0].axhline(0, color="black", lw=0.8)
-    axes[0].set_xscale("log", base=2)
-    axes[0].set(xlabel="negatives M", ylabel="bias of log Ẑ (± 2 s.e.)", title="(e) normaliser estimate: bias")
-    axes[1].set(xlabel="negatives M", ylabel="variance of log Ẑ", title="normaliser estimate: variance")
-    training = r["training"]
-    colors = {"cd": "tab:green", "random": "tab:blue", "hardest": "tab:red"}
-    for name, curves in training["curves"].items():
-        stacked = torch.tensor(curves)
-        color = colors.get(name, "black")
-        axes[2].semilogy(training["steps"], stacked.mean(0), color=color, label=name)
-        axes[2].fill_between(training["steps"], stacked.min(0).values, stacked.max(0).values, color=color, alpha=0.2)
-    axes[2].set(xlabel="training step", ylabel="E_x KL(π** ‖ π_θ)  (mean, min–max over seeds)",
-                title=f"MC-PO training, M = {training['num_negatives']} of a pool of {training['pool_size']}")
-    for ax in axes:
+        axes[0, 0].errorbar(ms, [row[name]["bias"] for row in rows],
+                            yerr=[2 * row[name]["bias_stderr"] for row in rows], fmt="o-", color=color, capsize=3,
+                            label=label)
+        axes[0, 1].loglog(ms, [row[name]["variance"] for row in rows], "o-", color=color, label=label)
+    axes[0, 1].loglog(ms, [rows[0]["plain"]["variance"] * ms[0] / m for m in ms], ":", color="grey", label="∝ 1/M")
+    axes[0, 0].axhline(0, color="black", lw=0.8)
+    axes[0, 0].set_xscale("log", base=2)
+    axes[0, 0].set(xlabel="negatives M", ylabel="bias of log Ẑ (± 2 s.e.)", title="(e) normaliser estimate: bias")
+    axes[0, 1].set(xlabel="negatives M", ylabel="variance of log Ẑ", title="normaliser estimate: variance")
+    for ax in axes[0, :2]:
         ax.legend(fontsize=8)
+    training = r["training"]
+    variants = training["variants"]
+    labels = [v["label"] for v in variants]
+    ratios = [max(v["at_optimum"]["norm"] / v["at_optimum"]["noise"], 1e-3) if v["at_optimum"]["norm"] >= ROUNDING
+              else 1e-3 for v in variants]
+    fixed = [is_fixed_point(v["at_optimum"]) for v in variants]
+    bars = axes[0, 2]
+    bars.barh(range(len(variants)), ratios, color=["tab:green" if f else "tab:red" for f in fixed])
+    bars.axvline(FIXED_POINT_RATIO, color="black", ls="--", lw=1, label=f"{FIXED_POINT_RATIO:g} × noise (the rule)")
+    bars.set_xscale("log")
+    bars.set_yticks(range(len(variants)), labels, fontsize=6)
+    bars.invert_yaxis()
+    bars.set(xlabel="‖mean ∇ at π**‖ / noise level (whole pool: 0, drawn at 1e-3)",
+             title="is π** a fixed point? green: yes, red: no")
+    bars.legend(fontsize=8)
+    palette = list(plt.cm.tab10.colors) + ["black"]
+    for ax, loss in zip(axes[1, :2], ("mcpo", "mcpo_cd")):
+        for i, v in enumerate(v for v in variants if v["loss"] == loss):
+            stacked, color = torch.tensor(v["curves"]), palette[i % len(palette)]
+            style = "-" if is_fixed_point(v["at_optimum"]) else "--"
+            ax.semilogy(training["steps"], stacked.mean(0), style, color=color,
+                        label=v["label"].removeprefix(f"{loss} × "))
+            ax.fill_between(training["steps"], stacked.min(0).values, stacked.max(0).values, color=color, alpha=0.15)
+        ax.set(xlabel="training step", ylabel="E_x KL(π** ‖ π_θ)  (mean, min–max over seeds)",
+               title=f"loss={loss}, M = {training['num_negatives']} of a pool of {training['pool_size']} "
+                     "(—: π** a fixed point, --: not)")
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    cost = axes[1, 2]
+    for loss, marker in (("mcpo", "o"), ("mcpo_cd", "s")):
+        picked = [v for v in variants if v["loss"] == loss]
+        cost.scatter([v["grad_sequences"] for v in picked], [_final_kl(v)[0] for v in picked], marker=marker, s=40,
+                     c=["tab:green" if is_fixed_point(v["at_optimum"]) else "tab:red" for v in picked])
+        cost.scatter([], [], marker=marker, color="grey", label=f"loss={loss}")
+    consistent = [v for v in variants if is_fixed_point(v["at_optimum"])]
+    for i, v in enumerate(sorted(consistent, key=lambda v: _final_kl(v)[0])):
+        cost.annotate(v["label"], (v["grad_sequences"], _final_kl(v)[0]), fontsize=7, textcoords="offset points",
+                      xytext=(6, 10 + 12 * i), arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+    cost.set_yscale("log")
+    cost.set(xlabel="sequences with gradient per pool and step", ylabel=f"E_x KL at step {training['steps'][-1]}",
+             title="cost against result (green: π** a fixed point, red: not)")
+    cost.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

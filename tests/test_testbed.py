@@ -9,13 +9,26 @@ import math
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from scipy.stats import chisquare
+from torch import Tensor
 
 from prefrun import testbed as tb
 from prefrun.cli import config_dir
 from prefrun.errors import InputError
 from prefrun.losses import dpo_loss
 from prefrun.online import extrapolate_logprobs, extrapolate_parameters
-from prefrun.samplers import cd_negatives, hardest_negatives, random_negatives
+from prefrun.samplers import (
+    CDSampler,
+    DatasetSampler,
+    HardestSampler,
+    RandomSampler,
+    RewardSampler,
+    bias_warning,
+    cd_negatives,
+    effective_sample_size,
+    hardest_negatives,
+    random_negatives,
+)
 
 from .conftest import run_cli
 
@@ -194,6 +207,87 @@ def test_e_normaliser_bias_shrinks_with_m_and_has_the_expected_signs():
     assert sixteen["plain"]["variance"] < one["plain"]["variance"] / 8
 
 
+def fixed_point_ratio(variant: tb.McpoVariant, *, pool_size: int, num_pools: int, seed: int = 1) -> float:
+    """‖mean gradient at π**‖ / noise level on a small bandit (≈ 1 at a fixed point, ≫ 1 where biased)."""
+    bandit = small_bandit(seed)
+    check = tb.gradient_at(bandit, bandit.optimal_logps(BETA), variant, beta=BETA, pool_size=pool_size,
+                           num_pools=num_pools, seed=0)
+    return check["norm"] / check["noise"]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_e_mcpo_cd_with_cd_keeps_pi_star_star_and_log_softmax_with_cd_does_not(seed):
+    """The consistent pairing (draws with replacement, y_w included, τ = 1) against the paper's reading of the
+    log-softmax form (CD negatives from the pool less y_w): the second is biased, by far."""
+    consistent = tb.McpoVariant("mcpo_cd", CDSampler(num_negatives=2), "")
+    paper = tb.McpoVariant("mcpo", CDSampler(num_negatives=2, replacement=False, include_chosen=False), "")
+    assert fixed_point_ratio(consistent, pool_size=5, num_pools=4096, seed=seed) < 1.5
+    assert fixed_point_ratio(paper, pool_size=5, num_pools=4096, seed=seed) > 10
+    # τ ≠ 1 is biased at π**, but keeps π_ref·exp(τ·r*/β)/Z: τ acts as β/τ
+    tempered = tb.McpoVariant("mcpo_cd", CDSampler(num_negatives=2, temperature=0.5), "")
+    assert fixed_point_ratio(tempered, pool_size=5, num_pools=4096, seed=seed) > 10
+    bandit = small_bandit(seed)
+    shifted = torch.log_softmax(bandit.reference_logps + 0.5 * bandit.reward / BETA, -1)
+    check = tb.gradient_at(bandit, shifted, tempered, beta=BETA, pool_size=5, num_pools=4096, seed=0)
+    assert check["norm"] < 1.5 * check["noise"]
+
+
+def test_e_log_softmax_needs_negatives_exchangeable_with_the_winner():
+    """Uniform draws keep π** for `mcpo` when they are exchangeable with y_w: without replacement from the pool less
+    y_w, or with replacement from the whole pool. The two mixed switches are biased (small pools show it clearly)."""
+    def ratio(replacement: bool, include_chosen: bool) -> float:
+        sampler = RandomSampler(num_negatives=2, replacement=replacement, include_chosen=include_chosen)
+        return fixed_point_ratio(tb.McpoVariant("mcpo", sampler, ""), pool_size=4, num_pools=8192)
+
+    assert ratio(False, False) < 1.5 and ratio(True, True) < 1.5
+    assert ratio(True, False) > 5 and ratio(False, True) > 5
+    whole_pool = tb.McpoVariant("mcpo", DatasetSampler(), "")  # winners in closed form: exactly zero
+    bandit = small_bandit()
+    check = tb.gradient_at(bandit, bandit.optimal_logps(BETA), whole_pool, beta=BETA, pool_size=5, num_pools=256, seed=0)
+    assert check["norm"] < tb.ROUNDING and tb.is_fixed_point(check)
+
+
+# What docs/testbed.md, section e, measures as keeping π** (K = 8, M = 2; verdicts identical for seeds 0 and 1).
+MEASURED_CONSISTENT = {"mcpo × random (without replacement, y_w out)", "mcpo × random (with replacement, y_w in)",
+                       "mcpo × dataset (whole pool, M = K − 1)", "mcpo_cd × cd (with replacement, y_w in)"}
+
+
+def test_e_variants_cover_every_sampler_and_bias_warning_follows_the_measurements():
+    variants = tb.mcpo_variants(2, [1.0, 0.5])
+    for loss in ("mcpo", "mcpo_cd"):
+        assert {v.name for v in variants if v.loss == loss} == {"cd", "random", "hardest", "reward", "dataset"}
+    assert len({v.label for v in variants}) == len(variants)
+    assert MEASURED_CONSISTENT <= {v.label for v in variants}
+    for v in variants:
+        warning = bias_warning(f"{v.loss}_loss", v.sampler)
+        assert (warning is None) == (v.label in MEASURED_CONSISTENT), v.label
+    warning = bias_warning("mcpo_loss", CDSampler(replacement=False, include_chosen=False))
+    assert "loss=mcpo with sampler=cd (temperature=1.0, replacement=False" in warning and "sampler=random" in warning
+    assert "sampler=dataset does not keep" in bias_warning("mcpo_cd_loss", DatasetSampler())
+    for sampler in (CDSampler(), RandomSampler(), HardestSampler(), RewardSampler(), DatasetSampler()):
+        assert bias_warning("dpo_loss", sampler) is None  # pair losses are not MC-PO's business
+
+
+def test_e_batch_loss_columns_are_the_chosen_then_the_draws():
+    bandit = small_bandit()
+    prompt, pools = tb.make_pools(bandit, pool_size=5, num_pools=50, generator=torch.Generator().manual_seed(0))
+    assert pools.shape == (300, 5) and (prompt == torch.arange(6).repeat_interleave(50)).all()
+    for variant, width in ((tb.McpoVariant("mcpo", HardestSampler(num_negatives=2), ""), 3),
+                           (tb.McpoVariant("mcpo_cd", CDSampler(num_negatives=3), ""), 4),
+                           (tb.McpoVariant("mcpo", DatasetSampler(), ""), 5)):
+        loss, columns = tb.mcpo_batch_loss(bandit.reference_logps, bandit.reference_logps, bandit.reward, prompt, pools,
+                                           variant, beta=BETA, generator=torch.Generator().manual_seed(0))
+        assert columns.shape == (300, width) and (columns[:, 0] == 0).all() and torch.isfinite(loss)
+    # distinct sequences per row: repeats and y_w itself count once
+    assert tb.distinct_columns(torch.tensor([[0, 0, 0], [0, 2, 2], [0, 1, 3], [0, 3, 0]])).tolist() == [1, 2, 3, 2]
+
+
+def test_e_chosen_first_keeps_each_pool_and_moves_the_chosen_one_to_column_0():
+    candidates = torch.tensor([[7, 8, 9, 10], [7, 8, 9, 10], [7, 8, 9, 10]])
+    moved = tb._chosen_first(candidates, torch.tensor([0, 2, 3]))
+    assert moved.tolist() == [[7, 8, 9, 10], [9, 8, 7, 10], [10, 8, 9, 7]]
+
+
 # The pure functions ----------------------------------------------------------------------------------------
 
 
@@ -208,19 +302,67 @@ def test_cd_negatives_never_return_the_chosen_one_nor_duplicates():
         assert all(len(set(row)) == 4 for row in negatives.tolist())
 
 
-def test_cd_negatives_frequency_is_the_softmax_over_the_pool_minus_the_chosen_one():
-    scores = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]]).expand(200_000, 5)
-    chosen = torch.full((200_000,), 2)
-    expected = torch.softmax(torch.tensor([0.0, 1.0, -1.0, 0.5]) / 0.7, dim=0)  # responses 0, 1, 3, 4
-    negatives = cd_negatives(scores, chosen, 2, temperature=0.7, generator=torch.Generator().manual_seed(0))
-    first = torch.bincount(negatives[:, 0], minlength=5).double() / 200_000  # the first draw: the softmax
-    torch.testing.assert_close(first[[0, 1, 3, 4]], expected.double(), atol=4e-3, rtol=0)
-    assert first[2] == 0
-    # the second draw is from what is left: P(second = j) = Σ_i p_i·p_j/(1 − p_i)
-    p = expected.double()
-    second_expected = torch.stack([sum(p[i] * p[j] / (1 - p[i]) for i in range(4) if i != j) for j in range(4)])
-    second = torch.bincount(negatives[:, 1], minlength=5).double() / 200_000
-    torch.testing.assert_close(second[[0, 1, 3, 4]], second_expected, atol=4e-3, rtol=0)
+P_VALUE = 1e-3  # χ² goodness of fit at a fixed seed: deterministic, and a wrong law fails it by far
+
+
+def chi2_p_value(draws: Tensor, expected: Tensor) -> float:
+    """p-value of the χ² test that `draws` (category indices) follow the probabilities `expected`."""
+    counts = torch.bincount(draws, minlength=len(expected)).double()
+    assert counts[expected == 0].sum() == 0  # a category the law excludes never comes up
+    keep = expected > 0
+    return float(chisquare(counts[keep].numpy(), len(draws) * expected[keep].numpy()).pvalue)
+
+
+def test_cd_with_replacement_draws_iid_from_the_softmax_over_the_whole_pool():
+    """The mcpo_cd sampler: every draw ∝ softmax(score/τ) over the pool, y_w included, independently of the others."""
+    rows, k, tau = 20_000, 5, 0.7
+    scores = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]], dtype=torch.float64).expand(rows, k)
+    p = torch.softmax(scores[0] / tau, 0)
+    draws = cd_negatives(scores, torch.full((rows,), 2), 3, temperature=tau, replacement=True, include_chosen=True,
+                         generator=torch.Generator().manual_seed(0))
+    for position in range(3):
+        assert chi2_p_value(draws[:, position], p) > P_VALUE, position
+    # independence: the ordered pair (first, second) follows p_i·p_j over the K² cells
+    assert chi2_p_value(draws[:, 0] * k + draws[:, 1], torch.outer(p, p).flatten()) > P_VALUE
+    assert chi2_p_value(draws[:, 0], torch.full((k,), 1 / k, dtype=torch.float64)) < 1e-100  # the test has power
+
+
+def test_cd_without_replacement_draws_sequentially_from_the_pool_less_the_chosen_one():
+    """The paper's reading: the first draw ∝ softmax over the pool minus y_w, the second from what is left,
+    P(first = i, second = j) = p_i·p_j/(1 − p_i)."""
+    rows, k, tau = 20_000, 5, 0.7
+    scores = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]], dtype=torch.float64).expand(rows, k)
+    p = torch.softmax(scores[0].clone().index_fill_(0, torch.tensor([2]), float("-inf")) / tau, 0)  # p_2 = 0: y_w
+    draws = cd_negatives(scores, torch.full((rows,), 2), 2, temperature=tau, generator=torch.Generator().manual_seed(0))
+    assert chi2_p_value(draws[:, 0], p) > P_VALUE
+    pairs = torch.outer(p, p) / (1 - p)[:, None]
+    pairs.fill_diagonal_(0)
+    assert pairs.sum().item() == pytest.approx(1.0)
+    assert chi2_p_value(draws[:, 0] * k + draws[:, 1], pairs.flatten()) > P_VALUE
+    # the second draw is not the softmax again: the sequential law is what is checked
+    assert chi2_p_value(draws[:, 1], p) < P_VALUE
+
+
+def test_random_negatives_are_uniform_over_present_candidates_with_either_switch():
+    rows = 20_000
+    scores = torch.tensor([[5.0, 0.0, float("-inf"), -5.0, 1.0]]).expand(rows, 5)
+    chosen = torch.zeros(rows, dtype=torch.long)
+    whole = random_negatives(scores, chosen, 2, replacement=True, include_chosen=True,
+                             generator=torch.Generator().manual_seed(0))
+    present = torch.tensor([0.25, 0.25, 0.0, 0.25, 0.25], dtype=torch.float64)
+    assert chi2_p_value(whole.flatten(), present) > P_VALUE
+    less_chosen = random_negatives(scores, chosen, 1, generator=torch.Generator().manual_seed(0))
+    assert chi2_p_value(less_chosen[:, 0], torch.tensor([0, 1 / 3, 0, 1 / 3, 1 / 3], dtype=torch.float64)) > P_VALUE
+
+
+def test_effective_sample_size_by_hand():
+    weights = torch.tensor([[1.0, 1.0, 2.0]], dtype=torch.float64)  # normalised: ¼, ¼, ½ -> 1/(1/16 + 1/16 + 1/4)
+    torch.testing.assert_close(effective_sample_size(weights.log()), torch.tensor([8 / 3], dtype=torch.float64))
+    # τ = 2 takes the square root of the weights: (2 + √2)²/(1 + 1 + 2)
+    torch.testing.assert_close(effective_sample_size(weights.log(), temperature=2.0),
+                               torch.tensor([(2 + math.sqrt(2)) ** 2 / 4], dtype=torch.float64))
+    scores = torch.tensor([[0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0], [50.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(effective_sample_size(scores), torch.tensor([2.0, 3.0, 1.0], dtype=torch.float64))
 
 
 def test_cd_negatives_limits_are_hardest_and_random():
@@ -315,6 +457,7 @@ def test_prefrun_testbed_writes_the_report_and_plots(tmp_path):
     for section in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e)", "## Reproduce"):
         assert section in text
     assert "the claim KL < 0.0001 **holds**" in text
+    assert "`loss=mcpo_cd` (−r_w + mean of the draws' r_θ)" in text and "shared/" not in text
     pngs = sorted(plots.glob("*.png"))
     assert len(pngs) == 5
     for png in pngs:
