@@ -49,15 +49,24 @@ def config_dir() -> str:
     raise FileNotFoundError(f"prefrun's config tree (conf/train.yaml) is missing next to {here}; reinstall prefrun")
 
 
-@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
-def train(cfg: DictConfig) -> float | None:
-    from prefrun.errors import PrefrunError
-    from prefrun.run import run  # heavy imports after Hydra has parsed the command line (fast --help)
+def _one_line_errors(pipeline: str, cfg: DictConfig):
+    """Run `prefrun.<module>.<function>` (`pipeline`); a PrefrunError or an unset mandatory key ends the run
+    with one line (also in the run directory's log) and exit status 2."""
+    import importlib
 
-    try:
-        return run(cfg)
-    except PrefrunError as err:
-        logging.getLogger("prefrun").error("%s", err)  # into <run dir>/train.log too
+    from hydra.errors import InstantiationException
+
+    from prefrun.errors import PrefrunError
+
+    module, function = pipeline.rsplit(".", 1)
+    try:  # heavy imports after Hydra has parsed the command line (fast --help)
+        return getattr(importlib.import_module(module), function)(cfg)
+    except (PrefrunError, InstantiationException) as err:
+        # A component that refuses its settings in its constructor reaches us wrapped by Hydra.
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if not isinstance(cause, PrefrunError):
+            raise
+        logging.getLogger("prefrun").error("%s", cause)
         sys.exit(2)
     except MissingMandatoryValue as err:
         logging.getLogger("prefrun").error("%s is not set: give it on the command line (%s=...)", err.full_key,
@@ -65,16 +74,19 @@ def train(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def train(cfg: DictConfig) -> float | None:
+    return _one_line_errors("prefrun.run.run", cfg)
+
+
+@hydra.main(config_path=config_dir(), config_name="generate", version_base="1.3")
+def generate(cfg: DictConfig) -> None:
+    _one_line_errors("prefrun.run.generate_pools", cfg)
+
+
 @hydra.main(config_path=config_dir(), config_name="testbed", version_base="1.3")
 def testbed(cfg: DictConfig) -> None:
-    from prefrun.errors import PrefrunError
-    from prefrun.testbed import run  # heavy imports after Hydra has parsed the command line (fast --help)
-
-    try:
-        run(cfg)
-    except PrefrunError as err:
-        logging.getLogger("prefrun").error("%s", err)  # into <run dir>/testbed.log too
-        sys.exit(2)
+    _one_line_errors("prefrun.testbed.run", cfg)
 
 
 def report() -> None:
@@ -87,7 +99,8 @@ def report() -> None:
         sys.exit(f"prefrun report: {err}")
 
 
-COMMANDS = {"train": (train, "preference optimisation: DPO / IPO now; MC-PO, online rounds and APO to come"),
+COMMANDS = {"train": (train, "preference optimisation: DPO, IPO, MC-PO (pools); online rounds and APO to come"),
+            "generate": (generate, "candidate pools: prompts -> K completions (vLLM or HF) -> judge scores -> jsonl/parquet"),
             "testbed": (testbed, "exact checks of DPO, MC-PO, APO on a finite bandit; writes docs/testbed.md"),
             "report": (report, "tables and plots of a run or multirun directory: prefrun report <dir>")}
 
@@ -103,6 +116,10 @@ Examples:
   prefrun train loss=ipo loss.beta=0.5            # override any key
   prefrun train -m loss.beta=0.05,0.1 optim.lr=1e-4,3e-4   # a multirun grid
   prefrun train model.name_or_path=<hub id|dir> data=jsonl data.path=pairs.jsonl ~task
+  prefrun train experiment=mcpo_tiny              # MC-PO with CD negatives on the embedded task
+  prefrun generate model=hf model.name_or_path=<dir> prompts.path=prompts.jsonl judge=reward_model \
+      judge.name_or_path=<reward model> output=pools.jsonl
+  prefrun train loss=mcpo_cd sampler=cd data=pools data.path=pools.jsonl model=hf model.name_or_path=<dir> ~task
   prefrun testbed                                 # exact checks on a finite bandit -> docs/testbed.md
 """
 

@@ -24,6 +24,7 @@ prompt alone fills `max_length` are skipped and counted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ import math
 import os
 import random
 import reprlib
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -43,7 +45,7 @@ import torch
 from torch import Tensor
 
 from prefrun.errors import InputError
-from prefrun.generate import hf_generate
+from prefrun.pools import POOL_COLUMNS, read_pool
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +54,16 @@ COLUMNS = ("prompt", "chosen", "rejected")
 DATA_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 # Per-record arguments of the chat template that TRL honours too; kept when a data set has them.
 TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
-TOKENIZE_VERSION = 1  # part of the tokenized-cache key: bump it when tokenisation changes
+TOKENIZE_VERSION = 2  # part of the tokenized-cache key: bump it when tokenisation changes
 ROWS_PER_PROCESS = 500  # below this many rows per worker, `num_proc` workers cost more than they save
 
 
 @dataclass
 class Example:
     prompt_ids: list[int]
-    completion_ids: list[list[int]]  # [chosen, negative, ...]
+    completion_ids: list[list[int]]  # [chosen, negative, ...]: a pair, or a pool with its best first
     reference_logps: list[float] | None = None
+    scores: list[float] | None = None  # the judge's scores of a pool's candidates (None for pairs)
 
 
 @dataclass
@@ -78,13 +81,23 @@ class PreferenceData:
     def records(self, *, policy, tokenizer, task, cache_dir: Path) -> list[dict]:
         raise NotImplementedError
 
-    def load(self, *, policy, tokenizer, task, cache_dir: Path) -> list[Example]:
-        """The training examples, tokenized and truncated."""
+    def load(self, *, policy, tokenizer, task, cache_dir: Path, generator=None, judge=None,
+             pools: bool = False) -> list[Example]:
+        """The training examples, tokenized and truncated. `pools`: the sampler draws from pools (a source
+        that builds its own data keeps whole pools; pairs read from files become pools of two). `generator`
+        and `judge` serve sources that build their data from the policy."""
         records = self.records(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
         return self.finish((tokenize_record(r, tokenizer) for r in records), len(records), "data", "train")
 
     def load_eval(self, *, policy, tokenizer, task, cache_dir: Path) -> list[Example]:
         """Held-out examples for evaluation; none unless the data source defines them."""
+        return []
+
+    # Whether the data comes from the built-in task (then its held-out prompts are judged).
+    uses_task = False
+
+    def eval_prompts(self, n: int) -> list:
+        """Up to `n` held-out prompts (strings or message lists) for judged evaluation; none by default."""
         return []
 
     def truncate(self, example: Example) -> Example | None:
@@ -95,7 +108,7 @@ class PreferenceData:
         room = self.max_length - len(prompt)
         if room < 1:
             return None
-        return Example(prompt, [ids[:room] for ids in example.completion_ids])
+        return Example(prompt, [ids[:room] for ids in example.completion_ids], scores=example.scores)
 
     def finish(self, items: Iterable[Example | str], total: int, source: str, part: str) -> list[Example]:
         """Truncate the examples, count what is skipped and why (an item that is a string is the
@@ -136,7 +149,7 @@ class HFPreferenceData(PreferenceData):
     path: str | None = None
     name: str | None = None
     split: str = "train"
-    columns: dict = field(default_factory=lambda: {c: c for c in COLUMNS})
+    columns: dict = field(default_factory=lambda: {c: c for c in COLUMNS})  # + candidates, scores for pools
     max_samples: int | None = None
     eval_split: str | None = None
     eval_size: float = 0
@@ -145,7 +158,9 @@ class HFPreferenceData(PreferenceData):
     chat_template: str | None = None
 
     def __post_init__(self) -> None:
-        self.columns = {**{c: c for c in COLUMNS}, **dict(self.columns or {})}
+        self.columns = {**{c: c for c in COLUMNS}, "candidates": None, "scores": None, **dict(self.columns or {})}
+        # Pools ({prompt, candidates, scores}) when data.columns.candidates names a column, else pairs.
+        self.pools = bool(self.columns["candidates"])
         self._splits: dict[str, Any] = {}  # split name -> raw Dataset with prefrun's column names
         self._files: list[Path] = []  # local data files read, to find the line at fault when decoding fails
 
@@ -157,10 +172,28 @@ class HFPreferenceData(PreferenceData):
         if self.eval_split:
             self._raw(self.eval_split, "eval_split")
 
-    def load(self, *, policy=None, tokenizer, task=None, cache_dir: Path) -> list[Example]:
+    def load(self, *, policy=None, tokenizer, task=None, cache_dir: Path, generator=None, judge=None,
+             pools: bool = False) -> list[Example]:
         """The training examples: the train split less any held-out share, at most `max_samples`."""
         dataset, rows, split = self._part("train")
         return self._examples(dataset, rows, split, "train", tokenizer, Path(cache_dir).expanduser())
+
+    def eval_prompts(self, n: int) -> list:
+        """The prompts of the first `n` usable held-out records (data.eval_split or data.eval_size)."""
+        dataset, rows, split = self._part("eval")
+        if dataset is None:
+            return []
+        where = _Where(self.path, split)
+        prompts = []
+        for row in rows if rows is not None else range(len(dataset)):
+            record = dataset[row]
+            item = (read_pool(record, self.columns, lambda r=row: where(r)) if self.pools
+                    else _pair(record, lambda r=row: where(r), self.columns))
+            if not isinstance(item, str):
+                prompts.append(item[0])
+            if len(prompts) == n:
+                break
+        return prompts
 
     def load_eval(self, *, policy=None, tokenizer, task=None, cache_dir: Path) -> list[Example]:
         """The held-out examples: all of `eval_split`, or the `eval_size` share carved from the
@@ -176,16 +209,26 @@ class HFPreferenceData(PreferenceData):
         if not self.path:
             raise InputError("data.path is not set: give a hub id, a .jsonl/.json/.parquet/.csv file, a directory of "
                              "them or a save_to_disk directory (data.path=...)")
-        unknown = set(self.columns) - set(COLUMNS)
+        unknown = set(self.columns) - {*COLUMNS, *POOL_COLUMNS}
         if unknown:
             raise InputError(f"data.columns.{sorted(unknown)[0]}: unknown key; data.columns maps prompt, chosen and "
-                             "rejected to your column names")
+                             "rejected (pairs) or prompt, candidates and scores (pools) to your column names")
+        if self.pools:
+            for key in POOL_COLUMNS:
+                if not self.columns[key]:
+                    raise InputError(f"data.columns.{key} is empty: pools need a prompt, candidates and scores column "
+                                     "(a field path such as completions.response reads into a list of objects)")
+            self._check_common()
+            return
         for key in ("chosen", "rejected"):
             if not self.columns[key]:
                 raise InputError(f"data.columns.{key} is empty: name the column that holds the {key} completions")
-        named = [c for c in self.columns.values() if c]
+        named = [self.columns[k] for k in COLUMNS if self.columns[k]]
         if len(set(named)) < len(named):
             raise InputError(f"data.columns={self.columns}: two keys name the same column")
+        self._check_common()
+
+    def _check_common(self) -> None:
         if self.max_samples is not None and self.max_samples < 1:
             raise InputError(f"data.max_samples={self.max_samples}: give a positive count, or null for all records")
         if self.eval_size < 0 or (self.eval_size >= 1 and self.eval_size != int(self.eval_size)):
@@ -273,6 +316,16 @@ class HFPreferenceData(PreferenceData):
 
     def _select_columns(self, dataset, split: str):
         present = list(dataset.column_names)
+        if self.pools:  # fields are read by path in read_pool: keep the root columns as they are
+            roots = list(dict.fromkeys(self.columns[k].split(".")[0] for k in POOL_COLUMNS))
+            for key in POOL_COLUMNS:
+                root = self.columns[key].split(".")[0]
+                if root not in present:
+                    raise InputError(f"data.path={self.path!r} (split {split!r}): no {key} column {root!r} (its "
+                                     f"columns: {present}); name yours with data.columns.{key}=<column or field path>")
+            if len(dataset) == 0:
+                raise InputError(f"data.path={self.path!r}: split {split!r} has no records")
+            return dataset.select_columns(roots + [c for c in TEMPLATE_COLUMNS if c in present and c not in roots])
         prompt = self.columns["prompt"]
         implicit = not prompt or (prompt == "prompt" and prompt not in present)
         mapping = {key: self.columns[key] for key in COLUMNS if not (key == "prompt" and implicit)}
@@ -335,7 +388,9 @@ class HFPreferenceData(PreferenceData):
         from datasets import Features, Sequence, Value
 
         first = dataset[0]
-        if any(isinstance(first.get(key), list) for key in COLUMNS) and not tokenizer.chat_template:
+        conversational = (isinstance(first.get(self.columns["prompt"]), list) if self.pools
+                          else any(isinstance(first.get(key), list) for key in COLUMNS))
+        if conversational and not tokenizer.chat_template:
             raise InputError(_no_template(self.path))
         if tokenizer.eos_token is None:
             raise InputError("the tokenizer has no eos token; completions need one (set it in the tokenizer config)")
@@ -350,9 +405,10 @@ class HFPreferenceData(PreferenceData):
         start = time.perf_counter()
         tokenized = dataset.map(
             _tokenize_row, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc,
-            fn_kwargs={"tokenizer": tokenizer, "where": where, "rows": rows, "columns": self.columns},
-            features=Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "skip": Value("string"),
-                               "prompt_cut": Value("bool")}),
+            fn_kwargs={"tokenizer": tokenizer, "where": where, "rows": rows, "columns": self.columns,
+                       "pools": self.pools},
+            features=Features({"prompt_ids": ids, "completion_ids": Sequence(ids), "scores": Sequence(Value("float64")),
+                               "skip": Value("string"), "prompt_cut": Value("bool")}),
             cache_file_name=str(cache), new_fingerprint=key, desc=f"Tokenizing {part} records")
         log.info("data: %d %s records of %s (split %r) tokenized%s", len(dataset), part, self.path, split,
                  " (cached)" if cached else f" in {time.perf_counter() - start:.1f} s, cached in {cache.parent}")
@@ -362,8 +418,9 @@ class HFPreferenceData(PreferenceData):
             log.warning("data: in %d of %d %s records the tokenized prompt is not a prefix of prompt + completion (a "
                         "chat template that renders the prompt alone differently, or tokens merging across the "
                         "boundary); as in TRL the completion starts where they part", cut, len(dataset), part)
-        items = (reason or Example(prompt, [chosen, rejected]) for prompt, chosen, rejected, reason
-                 in zip(table["prompt_ids"], table["chosen_ids"], table["rejected_ids"], table["skip"]))
+        items = (reason or Example(prompt, completions, scores=scores if self.pools else None)
+                 for prompt, completions, scores, reason
+                 in zip(table["prompt_ids"], table["completion_ids"], table["scores"], table["skip"]))
         return self.finish(items, len(dataset), f"data.path={self.path!r}", part)
 
     def _use_chat_template(self, tokenizer) -> None:
@@ -383,46 +440,110 @@ class HFPreferenceData(PreferenceData):
 
 
 @dataclass
-class TaskPairs(PreferenceData):
-    """Pairs sampled from the starting policy on the task's train prompts and ranked by its judge:
-    `samples_per_prompt` completions each, best vs worst, prompts whose samples all tie skipped.
-    Cached per (policy weights, task, these settings). No held-out pairs: the task's own held-out
-    prompts are judged instead."""
+class HFPrompts(HFPreferenceData):
+    """Prompts for `prefrun generate`: the `column` (a column name, or a field path such as
+    `conversation.content`) of any data set data=hf reads. Records whose prompt is null or empty are skipped
+    and counted; a prompt that is neither a string nor a list of {role, content} messages stops with one line."""
+
+    column: str = "prompt"
+
+    def _check_settings(self) -> None:
+        if not self.path:
+            raise InputError("prompts.path is not set: give a hub id, a data file, a directory of them or a "
+                             "save_to_disk directory, or null for the built-in task's prompts")
+        if not self.column:
+            raise InputError("prompts.column is empty: name the column (or field path) that holds the prompts")
+        self._check_common()
+
+    def _select_columns(self, dataset, split: str):
+        root = self.column.split(".")[0]
+        if root not in dataset.column_names:
+            raise InputError(f"prompts.path={self.path!r} (split {split!r}): no prompt column {root!r} (its columns: "
+                             f"{list(dataset.column_names)}); name yours with prompts.column=<column>")
+        if len(dataset) == 0:
+            raise InputError(f"prompts.path={self.path!r}: split {split!r} has no records")
+        return dataset.select_columns([root])
+
+    def prompts(self) -> list:
+        from prefrun.pools import field
+
+        dataset = self._raw(self.split, "split")
+        where, prompts, skipped = _Where(self.path, self.split), [], Counter()
+        for row in range(min(len(dataset), self.max_samples or len(dataset))):
+            prompt = field(dataset[row], self.column)
+            if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or prompt == []:
+                skipped["empty prompt"] += 1
+                continue
+            if not isinstance(prompt, str):
+                _kind(prompt, "prompt", lambda r=row: where(r), {"prompt": self.column})
+            prompts.append(prompt)
+        if skipped:
+            log.warning("prompts.path=%r: skipped %d records (%s)", self.path, sum(skipped.values()), dict(skipped))
+        if not prompts:
+            raise InputError(f"prompts.path={self.path!r}: no usable prompts in column {self.column!r}")
+        return prompts
+
+
+@dataclass
+class GeneratedPreferences(PreferenceData):
+    """Preferences sampled from the starting policy: `generator.num_candidates` completions for each prompt
+    (the task's train prompts, or `prompts`, a data set's prompt column), scored by the configured judge.
+    With a pool sampler (MC-PO) every prompt keeps its whole pool; otherwise best vs worst becomes a pair.
+    Prompts whose candidates all tie are skipped. Cached per (policy weights, prompts, generator, judge), in
+    the pool format of `prefrun generate`, in shards (a killed run continues where it stopped). Held-out
+    prompts for the judged evaluation: the task's, or `eval_split` of the prompts' data set."""
 
     num_prompts: int = 2048
-    samples_per_prompt: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 16
-    seed: int = 0
+    prompts: Any = None  # an HFPrompts (conf/generate.yaml's `prompts` keys), or None: the task's prompts
+    eval_split: str | None = None
 
-    def records(self, *, policy, tokenizer, task, cache_dir: Path) -> list[dict]:
+    @property
+    def uses_task(self) -> bool:
+        return self.prompts is None
+
+    def eval_prompts(self, n: int) -> list:
+        if self.prompts is None or not self.eval_split:
+            return []
+        return dataclasses.replace(self.prompts, split=self.eval_split, max_samples=n).prompts()
+
+    def load(self, *, policy, tokenizer, task, cache_dir: Path, generator=None, judge=None,
+             pools: bool = False) -> list[Example]:
+        from prefrun.generate import as_chat
         from prefrun.model import fingerprint
+        from prefrun.pools import make_pools
 
-        if task is None:
-            raise InputError("data=task_pairs samples pairs for a built-in task, but the task is removed (~task): "
-                             "keep task=sort or choose data=hf data.path=<your data>")
-        settings = {k: getattr(self, k) for k in ("num_prompts", "samples_per_prompt", "temperature",
-                                                   "max_new_tokens", "seed")}
-        key = _hash(fingerprint(policy), repr(task), settings)
-        path = Path(cache_dir).expanduser() / "pairs" / f"{key}.jsonl"
-        if path.exists():
-            log.info("data: %s (cached pairs)", path)
-            return [json.loads(line) for line in path.read_text().splitlines()]
-        prompts = task.prompts("train", self.num_prompts)
-        samples = hf_generate(policy, tokenizer, prompts, num_samples=self.samples_per_prompt,
-                              temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                              batch_size=128, seed=self.seed)
-        rng, records = random.Random(self.seed), []
-        for prompt, candidates in zip(prompts, samples):
-            scored = sorted(((task.score(prompt, c), rng.random(), c) for c in candidates), reverse=True)
-            (best, _, chosen), (worst, _, rejected) = scored[0], scored[-1]
-            if best > worst:
-                records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                                "chosen_score": best, "rejected_score": worst})
-        log.info("data: %d pairs from %d prompts x %d samples (%d ties skipped)", len(records), len(prompts),
-                 self.samples_per_prompt, len(prompts) - len(records))
-        _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
-        return records
+        if self.prompts is None and task is None:
+            raise InputError("data=task_pairs samples preferences for a built-in task, but the task is removed (~task): "
+                             "keep task=sort, set data.prompts.path=<prompts> or choose data=hf data.path=<your data>")
+        prompts = task.prompts("train", self.num_prompts) if self.prompts is None else self.prompts.prompts()
+        prompts = as_chat(prompts, tokenizer, generator.chat_template)
+        key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge))
+        out_dir = Path(cache_dir).expanduser() / "pools" / key
+        done = out_dir / "pools.jsonl"
+        if done.exists():
+            log.info("data: %s (cached pools)", done)
+            records = [json.loads(line) for line in done.read_text().splitlines()]
+        else:
+            records = make_pools(prompts, generator=generator, judge=judge, model=policy, tokenizer=tokenizer,
+                                 out_dir=out_dir / "shards")
+            _atomic_write(done, "".join(json.dumps(r) + "\n" for r in records).encode())
+        items = []
+        for i, record in enumerate(records):
+            pool = read_pool(record, {c: c for c in POOL_COLUMNS}, lambda i=i: f"{done} (record {i})",
+                             allow_empty=True)
+            if isinstance(pool, str):
+                items.append(pool)
+                continue
+            prompt, candidates, scores = pool
+            if not pools:  # best vs worst (the first of equal worst)
+                worst = 1 + scores[1:].index(min(scores[1:]))
+                candidates, scores = [candidates[0], candidates[worst]], None
+            prompt_ids, completion_ids, _ = token_ids(tokenizer, prompt, candidates)
+            items.append(Example(prompt_ids, completion_ids, scores=scores))
+        examples = self.finish(items, len(records), "data (generated pools)", "train")
+        log.info("data: %d %s from %d prompts x %d candidates", len(examples), "pools" if pools else "pairs",
+                 len(records), len(records[0]["candidates"]) if records else 0)
+        return examples
 
 
 # -- records -> token ids ----------------------------------------------------------------------
@@ -479,27 +600,33 @@ class _Where:
 
 
 def _tokenize_row(record: dict, index: int, *, tokenizer, where: _Where, rows: list[int] | None,
-                  columns: dict) -> dict:
-    """`datasets.map` function: one record -> its token ids, or the reason to skip it."""
+                  columns: dict, pools: bool = False) -> dict:
+    """`datasets.map` function: one record -> its token ids (a pair, or a pool best first), or the reason
+    to skip it."""
     row = rows[index] if rows is not None else index
-    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "skip": "", "prompt_cut": False}
-    pair = _pair(record, lambda: where(row), columns)
-    if isinstance(pair, str):
-        return {**out, "skip": pair}
-    prompt, chosen, rejected = pair
+    out = {"prompt_ids": [], "completion_ids": [], "scores": [], "skip": "", "prompt_cut": False}
+    if pools:
+        pool = read_pool(record, columns, lambda: where(row))
+        if isinstance(pool, str):
+            return {**out, "skip": pool}
+        prompt, completions, scores = pool
+    else:
+        pair = _pair(record, lambda: where(row), columns)
+        if isinstance(pair, str):
+            return {**out, "skip": pair}
+        prompt, chosen, rejected = pair
+        completions, scores = [chosen, rejected], []
     if isinstance(prompt, list) and not tokenizer.chat_template:
         raise InputError(f"{where(row)}: " + _no_template(where.path))
     try:
-        prompt_ids, (chosen_ids, rejected_ids), cut = token_ids(
-            tokenizer, prompt, [chosen, rejected], tools=record.get("tools"),
-            template_kwargs=record.get("chat_template_kwargs"))
+        prompt_ids, completion_ids, cut = token_ids(tokenizer, prompt, completions, tools=record.get("tools"),
+                                                    template_kwargs=record.get("chat_template_kwargs"))
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - a template or tokenizer failure on one record: name it
         raise InputError(f"{where(row)}: the tokenizer failed on this record ({_reason(err)}); fix the record "
                          "or the chat template") from None
-    return {**out, "prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-            "prompt_cut": cut}
+    return {**out, "prompt_ids": prompt_ids, "completion_ids": completion_ids, "scores": scores, "prompt_cut": cut}
 
 
 def _pair(record: dict, where: Callable[[], str], columns: dict) -> tuple[Any, Any, Any] | str:
@@ -652,10 +779,9 @@ def _tokenizer_key(tokenizer) -> str:
                  getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
 
 
-def collate(examples: list[Example], pad_id: int, columns: list[int] | None = None) -> dict[str, Tensor]:
-    """Left-padded rows, example-major: row b*C + c is candidate `columns[c]` of example b."""
-    columns = columns if columns is not None else list(range(len(examples[0].completion_ids)))
-    rows = [(ex.prompt_ids, ex.completion_ids[c]) for ex in examples for c in columns]
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
+    """(prompt ids, completion ids) rows -> left-padded input_ids, attention_mask, completion_mask [R, width]:
+    every completion ends at the right edge (what `sequence_logps` relies on)."""
     width = max(len(p) + len(c) for p, c in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -665,24 +791,66 @@ def collate(examples: list[Example], pad_id: int, columns: list[int] | None = No
         input_ids[i, width - n :] = torch.tensor(prompt + completion)
         attention_mask[i, width - n :] = 1
         completion_mask[i, width - k :] = 1
-    num_candidates = len(columns)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-        "completion_lengths": completion_mask.sum(1).view(len(examples), num_candidates),
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def collate(examples: list[Example], pad_id: int, columns: list[int] | list[list[int]] | None = None) -> dict[str, Tensor]:
+    """The candidates `columns` of each example (one list for all, or one list per example; default: all of
+    them) as a batch [B, C]. A candidate drawn twice for an example is padded once: `row_index` [B, C] maps
+    each (example, column) to its row of `input_ids`, so that logps = row_logps[row_index]."""
+    if columns is None:
+        columns = list(range(len(examples[0].completion_ids)))
+    per_example = columns if columns and isinstance(columns[0], list) else [columns] * len(examples)
+    rows, row_index = [], []
+    for example, cols in zip(examples, per_example):
+        first_row: dict[int, int] = {}
+        for c in cols:
+            if c not in first_row:
+                first_row[c] = len(rows)
+                rows.append((example.prompt_ids, example.completion_ids[c]))
+        row_index.append([first_row[c] for c in cols])
+    batch = pad_rows(rows, pad_id)
+    batch["row_index"] = torch.tensor(row_index)
+    batch["completion_lengths"] = batch["completion_mask"].sum(1)[batch["row_index"]]
     if examples[0].reference_logps is not None:
-        batch["reference_logps"] = torch.tensor([[ex.reference_logps[c] for c in columns] for ex in examples])
+        batch["reference_logps"] = torch.tensor([[ex.reference_logps[c] for c in cols]
+                                                 for ex, cols in zip(examples, per_example)])
     return batch
 
 
 @torch.no_grad()
-def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cache_dir: Path,
-                           batch_size: int, weights_key: str) -> str:
-    """Fill `example.reference_logps`, from the disk cache when this (weights, token ids) pair was seen."""
+def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: int) -> tuple[Tensor, Tensor]:
+    """log π(y|x) of every candidate of every example, by no-grad forwards of `batch_size` rows sorted by
+    length (little padding). Returns (logps, lengths), both [N, K_max]: pools of fewer candidates are padded
+    with logp 0 and length 0."""
     from prefrun.logprobs import sequence_logps
 
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.completion_ids))]
+    rows.sort(key=lambda r: len(examples[r[0]].prompt_ids) + len(examples[r[0]].completion_ids[r[1]]))
+    width = max(len(ex.completion_ids) for ex in examples)
+    logps = torch.zeros(len(examples), width)
+    lengths = torch.zeros(len(examples), width, dtype=torch.long)
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = pad_rows([(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in chunk], pad_id)
+            values = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                    batch["completion_mask"].to(device)).float().cpu()
+            index = torch.tensor(chunk)
+            logps[index[:, 0], index[:, 1]] = values
+            lengths[index[:, 0], index[:, 1]] = batch["completion_mask"].sum(1)
+    finally:
+        model.train(was_training)
+    return logps, lengths
+
+
+def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cache_dir: Path,
+                           batch_size: int, weights_key: str) -> str:
+    """Fill `example.reference_logps` (every candidate), from the disk cache when this (weights, token ids)
+    pair was seen. `batch_size` counts prompts; each carries its candidates."""
     key = _hash(weights_key, [(ex.prompt_ids, ex.completion_ids) for ex in examples])
     path = Path(cache_dir).expanduser() / "reference_logps" / f"{key}.pt"
     if path.exists():
@@ -691,26 +859,16 @@ def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cac
     else:
         # Any id pads: padded positions are masked. A tokenizer without a pad token pads with eos.
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        was_training = reference.training
-        reference.eval()
-        device = next(reference.parameters()).device
-        chunks, order = [], sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
-        for start in range(0, len(order), batch_size):
-            batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
-            chunk = sequence_logps(reference, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                   batch["completion_mask"].to(device))
-            chunks.append(chunk.view(batch["completion_lengths"].shape).cpu())
-        reference.train(was_training)
-        sorted_logps = torch.cat(chunks)
-        logps = torch.empty_like(sorted_logps)
-        logps[torch.tensor(order)] = sorted_logps
+        rows_per_forward = batch_size * max(1, round(statistics.fmean(len(ex.completion_ids) for ex in examples)))
+        logps, _ = candidate_logps(reference, examples, pad_id, batch_size=rows_per_forward)
         buffer = io.BytesIO()
         torch.save(logps, buffer)
         _atomic_write(path, buffer.getvalue())
         log.info("reference log-probs: computed %d reference forwards (%d sequences), cached at %s",
-                 -(-len(examples) // batch_size), logps.numel(), path)
+                 -(-sum(len(ex.completion_ids) for ex in examples) // rows_per_forward),
+                 sum(len(ex.completion_ids) for ex in examples), path)
     for example, row in zip(examples, logps.tolist()):
-        example.reference_logps = row
+        example.reference_logps = row[: len(example.completion_ids)]
     return key
 
 

@@ -8,47 +8,54 @@ import statistics
 import torch
 from omegaconf import DictConfig
 
-from prefrun.data import Example, collate
-from prefrun.generate import hf_generate
-from prefrun.logprobs import sequence_logps
+from prefrun.data import Example, candidate_logps
+from prefrun.generate import HFGenerator
+from prefrun.losses import pool_log_softmax_loss
 
 
-def judged_scores(model, tokenizer, task, cfg: DictConfig, seed: int) -> dict:
-    """For each decoding in `cfg.decodings`: mean ± stderr over prompts of the per-prompt mean score."""
-    prompts = task.prompts("eval", cfg.num_prompts)
+def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed: int,
+                  baseline: dict | None = None) -> dict:
+    """For each decoding in `cfg.decodings`: completions of the held-out `prompts` judged by `judge`, as mean
+    ± stderr over prompts of the per-prompt mean score. With `baseline` (the result before training), also
+    the win rate: the share of prompts whose mean score beats the baseline's (ties count half)."""
     results = {}
     for name, decoding in cfg.decodings.items():
-        completions = hf_generate(model, tokenizer, prompts, num_samples=decoding.num_samples,
-                                  temperature=decoding.temperature, top_p=decoding.top_p,
-                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed)
-        per_prompt = [statistics.fmean(task.score(p, c) for c in group) for p, group in zip(prompts, completions)]
+        generator = HFGenerator(num_candidates=decoding.num_samples, temperature=decoding.temperature,
+                                top_p=decoding.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                seed=seed)
+        completions = [c.texts for c in generator.generate(prompts, model=model, tokenizer=tokenizer)]
+        scores = judge.score(prompts, completions)
+        per_prompt = [statistics.fmean(row) for row in scores]
         results[name] = {
             "mean": statistics.fmean(per_prompt),
             "stderr": statistics.stdev(per_prompt) / len(per_prompt) ** 0.5 if len(per_prompt) > 1 else 0.0,
-            "exact": statistics.fmean(task.score(p, c) == 1.0 for p, g in zip(prompts, completions) for c in g),
+            "judge": judge.name,
             "num_prompts": len(prompts),
             "decoding": dict(decoding),
-            "examples": [{"prompt": p, "completion": g[0], "score": task.score(p, g[0])}
-                         for p, g in zip(prompts[: cfg.num_examples], completions[: cfg.num_examples])],
+            "per_prompt": per_prompt,
+            "examples": [{"prompt": p, "completion": g[0], "score": row[0]}
+                         for p, g, row in zip(prompts[: cfg.num_examples], completions, scores)],
         }
+        if baseline and name in baseline:
+            pairs = list(zip(per_prompt, baseline[name]["per_prompt"]))
+            results[name]["win_rate_vs_before"] = statistics.fmean((a > b) + 0.5 * (a == b) for a, b in pairs)
     return results
 
 
 @torch.no_grad()
-def preference_metrics(model, tokenizer, examples: list[Example], *, loss_fn, batch_size: int) -> dict:
-    """The loss, reward accuracy and margin on held-out pairs (reference log-probs attached)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    totals = {"loss": 0.0, "rewards/accuracy": 0.0, "rewards/margin": 0.0}
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
-        logps = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                               batch["completion_mask"].to(device)).view(batch["completion_lengths"].shape).cpu()
-        losses, rewards = loss_fn(logps, batch["reference_logps"], batch["completion_lengths"])
-        hardest = rewards[:, 1:].max(dim=1).values
-        totals["loss"] += losses.sum().item()
-        totals["rewards/accuracy"] += (rewards[:, 0] > hardest).sum().item()
-        totals["rewards/margin"] += (rewards[:, 0] - hardest).sum().item()
-    model.train(was_training)
-    return {**{k: v / len(examples) for k, v in totals.items()}, "num_pairs": len(examples)}
+def preference_metrics(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, batch_size: int) -> dict:
+    """The loss, reward accuracy (y_w's reward above every other candidate's) and margin (over the best
+    other) on held-out examples with reference log-probs attached. Pairs are scored with the training loss;
+    pools with the whole-pool log-softmax, whatever the loss form (comparable across MC-PO runs)."""
+    logps, lengths = candidate_logps(model, examples, tokenizer.pad_token_id, batch_size=batch_size * 2)
+    reference = torch.zeros_like(logps)
+    for i, example in enumerate(examples):
+        reference[i, : len(example.reference_logps)] = torch.tensor(example.reference_logps)
+    if logps.shape[1] == 2 and examples[0].scores is None:
+        losses, rewards = loss_fn(logps, reference, lengths)
+    else:
+        rewards = (beta * (logps - reference)).masked_fill(lengths == 0, float("-inf"))
+        losses = pool_log_softmax_loss(rewards)
+    best_other = rewards[:, 1:].max(dim=1).values
+    return {"loss": losses.mean().item(), "rewards/accuracy": (rewards[:, 0] > best_other).float().mean().item(),
+            "rewards/margin": (rewards[:, 0] - best_other).mean().item(), "num_examples": len(examples)}

@@ -20,11 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_policy(cfg: DictConfig, task, cache_dir: str | Path):
     """Return (model, tokenizer, name_or_path) for `cfg` (the `model` group), with LoRA adapters if
     `model.lora` is set (then only the adapters train, and the frozen base is the reference)."""
-    name_or_path = cfg.name_or_path
-    if name_or_path is None:
-        if cfg.build is None:
-            raise InputError("model.name_or_path is null and model.build is null: set model.name_or_path=<hub id | dir>")
-        name_or_path = str(instantiate(cfg.build).materialize(cache_dir, task))
+    name_or_path = resolve_model_path(cfg, task, cache_dir)
     model = load_causal_lm(name_or_path, cfg, key="model.name_or_path")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -33,6 +29,24 @@ def load_policy(cfg: DictConfig, task, cache_dir: str | Path):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input when the base is frozen
         model = add_lora(model, cfg.lora)
+    tokenizer = load_tokenizer(name_or_path, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("policy: %s (%s, %.2fM parameters, %.2fM trainable)", name_or_path, model.dtype,
+             sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
+    return model, tokenizer, name_or_path
+
+
+def resolve_model_path(cfg: DictConfig, task, cache_dir: str | Path) -> str:
+    """`model.name_or_path`, or the embedded model's directory (built on first use)."""
+    if cfg.name_or_path is not None:
+        return cfg.name_or_path
+    if cfg.build is None:
+        raise InputError("model.name_or_path is null and model.build is null: set model.name_or_path=<hub id | dir>")
+    return str(instantiate(cfg.build).materialize(cache_dir, task))
+
+
+def load_tokenizer(name_or_path: str, cfg: DictConfig):
+    """The model's tokenizer, with a pad token (eos when it has none) and a check that it has an eos token."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=bool(cfg.trust_remote_code))
     except (OSError, ValueError, TypeError) as err:
@@ -43,10 +57,7 @@ def load_policy(cfg: DictConfig, task, cache_dir: str | Path):
     if tokenizer.pad_token_id is None:
         log.info("tokenizer has no pad token: padding with eos (%r); padded positions are masked", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("policy: %s (%s, %.2fM parameters, %.2fM trainable)", name_or_path, model.dtype,
-             sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
-    return model, tokenizer, name_or_path
+    return tokenizer
 
 
 def load_reference(cfg: DictConfig):

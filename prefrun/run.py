@@ -1,12 +1,17 @@
 """The pipeline of `prefrun train`, top to bottom:
 
-load task and policy -> preference data (+ held-out pairs) -> reference log-probs (cached) ->
-judged eval before -> train -> judged eval after, held-out pair metrics -> save checkpoint and summary.
+load task and policy -> preference data: pairs or pools (generated and judged when the data is the task's)
+(+ held-out examples) -> reference log-probs of every candidate (cached) -> judged eval before -> train
+(negatives drawn from the pools under the current policy) -> judged eval after, held-out metrics -> save
+checkpoint and summary.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import time
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -16,9 +21,14 @@ from omegaconf import DictConfig
 
 from prefrun.checkpoint import Checkpoints
 from prefrun.data import attach_reference_logps
+from prefrun.errors import InputError
 from prefrun.evaluate import judged_scores, preference_metrics
+from prefrun.generate import as_chat
+from prefrun.judges import RuleJudge
 from prefrun.model import fingerprint, load_policy, load_reference, save_policy
+from prefrun.pools import make_pools, write_pools
 from prefrun.runlog import RunLog
+from prefrun.samplers import bias_warning
 from prefrun.train import make_accelerator, train
 
 log = logging.getLogger("prefrun")
@@ -39,33 +49,66 @@ def run(cfg: DictConfig) -> float | None:
     task = instantiate(cfg.task) if cfg.get("task") else None  # `~task`: no built-in task
     data = instantiate(cfg.data)
     data.check()
+    sampler, loss_fn = instantiate(cfg.sampler), instantiate(cfg.loss)
+    _warn_if_biased(cfg, sampler)
     policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
     policy.to(accelerator.device)
-    examples = data.load(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
+    judge = _judge(cfg, task)
+    examples = data.load(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir,
+                         generator=instantiate(cfg.generator), judge=judge, pools=sampler.uses_pools)
     held_out = data.load_eval(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
     _attach_reference(cfg, accelerator, policy, tokenizer, [examples, held_out], cache_dir)
 
-    judge = (lambda: judged_scores(policy, tokenizer, task, cfg.eval, cfg.seed)) if task and cfg.eval.num_prompts \
-        else dict
-    before = judge()
-    loss_fn = instantiate(cfg.loss)
-    last = train(policy, tokenizer, examples, loss_fn=loss_fn, beta=cfg.loss.beta, sampler=instantiate(cfg.sampler),
+    evaluate = _judged_evaluation(cfg, data, task, judge, policy, tokenizer)
+    before = evaluate(policy, None)
+    last = train(policy, tokenizer, examples, loss_fn=loss_fn, beta=cfg.loss.beta, sampler=sampler,
                  optimizer_factory=instantiate(cfg.optim), cfg=cfg.trainer, accelerator=accelerator, seed=cfg.seed,
                  on_log=record.metrics, on_resume=record.truncate_metrics,
                  checkpoints=Checkpoints(record.dir / "checkpoints", cfg.trainer.save_every, cfg.trainer.keep_last))
     policy = accelerator.unwrap_model(policy)
-    after = judge()
-    pairs_after = preference_metrics(policy, tokenizer, held_out, loss_fn=loss_fn,
-                                     batch_size=_scoring_batch(cfg)) if held_out else {}
+    after = evaluate(policy, before)
+    judge.close()
+    held_out_after = preference_metrics(policy, tokenizer, held_out, loss_fn=loss_fn, beta=cfg.loss.beta,
+                                        batch_size=_scoring_batch(cfg)) if held_out else {}
 
     _save_final(cfg, accelerator, policy, tokenizer, record.dir)
     if accelerator.is_main_process:
         summary = record.summary({"model": name_or_path, "num_examples": len(examples), "skipped": data.skipped,
                                   "final": last, "eval_before": before, "eval_after": after,
-                                  "held_out_pairs_after": pairs_after})
+                                  "held_out_after": held_out_after})
         _report(summary, cfg.eval.get("primary"), record.dir)
     primary = cfg.eval.get("primary")
-    return after[primary]["mean"] if primary in after else pairs_after.get("rewards/accuracy")
+    return after[primary]["mean"] if primary in after else held_out_after.get("rewards/accuracy")
+
+
+def _judge(cfg, task):
+    """The `judge=` config's judge; the task is passed as is (Hydra would turn a dataclass kwarg into a config)."""
+    return instantiate(cfg.judge, _partial_=True)(task=task)
+
+
+def _warn_if_biased(cfg, sampler) -> None:
+    warning = bias_warning(cfg.loss._target_.rsplit(".", 1)[-1], sampler)
+    if warning:
+        log.warning("%s", warning)
+
+
+def _judged_evaluation(cfg, data, task, judge, policy, tokenizer):
+    """`evaluate(model, before) -> results`: completions of held-out prompts judged before and after training.
+    The prompts are the task's held-out ones when training on the task, else the data's held-out records'
+    (data.eval_size / data.eval_split): a run on a user's data is never scored on the built-in task."""
+    if not cfg.eval.num_prompts or cfg.eval.judge == "none":
+        return lambda model, before: {}
+    prompts = task.prompts("eval", cfg.eval.num_prompts) if data.uses_task else data.eval_prompts(cfg.eval.num_prompts)
+    if not prompts:
+        log.info("judged evaluation: off (no held-out prompts: set data.eval_size or data.eval_split)")
+        return lambda model, before: {}
+    if cfg.eval.judge != "same":
+        raise InputError(f"eval.judge={cfg.eval.judge!r}: choose same (the judge= config) or none")
+    if isinstance(judge, RuleJudge) and not data.uses_task:
+        log.info("judged evaluation: off (judge=rule scores the built-in task, but the data is yours: "
+                 "judge=reward_model judge.name_or_path=<reward model> scores your held-out prompts)")
+        return lambda model, before: {}
+    return lambda model, before: judged_scores(model, tokenizer, prompts, judge, cfg.eval, cfg.seed, before)
 
 
 def _attach_reference(cfg, accelerator, policy, tokenizer, parts, cache_dir: Path) -> None:
@@ -104,11 +147,45 @@ def _report(summary: dict, primary: str | None, run_dir: Path) -> None:
         b, a = summary["eval_before"][name], summary["eval_after"][name]
         d = a["decoding"]
         how = "greedy" if d["temperature"] == 0 else f"T={d['temperature']}, top_p={d['top_p']}, n={d['num_samples']}"
-        log.info("judged score [%s%s] (%d held-out prompts, %s): before %.3f ± %.3f -> after %.3f ± %.3f",
-                 name, ", primary" if name == primary else "", b["num_prompts"], how, b["mean"], b["stderr"],
-                 a["mean"], a["stderr"])
-    pairs = summary["held_out_pairs_after"]
-    if pairs:
-        log.info("held-out pairs (%d): loss %.4f, reward accuracy %.3f, margin %.3f", pairs["num_pairs"],
-                 pairs["loss"], pairs["rewards/accuracy"], pairs["rewards/margin"])
+        win = f", win rate vs before {a['win_rate_vs_before']:.3f}" if "win_rate_vs_before" in a else ""
+        log.info("judged score [%s%s] (%s, %d held-out prompts, %s): before %.3f ± %.3f -> after %.3f ± %.3f%s",
+                 name, ", primary" if name == primary else "", a["judge"], b["num_prompts"], how, b["mean"],
+                 b["stderr"], a["mean"], a["stderr"], win)
+    held_out = summary["held_out_after"]
+    if held_out:
+        log.info("held-out examples (%d): loss %.4f, reward accuracy %.3f, margin %.3f", held_out["num_examples"],
+                 held_out["loss"], held_out["rewards/accuracy"], held_out["rewards/margin"])
     log.info("run directory: %s (%.0f s)", run_dir, summary["wall_time_s"])
+
+
+def generate_pools(cfg: DictConfig) -> Path:
+    """`prefrun generate`: prompts (a data set's column, or the built-in task's train prompts) -> K candidates
+    each from the model (generator=) -> judge scores (judge=) -> `cfg.output` as {prompt, candidates, scores}.
+    Work is kept in shards beside the output: the same command, killed anywhere, continues where it stopped."""
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    set_seed(cfg.seed)
+    task = instantiate(cfg.task) if cfg.get("task") else None
+    generator, judge = instantiate(cfg.generator), _judge(cfg, task)
+    if cfg.prompts.path:
+        prompts = instantiate(cfg.prompts).prompts()
+    elif task is not None:
+        prompts = task.prompts("train", cfg.num_prompts)
+    else:
+        raise InputError("no prompts: set prompts.path=<data set> (and prompts.column), or keep the built-in task")
+    policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
+    prompts = as_chat(prompts, tokenizer, generator.chat_template)
+    output = Path(cfg.output).expanduser()
+    job = {"model": name_or_path, "lora": bool(cfg.model.get("lora")), "generator": repr(generator),
+           "judge": repr(judge), "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
+    start = time.perf_counter()
+    records = make_pools(prompts, generator=generator, judge=judge, model=policy, tokenizer=tokenizer,
+                         out_dir=output.with_name(output.name + ".shards"), shard_size=cfg.shard_size, job=job,
+                         model_path=None if cfg.model.get("lora") else name_or_path)
+    judge.close()
+    write_pools(records, output)
+    best = [max(r["scores"]) for r in records]
+    mean = [sum(r["scores"]) / len(r["scores"]) for r in records]
+    log.info("pools: %d prompts x %d candidates -> %s (%.0f s); judge %s: mean score %.3f, mean best %.3f",
+             len(records), generator.num_candidates, output, time.perf_counter() - start, judge.name,
+             sum(mean) / len(mean), sum(best) / len(best))
+    return output

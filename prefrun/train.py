@@ -10,15 +10,17 @@ import time
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefrun.checkpoint import Checkpoints
-from prefrun.data import Example, collate
-from prefrun.errors import PrefrunError
+from prefrun.data import Example, candidate_logps, collate
+from prefrun.errors import InputError, PrefrunError
 from prefrun.logprobs import sequence_logps
-from prefrun.losses import log_reference_noise
+from prefrun.losses import log_reference_noise, pool_log_softmax_loss
+from prefrun.samplers import effective_sample_size, rank_under
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,20 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
           on_resume=None) -> dict:
     """Train `model` in place on `examples` (reference log-probs attached); return the last metrics.
 
+    Each micro-batch: the columns that enter the loss (pairs: as given; pools: the chosen one plus the
+    negatives the sampler draws after a no-grad scoring pass) -> one forward with gradient over those rows
+    (a candidate drawn twice is computed once) -> loss -> accelerate step.
+
     If `checkpoints` holds a checkpoint, training continues from it: weights, optimiser, scheduler,
     RNG, the position in the data and the partly filled metrics window, so that the resumed run
-    ends where an uninterrupted one would.
+    ends where an uninterrupted one would (negatives are drawn from a generator seeded by the position).
     """
-    columns = sampler.columns(len(examples[0].completion_ids))
+    pad_id = tokenizer.pad_token_id
+    draws = PoolDraws(sampler, examples, beta=beta, pad_id=pad_id, seed=seed,
+                      batch_size=(cfg.reference_batch_size or cfg.batch_size) * 2) if sampler.uses_pools else None
+    columns = None if draws else _fixed_columns(sampler, examples)
     optimizer = optimizer_factory(params=[p for p in model.parameters() if p.requires_grad])
-    batches_per_epoch = len(accelerator.prepare(_epoch_loader(examples, cfg, tokenizer, columns, seed, 0)))
+    batches_per_epoch = len(accelerator.prepare(_epoch_loader(len(examples), cfg, seed, 0)))
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * max(1, batches_per_epoch // cfg.grad_accum))
     # accelerate steps a prepared scheduler once per process at every optimiser step: count in those units.
     processes = accelerator.num_processes
@@ -68,12 +77,18 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                disable=not accelerator.is_local_main_process)
     while state["step"] < total_steps:
         epoch, offset = divmod(state["micro_batches"], batches_per_epoch)
-        loader = accelerator.prepare(_epoch_loader(examples, cfg, tokenizer, columns, seed, epoch))
-        for batch in accelerator.skip_first_batches(loader, offset) if offset else loader:
+        loader = accelerator.prepare(_epoch_loader(len(examples), cfg, seed, epoch))
+        for indices in accelerator.skip_first_batches(loader, offset) if offset else loader:
             state["micro_batches"] += 1
+            chunk = [examples[i] for i in indices.tolist()]
+            pool_metrics = {}
+            if draws:
+                columns, pool_metrics = draws(accelerator.unwrap_model(model), indices.tolist(), state)
+            batch = collate(chunk, pad_id, columns)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                policy_logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                              batch["completion_mask"]).view(batch["completion_lengths"].shape)
+                row_logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                policy_logps = row_logps[batch["row_index"]]
                 losses, rewards = loss_fn(policy_logps, batch["reference_logps"], batch["completion_lengths"])
                 loss = losses.mean()
                 if not torch.isfinite(loss):
@@ -86,7 +101,8 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            window.add(loss, policy_logps.detach(), rewards.detach(), batch, beta, grad_norm)
+            window.add(_step_metrics(loss, policy_logps.detach(), rewards.detach(), batch, beta, pool_metrics),
+                       batch["attention_mask"].sum(), grad_norm)
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
@@ -103,56 +119,124 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     return last
 
 
-def _epoch_loader(examples, cfg: DictConfig, tokenizer, columns, seed: int, epoch: int) -> DataLoader:
-    """Epoch `e` visits the examples in a permutation fixed by (seed, e): a resumed run can find its place."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return DataLoader(examples, batch_size=cfg.batch_size, sampler=order, drop_last=len(examples) >= cfg.batch_size,
-                      collate_fn=lambda b: collate(b, tokenizer.pad_token_id, columns))
+def _fixed_columns(sampler, examples: list[Example]) -> list[int]:
+    sizes = {len(ex.completion_ids) for ex in examples}
+    if len(sizes) > 1:
+        raise InputError(f"sampler=dataset takes every candidate of an example, but the examples hold {sorted(sizes)} "
+                         "candidates: choose a pool sampler (sampler=cd, random, hardest or reward)")
+    return sampler.columns(sizes.pop())
+
+
+def _epoch_loader(num_examples: int, cfg: DictConfig, seed: int, epoch: int) -> DataLoader:
+    """Epoch `e` visits the examples in a permutation fixed by (seed, e): a resumed run can find its place.
+    Batches are tensors of example indices; the loop builds the rows (which may depend on the policy)."""
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return DataLoader(range(num_examples), batch_size=cfg.batch_size, sampler=order,
+                      drop_last=num_examples >= cfg.batch_size, collate_fn=torch.tensor)
+
+
+class PoolDraws:
+    """The negatives of each micro-batch of pools: score every candidate with the current policy (a batched
+    no-grad forward, reused while younger than `sampler.refresh_every` steps), then let the sampler draw.
+    Column 0 of each example is its chosen y_w. Draws come from a generator seeded by (seed, position in
+    the data), so a resumed run draws what an uninterrupted one would."""
+
+    def __init__(self, sampler, examples: list[Example], *, beta: float, pad_id: int, seed: int, batch_size: int):
+        self.sampler, self.examples, self.beta, self.pad_id, self.seed = sampler, examples, beta, pad_id, seed
+        self.batch_size = batch_size
+        width = max(len(ex.completion_ids) for ex in examples)
+        self.reference = torch.zeros(len(examples), width)
+        self.lengths = torch.zeros(len(examples), width, dtype=torch.long)
+        self.judge = torch.full((len(examples), width), float("-inf"))
+        for i, ex in enumerate(examples):
+            k = len(ex.completion_ids)
+            self.reference[i, :k] = torch.tensor(ex.reference_logps)
+            self.lengths[i, :k] = torch.tensor([max(1, len(c)) for c in ex.completion_ids])
+            # Pairs used as pools of two: the chosen one scores 1, the rejected one 0.
+            self.judge[i, :k] = torch.tensor(ex.scores if ex.scores is not None else [1.0, 0.0])
+        self.cache: dict[int, tuple[int, Tensor]] = {}
+
+    def __call__(self, model, indices: list[int], state: dict) -> tuple[list[list[int]], dict[str, Tensor]]:
+        refresh, step = self.sampler.refresh_every, state["step"]
+        stale = [i for i in indices if i not in self.cache or (refresh and step - self.cache[i][0] >= refresh)]
+        if stale:
+            logps, _ = candidate_logps(model, [self.examples[i] for i in stale], self.pad_id, batch_size=self.batch_size)
+            width = self.reference.shape[1]
+            for i, row in zip(stale, logps):
+                self.cache[i] = (step, torch.nn.functional.pad(row, (0, width - row.shape[0])))
+        index = torch.tensor(indices)
+        policy = torch.stack([self.cache[i][1] for i in indices])
+        if refresh == 1:
+            self.cache.clear()  # scored every visit: nothing to keep
+        reference, lengths, judge = self.reference[index], self.lengths[index], self.judge[index]
+        scores = self.sampler.kernel_scores(policy, reference, lengths, self.beta)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + state["micro_batches"])
+        drawn = self.sampler.draw(scores, judge, generator)
+        rewards = (self.beta * (policy - reference)).masked_fill(lengths == 0, float("-inf"))
+        metrics = {
+            "loss/pool": pool_log_softmax_loss(rewards).mean(),
+            "negatives/judge_score": judge.gather(1, drawn).mean(),
+            "negatives/rank": rank_under(scores, drawn).float().mean(),
+            "sampler/ess": effective_sample_size(scores, self.sampler.temperature_for_ess).mean(),
+            "sampler/draws_chosen": (drawn == 0).float().mean(),
+        }
+        columns = torch.cat([torch.zeros(len(indices), 1, dtype=torch.long), drawn], dim=1)
+        return columns.tolist(), metrics
+
+
+def _step_metrics(loss, policy_logps, rewards, batch, beta, pool_metrics: dict) -> dict[str, Tensor]:
+    """One micro-batch's metrics. `loss` is the whole-pool log-softmax when the pool was scored (comparable
+    across samplers and loss forms), else the optimised loss; `loss/optimised` is always the latter."""
+    log_gamma = log_reference_noise(batch["reference_logps"], beta)
+    hardest_negative = rewards[:, 1:].max(dim=1).values
+    metrics = {
+        "loss": pool_metrics.get("loss/pool", loss.detach()),
+        "loss/optimised": loss.detach(),
+        "rewards/chosen": rewards[:, 0].mean(),
+        "rewards/rejected": rewards[:, 1:].mean(),
+        "rewards/margin": (rewards[:, 0] - hardest_negative).mean(),
+        "rewards/accuracy": (rewards[:, 0] > hardest_negative).float().mean(),
+        "logps/chosen": policy_logps[:, 0].mean(),
+        "logps/rejected": policy_logps[:, 1:].mean(),
+        "log_gamma/mean": log_gamma.mean(),
+        "log_gamma/frac_positive": (log_gamma > 0).float().mean(),
+        "sequences/with_grad": torch.tensor(float(batch["input_ids"].shape[0])),
+    }
+    metrics.update({k: v for k, v in pool_metrics.items() if k != "loss/pool"})
+    return metrics
 
 
 class _Window:
     """Running sums of the metrics between two logged steps, kept as tensors (no per-step syncs)."""
 
-    NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
-             "logps/rejected", "log_gamma/mean", "log_gamma/frac_positive")
-
     def __init__(self) -> None:
-        self.sums, self.grad_norms = None, []
+        self.sums: dict[str, Tensor] = {}
+        self.grad_norms: list[Tensor] = []
         self.count, self.tokens, self.start = 0, 0, time.perf_counter()
 
-    def add(self, loss, policy_logps, rewards, batch, beta, grad_norm) -> None:
-        log_gamma = log_reference_noise(batch["reference_logps"], beta)
-        hardest_negative = rewards[:, 1:].max(dim=1).values
-        values = torch.stack([
-            loss.detach(),
-            rewards[:, 0].mean(),
-            rewards[:, 1:].mean(),
-            (rewards[:, 0] - hardest_negative).mean(),
-            (rewards[:, 0] > hardest_negative).float().mean(),
-            policy_logps[:, 0].mean(),
-            policy_logps[:, 1:].mean(),
-            log_gamma.mean(),
-            (log_gamma > 0).float().mean(),
-        ]).float()
-        self.sums = values if self.sums is None else self.sums + values
+    def add(self, metrics: dict[str, Tensor], tokens, grad_norm) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float().to(tokens.device)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
         if grad_norm is not None:
             self.grad_norms.append(grad_norm.detach().float() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm))
         self.count += 1
-        self.tokens += batch["attention_mask"].sum()
+        self.tokens += tokens
 
     def state(self) -> dict:
         """What a checkpoint keeps of a partly filled window (timing restarts on resume)."""
-        return {"sums": None if self.sums is None else self.sums.tolist(), "count": self.count,
+        return {"sums": {k: v.item() for k, v in self.sums.items()}, "count": self.count,
                 "grad_norms": [float(g) for g in self.grad_norms], "tokens": int(self.tokens)}
 
     def restore(self, saved: dict, device) -> None:
-        self.sums = None if saved["sums"] is None else torch.tensor(saved["sums"], device=device)
+        self.sums = {k: torch.tensor(v, device=device) for k, v in (saved["sums"] or {}).items()}
         self.count, self.tokens = saved["count"], saved["tokens"]
         self.grad_norms = [torch.tensor(g) for g in saved["grad_norms"]]
 
     def flush(self, accelerator: Accelerator) -> dict:
-        means = accelerator.reduce(self.sums / self.count, "mean").tolist()
-        out = dict(zip(self.NAMES, means))
+        names = sorted(self.sums)
+        means = accelerator.reduce(torch.stack([self.sums[n] for n in names]) / self.count, "mean").tolist()
+        out = dict(zip(names, means))
         if self.grad_norms:
             out["grad_norm"] = accelerator.reduce(torch.stack(self.grad_norms).mean().to(accelerator.device), "mean").item()
         tokens = accelerator.reduce(torch.as_tensor(self.tokens, device=accelerator.device).float(), "sum").item()

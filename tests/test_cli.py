@@ -69,8 +69,8 @@ def test_local_model_and_jsonl_pairs(tmp_path, cache_dir, bpe_model_dir, pairs_j
     [run] = run_dirs(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["num_examples"] == 20 and summary["eval_after"] == {} and summary["final"]["step"] == 3
-    pairs = summary["held_out_pairs_after"]
-    assert pairs["num_pairs"] == 4 and 0 <= pairs["rewards/accuracy"] <= 1 and pairs["loss"] > 0
+    pairs = summary["held_out_after"]
+    assert pairs["num_examples"] == 4 and 0 <= pairs["rewards/accuracy"] <= 1 and pairs["loss"] > 0
 
 
 def test_bad_data_path_is_one_clear_line(tmp_path, cache_dir, bpe_model_dir):

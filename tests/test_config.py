@@ -14,7 +14,8 @@ GLOBAL_GROUPS = ("hydra", "experiment", "hparams_search")  # `# @package _global
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in GLOBAL_GROUPS)
 # Keys that a group's option leaves for the user (`???`) get a value here.
 REQUIRED = {"model=hf": ["model.name_or_path=some/model"], "data=jsonl": ["data.path=pairs.jsonl"],
-            "data=hf": ["data.path=pairs.jsonl"]}
+            "data=hf": ["data.path=pairs.jsonl"], "data=pools": ["data.path=pools.jsonl"],
+            "judge=reward_model": ["judge.name_or_path=some/rm"], "judge=pairwise": ["judge.name_or_path=some/ranker"]}
 
 
 def options(group: str) -> list[str]:
@@ -42,8 +43,8 @@ def test_every_group_option_composes_and_instantiates(choice):
 def test_every_experiment_composes(name):
     cfg = compose_train([f"experiment={name}"])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    for group in ("task", "loss", "sampler", "optim", "data"):
-        if cfg[group] is not None:
+    for group in ("task", "loss", "sampler", "optim", "data", "generator", "judge"):
+        if cfg.get(group) is not None:  # `override /task: null` removes the task
             instantiate(cfg[group])
 
 
@@ -54,6 +55,15 @@ def test_every_hparams_search_composes_into_a_maximising_sweep(name):
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.direction == "maximize"
     for key in cfg.hydra.sweeper.params:
         OmegaConf.select(cfg, key, throw_on_missing=True)  # every searched key exists
+
+
+def test_generate_config_composes_and_its_prompts_instantiate():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("generate", overrides=["prompts.path=prompts.jsonl", "judge=reward_model",
+                                             "judge.name_or_path=some/rm"])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    for node in (cfg.prompts, cfg.generator, cfg.judge):
+        instantiate(node)
 
 
 def test_default_config_is_the_embedded_job():

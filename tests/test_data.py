@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefrun.data import (
     Example,
+    GeneratedPreferences,
     HFPreferenceData,
     PreferenceData,
-    TaskPairs,
     attach_reference_logps,
     tokenize_record,
 )
@@ -197,7 +197,7 @@ def test_held_out_split_or_share(tokenizer, tmp_path):
     write_jsonl(tmp_path / "dir" / "train.jsonl", rows[:15])
     write_jsonl(tmp_path / "dir" / "test.jsonl", rows[15:])
     assert ids(load(tokenizer, tmp_path, "eval", path=str(tmp_path / "dir"), eval_split="test")) == every[15:]
-    assert TaskPairs().load_eval(policy=None, tokenizer=tokenizer, task=SortDigits(), cache_dir=tmp_path) == []
+    assert GeneratedPreferences().load_eval(policy=None, tokenizer=tokenizer, task=SortDigits(), cache_dir=tmp_path) == []
 
 
 def test_tokenized_records_are_cached(tokenizer, tmp_path, caplog):

@@ -1,0 +1,194 @@
+"""Candidate pools: one prompt, K candidate completions, K judge scores.
+
+prefrun writes pools as `{prompt, candidates: [K], scores: [K]}` records (jsonl or parquet). Public pool data
+comes in other shapes, read through `data.columns.*` paths (conf/data/pools.yaml):
+
+- SimPO-style flat lists: `data.columns.candidates=all_generated_responses data.columns.scores=all_rm_scores`;
+- UltraFeedback-style nested lists, a field path into each element:
+  `data.columns.prompt=instruction data.columns.candidates=completions.response
+  data.columns.scores=completions.overall_score`.
+
+`read_pool` checks one record and returns (prompt, candidates, scores) with the best candidate first, or the
+reason to skip it; `make_pools` generates and judges pools for a list of prompts (used by `prefrun generate`
+and by the embedded task when the loss needs pools), writing them in shards so that a killed run continues
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+import os
+import reprlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefrun.errors import InputError
+
+log = logging.getLogger(__name__)
+
+POOL_COLUMNS = ("prompt", "candidates", "scores")
+
+
+def field(record: dict, path: str) -> Any:
+    """`path` read from `record`: a column name, or `column.key[.key...]` into each element of a list column
+    (UltraFeedback's `completions.response`). KeyError names the missing part."""
+    column, *inner = path.split(".")
+    value = record[column]
+    if not inner:
+        return value
+    if not isinstance(value, list):
+        raise TypeError(f"{column!r} is {type(value).__name__}, not a list, so {path!r} cannot index into it")
+    out = []
+    for element in value:
+        for key in inner:
+            if not isinstance(element, dict) or key not in element:
+                raise KeyError(f"an element of {column!r} has no {key!r}")
+            element = element[key]
+        out.append(element)
+    return out
+
+
+def read_pool(record: dict, columns: dict, where: Callable[[], str],
+              allow_empty: bool = False) -> tuple[Any, list, list[float]] | str:
+    """One pool record -> (prompt, candidates, scores), the best-scored candidate first (the first of equal
+    best), the others in their order; or the reason to skip it (counted in the log). A record whose fields
+    have the wrong type stops the run with one line naming it: that is a wrong column mapping or a broken file.
+    `allow_empty`: keep empty candidates (pools the policy generated itself: an immediate EOS is one of its
+    samples, and dropping it would bias the pool as a sample of the policy)."""
+    values = {}
+    for key in POOL_COLUMNS:
+        try:
+            values[key] = field(record, columns[key])
+        except (KeyError, TypeError) as err:
+            raise InputError(f"{where()}: cannot read {key} from data.columns.{key}={columns[key]!r} "
+                             f"({str(err).strip(chr(39))}); check the column mapping") from None
+    prompt, candidates, scores = values["prompt"], values["candidates"], values["scores"]
+    if prompt is None or candidates is None or scores is None:
+        return f"missing {'prompt' if prompt is None else 'candidates' if candidates is None else 'scores'} (null)"
+    if not isinstance(candidates, list) or not isinstance(scores, list):
+        bad = "candidates" if not isinstance(candidates, list) else "scores"
+        raise InputError(f"{where()}: {bad} ({columns[bad]!r}) is {type(values[bad]).__name__} "
+                         f"{reprlib.repr(values[bad])}; expected a list (one entry per candidate)")
+    if not isinstance(prompt, (str, list)):
+        raise InputError(f"{where()}: prompt ({columns['prompt']!r}) is {type(prompt).__name__} {reprlib.repr(prompt)}; "
+                         "expected a string or a list of {role, content} messages")
+    for score in scores:
+        if score is not None and (isinstance(score, bool) or not isinstance(score, numbers.Real)):
+            raise InputError(f"{where()}: score {reprlib.repr(score)} ({columns['scores']!r}) is not a number; "
+                             "scores must be numbers (null or NaN skips the pool)")
+    if len(candidates) != len(scores):
+        return "candidates and scores of different lengths"
+    if len(candidates) < 2:
+        return "fewer than 2 candidates"
+    if any(s is None or math.isnan(s) or math.isinf(s) for s in scores):
+        return "a null, NaN or infinite score"
+    candidates = [_as_completion(c, prompt, where, columns) for c in candidates]
+    if not allow_empty and any(_is_empty(c) for c in candidates):
+        return "an empty candidate"
+    if max(scores) == min(scores):
+        return "all scores equal"
+    if isinstance(prompt, str) and isinstance(candidates[0], list):
+        prompt = [{"role": "user", "content": prompt}]
+    best = scores.index(max(scores))
+    order = [best, *(i for i in range(len(scores)) if i != best)]
+    return prompt, [candidates[i] for i in order], [float(scores[i]) for i in order]
+
+
+def _as_completion(candidate: Any, prompt: Any, where: Callable[[], str], columns: dict):
+    """A candidate as training tokenizes it: a string next to a string prompt; messages next to a
+    conversational prompt (a bare string becomes one assistant message)."""
+    if isinstance(candidate, str):
+        return [{"role": "assistant", "content": candidate}] if isinstance(prompt, list) else candidate
+    if isinstance(candidate, dict) and "role" in candidate:
+        candidate = [candidate]
+    if isinstance(candidate, list) and all(isinstance(m, dict) and "role" in m for m in candidate):
+        return candidate
+    raise InputError(f"{where()}: a candidate ({columns['candidates']!r}) is {type(candidate).__name__} "
+                     f"{reprlib.repr(candidate)}; expected a string or a list of {{role, content}} messages")
+
+
+def _is_empty(completion) -> bool:
+    if isinstance(completion, str):
+        return not completion.strip()
+    return not any(isinstance(m.get("content"), str) and m["content"].strip() for m in completion)
+
+
+# -- generating pools ---------------------------------------------------------------------------------------
+
+
+def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Path, shard_size: int = 256,
+               model_path: str | None = None, job: dict | None = None) -> list[dict]:
+    """Generate `generator.num_candidates` completions per prompt, judge them, and write
+    `{prompt, candidates, scores}` records in shards `out_dir/shard-00000.jsonl` ... Each shard is written
+    whole (write, then rename) after its prompts are done, so a killed run loses at most the shard in flight
+    and the same call continues after the last complete shard. `prompts` must be in their final form
+    (generate.as_chat applied); `job` describes what made them (model, generator, judge): shards of another
+    job in `out_dir` are an error, not reused. Returns every record, in prompt order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"num_prompts": len(prompts), "shard_size": shard_size, **(job or {})}
+    _check_manifest(out_dir, manifest)
+    records: list[dict] = []
+    start, generated_tokens, done_before = time.perf_counter(), 0, 0
+    num_shards = -(-len(prompts) // shard_size)
+    for shard in range(num_shards):
+        path = out_dir / f"shard-{shard:05d}.jsonl"
+        lo, hi = shard * shard_size, min(len(prompts), (shard + 1) * shard_size)
+        if path.exists():
+            records.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+            done_before += hi - lo
+            continue
+        chunk = prompts[lo:hi]
+        # Each shard its own seed, fixed by its position: a resumed run generates what an uninterrupted one would.
+        shard_generator = dataclasses.replace(generator, seed=generator.seed + 7919 * shard)
+        candidates = shard_generator.generate(chunk, model=model, tokenizer=tokenizer, model_path=model_path)
+        texts = [c.texts for c in candidates]
+        generated_tokens += sum(len(ids) for c in candidates for ids in c.token_ids)
+        scores = judge.score(chunk, texts)
+        rows = [{"prompt": p, "candidates": t, "scores": s} for p, t, s in zip(chunk, texts, scores)]
+        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        records.extend(rows)
+        elapsed = time.perf_counter() - start
+        log.info("pools: %d/%d prompts (shard %d/%d), %.1f prompts/s, %.0f generated tokens/s", hi, len(prompts),
+                 shard + 1, num_shards, (hi - done_before) / elapsed, generated_tokens / elapsed)
+    if done_before:
+        log.info("pools: %d of %d prompts were already done in %s (resumed)", done_before, len(prompts), out_dir)
+    return records
+
+
+def _check_manifest(out_dir: Path, manifest: dict) -> None:
+    """Shards of an earlier run are reused only when they were cut the same way."""
+    path = out_dir / "manifest.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != manifest:
+            raise InputError(f"{out_dir} holds pools of another job ({old} vs now {manifest}): choose another output "
+                             "directory or delete it")
+    else:
+        _atomic_write_text(path, json.dumps(manifest))
+
+
+def write_pools(records: list[dict], path: Path) -> None:
+    """All records as one file: `.jsonl`, or `.parquet` (written through `datasets`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        from datasets import Dataset
+
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        Dataset.from_list(records).to_parquet(str(tmp))
+        os.replace(tmp, path)
+    elif path.suffix == ".jsonl":
+        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    else:
+        raise InputError(f"output={str(path)!r}: write pools as .jsonl or .parquet")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,109 @@
+"""MC-PO through the real command line: the M = 1 identity with DPO, `prefrun generate` (pools, resume after
+a kill), training on the pools it wrote, the sampler metrics, the bias warning, and a judged evaluation of a
+user's model with a reward model (never the built-in task's score)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_JOB, run_cli
+from .test_judges import char_tokenizer, save_classifier
+
+pytestmark = pytest.mark.slow
+
+TINY_MODEL = [a for a in TINY_JOB if a.startswith("model.")]
+TINY_TRAIN = [a for a in TINY_JOB if not a.startswith("data.")]
+POOL_METRICS = {"loss/optimised", "negatives/judge_score", "negatives/rank", "sampler/ess",
+                "sampler/draws_chosen", "sequences/with_grad"}
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_run(tmp_path: Path, name: str, args: list[str], env: dict | None = None) -> Path:
+    run = tmp_path / name
+    proc = run_cli(["train", f"hydra.run.dir={run}", *args], tmp_path, env_extra=env)
+    return run if proc else run
+
+
+def test_mcpo_with_one_negative_is_dpo_through_the_pool_machinery(tmp_path, cache_dir, bpe_model_dir, pairs_jsonl):
+    common = ["model=hf", f"model.name_or_path={bpe_model_dir}", "data=jsonl", f"data.path={pairs_jsonl}", "~task",
+              "trainer.batch_size=4", "trainer.max_steps=5", "trainer.log_every=1", "trainer.save_final=false",
+              "loss.beta=0.3"]
+    dpo = rows(train_run(tmp_path, "dpo", [*common, "loss=dpo"]))
+    as_given = rows(train_run(tmp_path, "dataset", [*common, "loss=mcpo", "sampler=dataset"]))
+    # pairs as pools of two, the pool scored with the policy each step, the negative drawn by the sampler
+    drawn = rows(train_run(tmp_path, "reward", [*common, "loss=mcpo", "sampler=reward", "sampler.num_negatives=1"]))
+    for a, b, c in zip(dpo, as_given, drawn, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) == pytest.approx(c["loss"], abs=1e-6)
+        assert a["loss"] == pytest.approx(c["loss/optimised"], abs=1e-6)
+        assert a["rewards/margin"] == pytest.approx(c["rewards/margin"], abs=1e-6)
+    assert POOL_METRICS <= set(drawn[-1]) and drawn[-1]["negatives/judge_score"] == 0.0  # the rejected one, scored 0
+
+
+def generate_args(out: Path, *extra: str) -> list[str]:
+    return ["generate", *TINY_MODEL, "generator=hf", "generator.num_candidates=4", "generator.max_new_tokens=10",
+            "num_prompts=48", "shard_size=6", f"output={out}", *extra]
+
+
+def test_generate_writes_judged_pools_and_resumes_after_a_kill(tmp_path, cache_dir):
+    whole = tmp_path / "whole" / "pools.jsonl"
+    run_cli(generate_args(whole), tmp_path)
+    records = [json.loads(line) for line in whole.read_text().splitlines()]
+    assert len(records) == 48 and all(len(r["candidates"]) == len(r["scores"]) == 4 for r in records)
+    from prefrun.tasks import SortDigits
+
+    task = SortDigits()
+    assert all(s == task.score(r["prompt"], c) for r in records for c, s in zip(r["candidates"], r["scores"]))
+
+    killed = tmp_path / "killed" / "pools.jsonl"
+    shards = killed.with_name("pools.jsonl.shards")
+    proc = subprocess.Popen([sys.executable, "-m", "prefrun", *generate_args(killed)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not (shards / "shard-00001.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(shards.glob("shard-*.jsonl"))
+    assert 2 <= len(done) < 8 and not killed.exists()  # killed in the middle
+    resumed = run_cli(generate_args(killed), tmp_path)
+    assert "already done" in resumed.stdout + resumed.stderr
+    assert killed.read_text() == whole.read_text()
+
+    # the pools train MC-PO as they are (data=pools), with every sampler metric logged
+    run = train_run(tmp_path, "train", [*TINY_TRAIN, "data=pools", f"data.path={whole}", "loss=mcpo_cd", "sampler=cd",
+                                        "trainer.max_steps=4", "trainer.log_every=2"])
+    last = rows(run)[-1]
+    assert POOL_METRICS <= set(last) and 1 <= last["sampler/ess"] <= 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_examples"] <= 48 and summary["eval_after"] == {}  # rule judge, the data is not the task's
+
+
+def test_biased_pairing_runs_with_one_warning(tmp_path, cache_dir):
+    proc = run_cli(["train", *TINY_JOB, "experiment=mcpo_tiny", "sampler=hardest", "trainer.max_steps=2",
+                    "eval.num_prompts=0", "trainer.save_final=false"], tmp_path)
+    log = proc.stdout + proc.stderr
+    assert log.count("does not keep the optimum π** as a fixed point") == 1 and "sampler=hardest" in log
+
+
+def test_user_data_is_judged_by_a_reward_model_never_by_the_task(tmp_path, cache_dir, bpe_model_dir, pairs_jsonl):
+    rm = save_classifier(tmp_path / "rm", char_tokenizer())
+    common = ["model=hf", f"model.name_or_path={bpe_model_dir}", "data=jsonl", f"data.path={pairs_jsonl}",
+              "data.eval_size=4", "trainer.batch_size=4", "trainer.max_steps=2", "eval.num_prompts=4",
+              "trainer.save_final=false"]
+    # the built-in task is still configured (no ~task): its score must not be reported for this data
+    plain = json.loads((train_run(tmp_path, "rule", common) / "summary.json").read_text())
+    assert plain["eval_before"] == {} and plain["eval_after"] == {}
+    judged = json.loads((train_run(tmp_path, "rm", [*common, "judge=reward_model", f"judge.name_or_path={rm}"])
+                         / "summary.json").read_text())
+    after = judged["eval_after"]["sampled"]
+    assert after["judge"].startswith("judge=reward_model") and after["num_prompts"] == 4
+    assert 0 <= after["win_rate_vs_before"] <= 1 and judged["eval_before"]["sampled"]["mean"] != 0
