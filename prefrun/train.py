@@ -83,7 +83,8 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
             chunk = [examples[i] for i in indices.tolist()]
             pool_metrics = {}
             if draws:
-                columns, pool_metrics = draws(accelerator.unwrap_model(model), indices.tolist(), state)
+                # The prepared model (not unwrapped): sharded weights (FSDP) and autocast work as in training.
+                columns, pool_metrics = draws(model, indices.tolist(), state)
             batch = collate(chunk, pad_id, columns)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):

@@ -107,3 +107,15 @@ def test_user_data_is_judged_by_a_reward_model_never_by_the_task(tmp_path, cache
     after = judged["eval_after"]["sampled"]
     assert after["judge"].startswith("judge=reward_model") and after["num_prompts"] == 4
     assert 0 <= after["win_rate_vs_before"] <= 1 and judged["eval_before"]["sampled"]["mean"] != 0
+
+
+def test_mcpo_on_the_embedded_task_improves_the_judged_score(tmp_path, cache_dir):
+    """experiment=mcpo_tiny on a quarter of its prompts: pools of 8 from the reference, mcpo_cd + cd."""
+    run = train_run(tmp_path, "mcpo", ["experiment=mcpo_tiny", "data.num_prompts=512", "eval.num_prompts=128",
+                                       "trainer.save_final=false"])
+    summary = json.loads((run / "summary.json").read_text())
+    before, after = summary["eval_before"]["sampled"], summary["eval_after"]["sampled"]
+    assert after["mean"] - before["mean"] > 3 * (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
+    assert after["win_rate_vs_before"] > 0.5
+    last = rows(run)[-1]
+    assert last["sequences/with_grad"] < 32 * 3  # y_w and the distinct draws only (M = 2), never the whole pool
