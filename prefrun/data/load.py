@@ -1,39 +1,15 @@
-"""Preference data -> tokenized examples -> padded batches, plus the cached reference log-probs.
-
-An example is one prompt with its candidate completions; column 0 is the chosen one, the rest
-are negatives (one for DPO pairs). Records come in TRL's preference formats and are tokenized
-as TRL 1.16's `DPOTrainer` does (tests/test_data.py checks the ids against it):
-
-- strings `{prompt, chosen, rejected}`: the EOS token's text is appended to each completion
-  (unless already there); prompt and prompt+completion are tokenized as whole strings (special
-  tokens such as BOS included) and the completion is what follows their common prefix;
-- conversational: `prompt`, `chosen`, `rejected` are lists of `{role, content}` messages,
-  rendered with the tokenizer's chat template (the prompt with `add_generation_prompt=True`,
-  prompt+completion without); no EOS is appended, the template closes the turn; again the
-  completion is what follows the common prefix;
-- implicit prompt `{chosen, rejected}` (either kind): the prompt is their longest common start
-  (TRL's `extract_prompt`: characters for strings, whole messages for conversations). A string
-  `prompt` next to conversational chosen/rejected (UltraFeedback style) is treated the same way,
-  as TRL's `maybe_extract_prompt` does.
-
-Truncation (`max_length`, `max_prompt_length`): when prompt + longest completion exceeds
-`max_length`, the prompt is first cut from the left down to `max_prompt_length` (keeping the
-text nearest the completion), then completions are cut from the right to fit. Examples whose
-prompt alone fills `max_length` are skipped and counted.
-"""
+"""The data sources (`data=` choices): `PreferenceData` (the base: truncation, skip-and-count),
+`HFPreferenceData` (any data set or file `datasets` reads, pairs or pools, with a tokenized cache),
+`HFPrompts` (prompts for `prefrun generate`) and `GeneratedPreferences` (pools sampled from the policy and
+judged). The record formats and the truncation rule are described in `prefrun.data.formats`."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import logging
 import math
-import os
 import random
-import reprlib
-import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -41,29 +17,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
+from prefrun.data.batches import Example
+from prefrun.data.formats import (
+    COLUMNS,
+    DATA_FILES,
+    _diagnose_text_file,
+    _is_blank,
+    _kind,
+    _looks_local,
+    _no_template,
+    _pair,
+    _reason,
+    token_ids,
+    tokenize_record,
+)
+from prefrun.data.reference import _atomic_write, _hash
 from prefrun.errors import InputError
 from prefrun.pools import POOL_COLUMNS, read_pool
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("prompt", "chosen", "rejected")
-# Local data files by suffix -> the `datasets` builder that reads them.
-DATA_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 # Per-record arguments of the chat template that TRL honours too; kept when a data set has them.
 TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
 TOKENIZE_VERSION = 2  # part of the tokenized-cache key: bump it when tokenisation changes
 ROWS_PER_PROCESS = 500  # below this many rows per worker, `num_proc` workers cost more than they save
-
-
-@dataclass
-class Example:
-    prompt_ids: list[int]
-    completion_ids: list[list[int]]  # [chosen, negative, ...]: a pair, or a pool with its best first
-    reference_logps: list[float] | None = None
-    scores: list[float] | None = None  # the judge's scores of a pool's candidates (None for pairs)
 
 
 @dataclass
@@ -136,7 +113,7 @@ class PreferenceData:
 class HFPreferenceData(PreferenceData):
     """Preference pairs from any data set `datasets` reads: a hub id, a local .jsonl / .json /
     .parquet / .csv / .arrow file, a directory of such files (splits from the file names, e.g.
-    train.jsonl and test.jsonl), or a `save_to_disk` directory. See the module docstring for the
+    train.jsonl and test.jsonl), or a `save_to_disk` directory. See `prefrun.data.formats` for the
     record formats and conf/data/hf.yaml for the keys.
 
     Caching: the raw data goes through `datasets`' own cache (HF_DATASETS_CACHE). The tokenized
@@ -546,40 +523,6 @@ class GeneratedPreferences(PreferenceData):
         return examples
 
 
-# -- records -> token ids ----------------------------------------------------------------------
-
-
-def tokenize_record(record: dict, tokenizer) -> Example:
-    """One well-formed record -> token ids, as TRL's DPOTrainer computes them. The prompt and the
-    completions (`chosen`, then `rejected` or a list of `negatives`) are all strings or all lists
-    of messages."""
-    completions = [record["chosen"], *([record["rejected"]] if "rejected" in record else record["negatives"])]
-    prompt_ids, completion_ids, _ = token_ids(tokenizer, record["prompt"], completions, tools=record.get("tools"),
-                                              template_kwargs=record.get("chat_template_kwargs"))
-    return Example(prompt_ids, completion_ids)
-
-
-def token_ids(tokenizer, prompt: str | list[dict], completions: list, *, tools=None,
-              template_kwargs: dict | None = None) -> tuple[list[int], list[list[int]], bool]:
-    """(prompt ids, completion ids, whether the prompt's tail was left out): prompt and
-    prompt+completion are tokenized whole, the completion is what follows their common prefix."""
-    if isinstance(prompt, list):  # conversational: the chat template closes the turn, no EOS appended
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        kwargs = {"tools": tools, **(template_kwargs or {})}
-        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, **kwargs)
-        full_ids = [_chat_ids(tokenizer, prompt + completion, **kwargs) for completion in completions]
-    else:
-        eos = tokenizer.eos_token
-        prompt_ids = tokenizer(prompt).input_ids
-        full_ids = [tokenizer(prompt + c + ("" if c.endswith(eos) else eos)).input_ids for c in completions]
-    shared = min(_common_prefix(prompt_ids, ids) for ids in full_ids)
-    return prompt_ids[:shared], [ids[shared:] for ids in full_ids], shared < len(prompt_ids)
-
-
-def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
-
-
 @dataclass(frozen=True)
 class _Where:
     """Names a record in messages: `file:line` for a local jsonl, else path, split and row."""
@@ -629,264 +572,9 @@ def _tokenize_row(record: dict, index: int, *, tokenizer, where: _Where, rows: l
     return {**out, "prompt_ids": prompt_ids, "completion_ids": completion_ids, "scores": scores, "prompt_cut": cut}
 
 
-def _pair(record: dict, where: Callable[[], str], columns: dict) -> tuple[Any, Any, Any] | str:
-    """Check one record and return (prompt, chosen, rejected), the prompt extracted when it is
-    implicit; or the reason to skip it. A wrong type raises one line naming record and column."""
-    kinds = {}
-    for key in COLUMNS:
-        if key in record:
-            if record[key] is None:
-                return f"missing {key} (null)"
-            kinds[key] = _kind(record[key], key, where, columns)
-    chosen, rejected = record["chosen"], record["rejected"]
-    if kinds["chosen"] != kinds["rejected"]:
-        raise InputError(f"{where()}: chosen is {kinds['chosen']} but rejected is {kinds['rejected']}; give both as "
-                         "strings or both as lists of messages")
-    if "prompt" not in kinds or (kinds["prompt"] == "a string" and kinds["chosen"] == "a list of messages"):
-        prompt, chosen, rejected = _shared_prompt(chosen, rejected)
-    elif kinds["prompt"] != kinds["chosen"]:
-        raise InputError(f"{where()}: prompt is {kinds['prompt']} but chosen and rejected are {kinds['chosen']}s; "
-                         "give all three as strings or all as lists of messages")
-    else:
-        prompt = record["prompt"]
-    if _is_empty(chosen) or _is_empty(rejected):
-        return "empty completion"
-    if chosen == rejected:
-        return "chosen identical to rejected"
-    return prompt, chosen, rejected
-
-
-def _kind(value: Any, key: str, where: Callable[[], str], columns: dict) -> str:
-    column = columns.get(key) or key
-    name = f"{key!r}" if column == key else f"{key!r} (column {column!r})"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-        for i, message in enumerate(value):
-            if not isinstance(message.get("role"), str):
-                raise InputError(f"{where()}: {name} message {i} has no 'role'; every message needs a 'role' (user, "
-                                 "assistant, ...) and a 'content'")
-            if message.get("content") is None and not message.get("tool_calls"):
-                raise InputError(f"{where()}: {name} message {i} has no 'content'; every message needs a 'role' and "
-                                 "a 'content'")
-        return "a list of messages"
-    raise InputError(f"{where()}: {name} is {type(value).__name__} {reprlib.repr(value)}; expected a string or a list "
-                     "of {role, content} messages")
-
-
-def _shared_prompt(chosen, rejected) -> tuple[Any, Any, Any]:
-    """TRL's `extract_prompt`: the prompt is the longest common start of chosen and rejected
-    (characters or messages), a space before the split point going with the completions. Like
-    TRL, when one is a prefix of the other the split falls one place before the shorter's end.
-    Unlike TRL, a split at 0 stays at 0 (TRL would look at the string's last character)."""
-    idx = 0
-    for idx in range(min(len(chosen), len(rejected))):
-        if chosen[idx] != rejected[idx]:
-            if idx > 0 and chosen[idx - 1] == " ":
-                idx -= 1
-            break
-    return chosen[:idx], chosen[idx:], rejected[idx:]
-
-
-def _is_empty(completion: str | list[dict]) -> bool:
-    if isinstance(completion, str):
-        return not completion.strip()
-    for message in completion:
-        content = message.get("content")
-        if message.get("tool_calls") or (content.strip() if isinstance(content, str) else content):
-            return False
-    return True
-
-
-# -- diagnostics -------------------------------------------------------------------------------
-
-
-def _looks_local(path: str) -> bool:
-    """A hub id is `name` or `owner/name`; anything else (a suffix, `./`, `~`, deeper paths) is a path."""
-    return (path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
-            or Path(path).suffix.lower() in DATA_FILES)
-
-
-def _diagnose_text_file(path: Path, columns: dict) -> None:
-    """Find why `datasets` could not read a text data file and raise one line naming its line:
-    bytes that are not UTF-8, invalid JSON, a record that is not an object, a column of the wrong type."""
-    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
-        return
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise InputError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); re-save the file as "
-                         "UTF-8") from None
-    if path.suffix.lower() == ".csv":
-        return
-    if path.suffix.lower() == ".json" and text.lstrip()[:1] == "[":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
-        numbered = [(f"{path} (record {i})", r) for i, r in enumerate(records)]
-    else:
-        numbered = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}); fix or delete "
-                                 "the line (one JSON object per line)") from None
-    for where, record in numbered:
-        if not isinstance(record, dict):
-            raise InputError(f"{where}: {type(record).__name__} {reprlib.repr(record)} is not a JSON object; each "
-                             "record is an object with prompt, chosen and rejected")
-        for key in COLUMNS:
-            value = record.get(columns.get(key) or key)
-            if value is not None:
-                _kind(value, key, lambda w=where: w, columns)
-
-
-def _is_blank(path: Path) -> bool:
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            if chunk.strip():
-                return False
-    return True
-
-
-def _no_template(path: str) -> str:
-    return (f"data.path={path!r} holds conversations (lists of {{role, content}} messages) but the tokenizer has no "
-            "chat template: use a chat/instruct model, set data.chat_template=<Jinja template or file>, or give "
-            "the records as strings")
-
-
-def _reason(err: BaseException) -> str:
-    """An exception in one line: its type and first line, and its cause's when it has one."""
-    parts = []
-    while err is not None and len(parts) < 2:
-        text = str(err).strip().splitlines()
-        parts.append(f"{type(err).__name__}: {text[0]}" if text else type(err).__name__)
-        err = err.__cause__
-    return "; ".join(parts)
-
-
 def _tokenizer_key(tokenizer) -> str:
     """What the token ids depend on: vocabulary and pre/post-processing, special tokens, chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
     return _hash(type(tokenizer).__name__, vocab, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
                  getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
-
-
-def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
-    """(prompt ids, completion ids) rows -> left-padded input_ids, attention_mask, completion_mask [R, width]:
-    every completion ends at the right edge (what `sequence_logps` relies on)."""
-    width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (prompt, completion) in enumerate(rows):
-        n, k = len(prompt) + len(completion), len(completion)
-        input_ids[i, width - n :] = torch.tensor(prompt + completion)
-        attention_mask[i, width - n :] = 1
-        completion_mask[i, width - k :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
-
-
-def collate(examples: list[Example], pad_id: int, columns: list[int] | list[list[int]] | None = None) -> dict[str, Tensor]:
-    """The candidates `columns` of each example (one list for all, or one list per example; default: all of
-    them) as a batch [B, C]. A candidate drawn twice for an example is padded once: `row_index` [B, C] maps
-    each (example, column) to its row of `input_ids`, so that logps = row_logps[row_index]."""
-    if columns is None:
-        columns = list(range(len(examples[0].completion_ids)))
-    per_example = columns if columns and isinstance(columns[0], list) else [columns] * len(examples)
-    rows, row_index = [], []
-    for example, cols in zip(examples, per_example):
-        first_row: dict[int, int] = {}
-        for c in cols:
-            if c not in first_row:
-                first_row[c] = len(rows)
-                rows.append((example.prompt_ids, example.completion_ids[c]))
-        row_index.append([first_row[c] for c in cols])
-    batch = pad_rows(rows, pad_id)
-    batch["row_index"] = torch.tensor(row_index)
-    batch["completion_lengths"] = batch["completion_mask"].sum(1)[batch["row_index"]]
-    if examples[0].reference_logps is not None:
-        batch["reference_logps"] = torch.tensor([[ex.reference_logps[c] for c in cols]
-                                                 for ex, cols in zip(examples, per_example)])
-    return batch
-
-
-@torch.no_grad()
-def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: int) -> tuple[Tensor, Tensor]:
-    """log π(y|x) of every candidate of every example, by no-grad forwards of `batch_size` rows sorted by
-    length (little padding). Returns (logps, lengths), both [N, K_max]: pools of fewer candidates are padded
-    with logp 0 and length 0."""
-    from prefrun.logprobs import sequence_logps
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.completion_ids))]
-    rows.sort(key=lambda r: len(examples[r[0]].prompt_ids) + len(examples[r[0]].completion_ids[r[1]]))
-    width = max(len(ex.completion_ids) for ex in examples)
-    logps = torch.zeros(len(examples), width)
-    lengths = torch.zeros(len(examples), width, dtype=torch.long)
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            batch = pad_rows([(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in chunk], pad_id)
-            values = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    batch["completion_mask"].to(device)).float().cpu()
-            index = torch.tensor(chunk)
-            logps[index[:, 0], index[:, 1]] = values
-            lengths[index[:, 0], index[:, 1]] = batch["completion_mask"].sum(1)
-    finally:
-        model.train(was_training)
-    return logps, lengths
-
-
-def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cache_dir: Path,
-                           batch_size: int, weights_key: str) -> str:
-    """Fill `example.reference_logps` (every candidate), from the disk cache when this (weights, token ids)
-    pair was seen. `batch_size` counts prompts; each carries its candidates."""
-    key = _hash(weights_key, [(ex.prompt_ids, ex.completion_ids) for ex in examples])
-    path = Path(cache_dir).expanduser() / "reference_logps" / f"{key}.pt"
-    if path.exists():
-        logps = torch.load(path)
-        log.info("reference log-probs: cache hit %s -> 0 reference forwards", path)
-    else:
-        # Any id pads: padded positions are masked. A tokenizer without a pad token pads with eos.
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        rows_per_forward = batch_size * max(1, round(statistics.fmean(len(ex.completion_ids) for ex in examples)))
-        logps, _ = candidate_logps(reference, examples, pad_id, batch_size=rows_per_forward)
-        buffer = io.BytesIO()
-        torch.save(logps, buffer)
-        _atomic_write(path, buffer.getvalue())
-        log.info("reference log-probs: computed %d reference forwards (%d sequences), cached at %s",
-                 -(-sum(len(ex.completion_ids) for ex in examples) // rows_per_forward),
-                 sum(len(ex.completion_ids) for ex in examples), path)
-    for example, row in zip(examples, logps.tolist()):
-        example.reference_logps = row[: len(example.completion_ids)]
-    return key
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -1,0 +1,47 @@
+"""Preference data -> tokenized examples -> padded batches, plus the cached reference log-probs.
+
+What lives where (every public name is importable from `prefrun.data`, and the Hydra configs'
+`_target_: prefrun.data.HFPreferenceData` / `GeneratedPreferences` / `HFPrompts` point here):
+
+- `formats`: the record formats (TRL's pair formats, implicit prompts) and their truncation rule,
+  records -> token ids (`tokenize_record`, `token_ids`), and one clear line for a broken text data file;
+- `load`: the data sources, the `data=` choices: `PreferenceData`, `HFPreferenceData`, `HFPrompts`,
+  `GeneratedPreferences`, with the tokenized cache;
+- `batches`: `Example` and the left-padded batches (`pad_rows`, `collate`);
+- `reference`: reference log-probs of every candidate (`candidate_logps`) and their disk cache
+  (`attach_reference_logps`).
+
+Imports run one way: batches <- formats <- load, batches <- reference <- load.
+"""
+
+from prefrun.data.batches import Example, collate, pad_rows
+from prefrun.data.formats import COLUMNS, DATA_FILES, token_ids, tokenize_record
+from prefrun.data.load import (
+    ROWS_PER_PROCESS,
+    TEMPLATE_COLUMNS,
+    TOKENIZE_VERSION,
+    GeneratedPreferences,
+    HFPreferenceData,
+    HFPrompts,
+    PreferenceData,
+)
+from prefrun.data.reference import attach_reference_logps, candidate_logps
+
+__all__ = [
+    "COLUMNS",
+    "DATA_FILES",
+    "ROWS_PER_PROCESS",
+    "TEMPLATE_COLUMNS",
+    "TOKENIZE_VERSION",
+    "Example",
+    "GeneratedPreferences",
+    "HFPreferenceData",
+    "HFPrompts",
+    "PreferenceData",
+    "attach_reference_logps",
+    "candidate_logps",
+    "collate",
+    "pad_rows",
+    "token_ids",
+    "tokenize_record",
+]

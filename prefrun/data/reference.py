@@ -1,0 +1,85 @@
+"""Reference log-probs: `candidate_logps` (no-grad log-probs of every candidate) and
+`attach_reference_logps` (the same, cached on disk per weights and token ids), plus the cache helpers
+`_hash` and `_atomic_write` that the data sources use too."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import statistics
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from prefrun.data.batches import Example, pad_rows
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: int) -> tuple[Tensor, Tensor]:
+    """log π(y|x) of every candidate of every example, by no-grad forwards of `batch_size` rows sorted by
+    length (little padding). Returns (logps, lengths), both [N, K_max]: pools of fewer candidates are padded
+    with logp 0 and length 0."""
+    from prefrun.logprobs import sequence_logps
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.completion_ids))]
+    rows.sort(key=lambda r: len(examples[r[0]].prompt_ids) + len(examples[r[0]].completion_ids[r[1]]))
+    width = max(len(ex.completion_ids) for ex in examples)
+    logps = torch.zeros(len(examples), width)
+    lengths = torch.zeros(len(examples), width, dtype=torch.long)
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = pad_rows([(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in chunk], pad_id)
+            values = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                    batch["completion_mask"].to(device)).float().cpu()
+            index = torch.tensor(chunk)
+            logps[index[:, 0], index[:, 1]] = values
+            lengths[index[:, 0], index[:, 1]] = batch["completion_mask"].sum(1)
+    finally:
+        model.train(was_training)
+    return logps, lengths
+
+
+def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cache_dir: Path,
+                           batch_size: int, weights_key: str) -> str:
+    """Fill `example.reference_logps` (every candidate), from the disk cache when this (weights, token ids)
+    pair was seen. `batch_size` counts prompts; each carries its candidates."""
+    key = _hash(weights_key, [(ex.prompt_ids, ex.completion_ids) for ex in examples])
+    path = Path(cache_dir).expanduser() / "reference_logps" / f"{key}.pt"
+    if path.exists():
+        logps = torch.load(path)
+        log.info("reference log-probs: cache hit %s -> 0 reference forwards", path)
+    else:
+        # Any id pads: padded positions are masked. A tokenizer without a pad token pads with eos.
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows_per_forward = batch_size * max(1, round(statistics.fmean(len(ex.completion_ids) for ex in examples)))
+        logps, _ = candidate_logps(reference, examples, pad_id, batch_size=rows_per_forward)
+        buffer = io.BytesIO()
+        torch.save(logps, buffer)
+        _atomic_write(path, buffer.getvalue())
+        log.info("reference log-probs: computed %d reference forwards (%d sequences), cached at %s",
+                 -(-sum(len(ex.completion_ids) for ex in examples) // rows_per_forward),
+                 sum(len(ex.completion_ids) for ex in examples), path)
+    for example, row in zip(examples, logps.tolist()):
+        example.reference_logps = row[: len(example.completion_ids)]
+    return key
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
