@@ -13,8 +13,6 @@ Both backends tokenize prompts here with `prompt_ids` (exactly the ids training 
 them as token ids), cut each completion at EOS and at the first stop string with the same code, and
 return the raw (temperature-1) log-prob of every sampled token under the model. Temperature 0 is
 greedy decoding: one completion per prompt, returned `num_candidates` times.
-
-`hf_generate` is the HF backend for callers that want texts only.
 """
 
 from __future__ import annotations
@@ -332,25 +330,6 @@ class HFGenerator(Sampling):
         return results
 
 
-@torch.no_grad()
-def hf_generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 32,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> list[list[str]]:
-    """`num_samples` completions per prompt (temperature 0 = greedy), decoded without special tokens."""
-    generator = HFGenerator(num_candidates=num_samples, temperature=temperature, top_p=top_p,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
-    return [c.texts for c in generator.generate(prompts, model=model, tokenizer=tokenizer)]
-
-
 # -- vLLM backend -------------------------------------------------------------------------------
 
 _ENGINE_FIELDS = ("dtype", "kv_cache_memory_bytes", "gpu_memory_utilization", "tensor_parallel_size",
@@ -371,6 +350,8 @@ def _vllm_installed() -> bool:
 @dataclass
 class VLLMGenerator(Sampling):
     """Sampling with a vLLM engine that lives in a child process for the duration of one generate() call."""
+
+    starts_engine = True  # every generate() call starts (and stops) an engine: callers batch their prompts
 
     dtype: str = "auto"  # "auto": the policy's own dtype (vLLM's own "auto" would turn float32 into bfloat16)
     kv_cache_memory_bytes: int | None = None  # None: 256 MiB on a CPU, gpu_memory_utilization on a GPU

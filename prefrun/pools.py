@@ -122,15 +122,20 @@ def _is_empty(completion) -> bool:
 # -- generating pools ---------------------------------------------------------------------------------------
 
 
-def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Path, shard_size: int = 256,
+def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Path, shard_size: int | None = None,
                model_path: str | None = None, job: dict | None = None) -> list[dict]:
     """Generate `generator.num_candidates` completions per prompt, judge them, and write
-    `{prompt, candidates, scores}` records in shards `out_dir/shard-00000.jsonl` ... Each shard is written
+    `{prompt, candidates, scores}` records in shards `out_dir/shard-00000.jsonl` ... (`shard_size` prompts each;
+    None: 256, or 4096 with a generator that starts an engine per call). Each shard is written
     whole (write, then rename) after its prompts are done, so a killed run loses at most the shard in flight
     and the same call continues after the last complete shard. `prompts` must be in their final form
     (generate.as_chat applied); `job` describes what made them (model, generator, judge): shards of another
     job in `out_dir` are an error, not reused. Returns every record, in prompt order."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if shard_size is None:  # each vLLM call starts an engine (~30 s): fewer, larger shards there
+        shard_size = 4096 if getattr(generator, "starts_engine", False) else 256
+    if shard_size < 1:
+        raise InputError(f"shard_size={shard_size}: give a positive number of prompts per shard, or null")
     manifest = {"num_prompts": len(prompts), "shard_size": shard_size, **(job or {})}
     _check_manifest(out_dir, manifest)
     records: list[dict] = []

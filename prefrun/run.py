@@ -23,9 +23,16 @@ from prefrun.checkpoint import Checkpoints
 from prefrun.data import attach_reference_logps
 from prefrun.errors import InputError
 from prefrun.evaluate import judged_scores, preference_metrics
-from prefrun.generate import as_chat
+from prefrun.generate import VLLMGenerator, as_chat
 from prefrun.judges import RuleJudge
-from prefrun.model import fingerprint, load_policy, load_reference, save_policy
+from prefrun.model import (
+    fingerprint,
+    load_policy,
+    load_reference,
+    load_tokenizer,
+    resolve_model_path,
+    save_policy,
+)
 from prefrun.pools import make_pools, write_pools
 from prefrun.runlog import RunLog
 from prefrun.samplers import bias_warning
@@ -172,7 +179,12 @@ def generate_pools(cfg: DictConfig) -> Path:
         prompts = task.prompts("train", cfg.num_prompts)
     else:
         raise InputError("no prompts: set prompts.path=<data set> (and prompts.column), or keep the built-in task")
-    policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
+    if isinstance(generator, VLLMGenerator) and not cfg.model.get("lora"):
+        # The engine loads the weights from their directory in its own process: none are needed here.
+        name_or_path = resolve_model_path(cfg.model, task, cache_dir)
+        policy, tokenizer = None, load_tokenizer(name_or_path, cfg.model)
+    else:
+        policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
     prompts = as_chat(prompts, tokenizer, generator.chat_template)
     output = Path(cfg.output).expanduser()
     job = {"model": name_or_path, "lora": bool(cfg.model.get("lora")), "generator": repr(generator),

@@ -47,7 +47,7 @@ def test_embedded_job_writes_run_dir_and_reuses_reference_cache(tmp_path, cache_
     run_cli(["train", *TINY_JOB], tmp_path)
     second = [d for d in run_dirs(tmp_path) if d != run]
     log = second[0].joinpath("train.log").read_text()
-    assert "cache hit" in log and "0 reference forwards" in log and "cached pairs" in log and "(cached)" in log
+    assert "cache hit" in log and "0 reference forwards" in log and "cached pools" in log and "(cached)" in log
     # Same seed, same machine: the same metrics.
     again = [json.loads(line) for line in second[0].joinpath("metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in rows], abs=1e-6)

@@ -16,7 +16,6 @@ from prefrun.generate import (
     VLLMGenerator,
     as_chat,
     auto_generator,
-    hf_generate,
     prompt_ids,
 )
 from prefrun.tiny import char_tokenizer
@@ -142,16 +141,6 @@ def test_greedy_is_the_argmax_repeated(chars):
             logits = model(torch.tensor([context])).logits[0]
         n = len(cands.token_ids[0])
         assert logits[len(context) - n - 1 : -1].argmax(-1).tolist() == cands.token_ids[0]
-
-
-def test_hf_generate_keeps_its_contract(chars):
-    model, tokenizer = chars
-    texts = hf_generate(model, tokenizer, ["sort 12:", "sort 3:"], num_samples=3, max_new_tokens=6, seed=2)
-    same = HFGenerator(num_candidates=3, max_new_tokens=6, seed=2).generate(["sort 12:", "sort 3:"], model=model,
-                                                                             tokenizer=tokenizer)
-    assert texts == [c.texts for c in same] and all(len(t) == 3 for t in texts)
-    greedy = hf_generate(model, tokenizer, ["sort 12:"], num_samples=2, temperature=0, max_new_tokens=6)
-    assert len(greedy[0]) == 2 and greedy[0][0] == greedy[0][1]
 
 
 def test_prompt_ids_and_as_chat_with_a_chat_template(bpe):

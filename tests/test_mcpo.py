@@ -2,6 +2,7 @@
 a kill), training on the pools it wrote, the sampler metrics, the bias warning, and a judged evaluation of a
 user's model with a reward model (never the built-in task's score)."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -119,3 +120,17 @@ def test_mcpo_on_the_embedded_task_improves_the_judged_score(tmp_path, cache_dir
     assert after["win_rate_vs_before"] > 0.5
     last = rows(run)[-1]
     assert last["sequences/with_grad"] < 32 * 3  # y_w and the distinct draws only (M = 2), never the whole pool
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_generate_with_vllm_through_the_cli(tmp_path, cache_dir):
+    """`prefrun generate generator=vllm`: the engine (one child process) loads the weights from their
+    directory; the parent holds only the tokenizer. Pools as the HF backend's: judged, K per prompt."""
+    out = tmp_path / "vllm" / "pools.parquet"
+    proc = run_cli(["generate", *TINY_MODEL, "generator=vllm", "generator.num_candidates=3",
+                    "generator.max_new_tokens=10", "num_prompts=12", f"output={out}"], tmp_path)
+    from datasets import Dataset
+
+    records = Dataset.from_parquet(str(out)).to_list()
+    assert len(records) == 12 and all(len(r["candidates"]) == len(r["scores"]) == 3 for r in records)
+    assert "generate (vllm)" in proc.stdout + proc.stderr and "policy:" not in proc.stdout + proc.stderr
