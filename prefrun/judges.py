@@ -294,6 +294,8 @@ class RewardModelJudge(_ClassifierJudge):
         if self._uses_template:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             return self._chat([*messages, {"role": "assistant", "content": completion}], prompt)
+        if _single_user_turn(prompt):  # a string prompt in chat form (generate.as_chat): its text, as a string is
+            prompt = prompt[0]["content"]
         if not isinstance(prompt, str):
             raise InputError(f"{self.name}: prompt {reprlib.repr(prompt)} is a list of messages but the reward "
                              "model's tokenizer has no chat template (or judge.chat_template=none): set "
@@ -352,6 +354,11 @@ class PairwiseJudge(_ClassifierJudge):
         if self._uses_template:
             return self._chat([{"role": "user", "content": filled}], prompt, add_generation_prompt=True)
         return filled
+
+
+def _single_user_turn(prompt: Prompt) -> bool:
+    return (not isinstance(prompt, str) and len(prompt) == 1 and prompt[0].get("role") == "user"
+            and isinstance(prompt[0].get("content"), str))
 
 
 def _template_setting(chat_template: str | None) -> str:

@@ -252,6 +252,9 @@ def test_reward_model_renders_the_chat_template(chat_rm, random_rm):
     # chat_template=none: plain text; a conversation then has nothing to render it.
     assert np.allclose(RewardModelJudge(str(chat_rm), chat_template="none").score(prompts[:1], candidates[:1])[0],
                        plain, atol=1e-5)
+    # ... a single user turn (a string prompt that a chat policy saw in chat form) reads as that string
+    assert np.allclose(RewardModelJudge(str(chat_rm), chat_template="none").score(
+        [[{"role": "user", "content": "sort 4813:"}]], candidates[:1])[0], plain, atol=1e-5)
     with pytest.raises(InputError) as err:
         RewardModelJudge(str(chat_rm), chat_template=None).score([conversation], [["123"]])
     assert "no chat template" in one_line(err) and "judge.chat_template" in str(err.value)
