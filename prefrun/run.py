@@ -66,8 +66,9 @@ def run(cfg: DictConfig) -> float | None:
     held_out = data.load_eval(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
     _attach_reference(cfg, accelerator, policy, tokenizer, [examples, held_out], cache_dir)
 
-    evaluate = _judged_evaluation(cfg, data, task, judge, policy, tokenizer)
+    evaluate = _judged_evaluation(cfg, data, task, judge, tokenizer)
     before = evaluate(policy, None)
+    judge.close()  # a reward model leaves memory while training runs; it loads again for the evaluation after
     last = train(policy, tokenizer, examples, loss_fn=loss_fn, beta=cfg.loss.beta, sampler=sampler,
                  optimizer_factory=instantiate(cfg.optim), cfg=cfg.trainer, accelerator=accelerator, seed=cfg.seed,
                  on_log=record.metrics, on_resume=record.truncate_metrics,
@@ -99,7 +100,7 @@ def _warn_if_biased(cfg, sampler) -> None:
         log.warning("%s", warning)
 
 
-def _judged_evaluation(cfg, data, task, judge, policy, tokenizer):
+def _judged_evaluation(cfg, data, task, judge, tokenizer):
     """`evaluate(model, before) -> results`: completions of held-out prompts judged before and after training.
     The prompts are the task's held-out ones when training on the task, else the data's held-out records'
     (data.eval_size / data.eval_split): a run on a user's data is never scored on the built-in task."""
