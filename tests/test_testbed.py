@@ -15,8 +15,8 @@ from torch import Tensor
 from prefrun import testbed as tb
 from prefrun.cli import config_dir
 from prefrun.errors import InputError
+from prefrun.extrapolate import extrapolate_logprobs, extrapolate_parameters
 from prefrun.losses import dpo_loss
-from prefrun.online import extrapolate_logprobs, extrapolate_parameters
 from prefrun.samplers import (
     CDSampler,
     DatasetSampler,

@@ -1,4 +1,4 @@
-"""Online rounds, math layer: the APO extrapolation step as pure tensor functions (paper 004).
+"""APO's extrapolation step as pure tensor functions (paper 004: Accelerated Preference Optimization, arXiv 2410.06293).
 
 APO runs iterative DPO and, after round t produced π̂_{t+1}, extrapolates with momentum α over the
 *un-extrapolated* iterates (docs/algorithms.md, "APO"):
