@@ -99,7 +99,7 @@ def report() -> None:
         sys.exit(f"prefrun report: {err}")
 
 
-COMMANDS = {"train": (train, "preference optimisation: DPO, IPO, MC-PO (pools); online rounds and APO to come"),
+COMMANDS = {"train": (train, "preference optimisation: DPO, IPO, MC-PO (pools); online rounds: iterative DPO, OnMC-PO, APO"),
             "generate": (generate, "candidate pools: prompts -> K completions (vLLM or HF) -> judge scores -> jsonl/parquet"),
             "testbed": (testbed, "exact checks of DPO, MC-PO, APO on a finite bandit; writes docs/testbed.md"),
             "report": (report, "tables and plots of a run or multirun directory: prefrun report <dir>")}

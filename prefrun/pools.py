@@ -123,14 +123,17 @@ def _is_empty(completion) -> bool:
 
 
 def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Path, shard_size: int | None = None,
-               model_path: str | None = None, job: dict | None = None) -> list[dict]:
+               model_path: str | None = None, job: dict | None = None, seed: int | None = None,
+               timings: dict | None = None) -> list[dict]:
     """Generate `generator.num_candidates` completions per prompt, judge them, and write
     `{prompt, candidates, scores}` records in shards `out_dir/shard-00000.jsonl` ... (`shard_size` prompts each;
     None: 256, or 4096 with a generator that starts an engine per call). Each shard is written
     whole (write, then rename) after its prompts are done, so a killed run loses at most the shard in flight
     and the same call continues after the last complete shard. `prompts` must be in their final form
     (generate.as_chat applied); `job` describes what made them (model, generator, judge): shards of another
-    job in `out_dir` are an error, not reused. Returns every record, in prompt order."""
+    job in `out_dir` are an error, not reused. `seed` (default: the generator's) is the first shard's sampling seed;
+    `timings`, if given, receives generate_s, judge_s, generated_tokens and completions of the work done here.
+    Returns every record, in prompt order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if shard_size is None:  # each vLLM call starts an engine (~30 s): fewer, larger shards there
         shard_size = 4096 if getattr(generator, "starts_engine", False) else 256
@@ -150,11 +153,18 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
             continue
         chunk = prompts[lo:hi]
         # Each shard its own seed, fixed by its position: a resumed run generates what an uninterrupted one would.
-        shard_generator = dataclasses.replace(generator, seed=generator.seed + 7919 * shard)
+        shard_generator = dataclasses.replace(generator, seed=(generator.seed if seed is None else seed) + 7919 * shard)
+        began = time.perf_counter()
         candidates = shard_generator.generate(chunk, model=model, tokenizer=tokenizer, model_path=model_path)
+        generated = time.perf_counter()
         texts = [c.texts for c in candidates]
         generated_tokens += sum(len(ids) for c in candidates for ids in c.token_ids)
         scores = judge.score(chunk, texts)
+        if timings is not None:
+            for key, value in (("generate_s", generated - began), ("judge_s", time.perf_counter() - generated),
+                               ("generated_tokens", sum(len(ids) for c in candidates for ids in c.token_ids)),
+                               ("completions", sum(len(c.token_ids) for c in candidates))):
+                timings[key] = timings.get(key, 0) + value
         rows = [{"prompt": p, "candidates": t, "scores": s} for p, t, s in zip(chunk, texts, scores)]
         _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         records.extend(rows)

@@ -55,6 +55,22 @@ class RunLog:
             if self.wandb:
                 self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
 
+    def round(self, row: dict, samples: list[dict]) -> None:
+        """An online round's row (a `round` and a `step` field, keys prefixed round/ and sync/), and in W&B a
+        table of the round's sample generations."""
+        if not self.enabled:
+            return
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.wandb:
+            import wandb
+
+            table = wandb.Table(columns=["round", "prompt", "completion", "score"])
+            for sample in samples:
+                table.add_data(row["round"], str(sample["prompt"]), sample["completion"], sample["score"])
+            self.wandb.log({**{k: v for k, v in row.items() if k != "step"}, "round/samples": table},
+                           step=row["step"])
+
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint, which the resumed run logs again."""
         if not self.enabled:

@@ -15,7 +15,9 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in G
 # Keys that a group's option leaves for the user (`???`) get a value here.
 REQUIRED = {"model=hf": ["model.name_or_path=some/model"], "data=jsonl": ["data.path=pairs.jsonl"],
             "data=hf": ["data.path=pairs.jsonl"], "data=pools": ["data.path=pools.jsonl"],
-            "judge=reward_model": ["judge.name_or_path=some/rm"], "judge=pairwise": ["judge.name_or_path=some/ranker"]}
+            "judge=reward_model": ["judge.name_or_path=some/rm"], "judge=pairwise": ["judge.name_or_path=some/ranker"],
+            "experiment=apo_paper": ["judge.name_or_path=some/ranker"],
+            "experiment=onmcpo_paper": ["judge.name_or_path=some/ranker"]}
 
 
 def options(group: str) -> list[str]:
@@ -41,9 +43,9 @@ def test_every_group_option_composes_and_instantiates(choice):
 
 @pytest.mark.parametrize("name", options("experiment"))
 def test_every_experiment_composes(name):
-    cfg = compose_train([f"experiment={name}"])
+    cfg = compose_train([f"experiment={name}", *REQUIRED.get(f"experiment={name}", [])])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    for group in ("task", "loss", "sampler", "optim", "data", "generator", "judge"):
+    for group in ("task", "loss", "sampler", "optim", "data", "generator", "judge", "online"):
         if cfg.get(group) is not None:  # `override /task: null` removes the task
             instantiate(cfg[group])
 
@@ -82,3 +84,17 @@ def test_cache_dir_follows_the_environment(monkeypatch):
 def test_group_option_typo_gives_hydras_message():
     with pytest.raises(Exception, match="(?s)Could not find 'loss/dpoo'.*Available options"):
         compose_train(["loss=dpoo"])
+
+
+@pytest.mark.parametrize("name, algorithm, loss, generator", [
+    ("iterdpo_tiny", "iterative", "dpo_loss", "VLLMGenerator"), ("apo_tiny", "apo", "dpo_loss", "VLLMGenerator"),
+    ("onmcpo_tiny", "onmcpo", "mcpo_cd_loss", "VLLMGenerator"), ("apo_paper", "apo", "dpo_loss", "VLLMGenerator"),
+    ("onmcpo_paper", "onmcpo", "mcpo_cd_loss", "VLLMGenerator"),
+])
+def test_online_presets_choose_their_algorithm(name, algorithm, loss, generator):
+    cfg = compose_train([f"experiment={name}", *REQUIRED.get(f"experiment={name}", [])])
+    assert cfg.online.algorithm == algorithm and cfg.loss._target_.endswith(loss)
+    assert cfg.generator._target_.endswith(generator)
+    if name == "apo_paper":
+        assert list(cfg.online.beta_schedule) == [0.01, 0.1, 1.0] and cfg.online.alpha == 0.3
+        assert cfg.generator.num_candidates == 5 and cfg.generator.temperature == 0.7 and cfg.optim.lr == 5e-7

@@ -73,7 +73,7 @@ def long_prompts(n: int = 12) -> list[str]:
 def engine_run(tiny, tmp_path_factory):
     _, model, tokenizer, prompts = tiny
     scratch = tmp_path_factory.mktemp("scratch")
-    generator = VLLMGenerator(num_candidates=K, max_new_tokens=MAX_NEW)
+    generator = VLLMGenerator(num_candidates=K, max_new_tokens=MAX_NEW, mode="fresh")  # the child-per-call mode
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tempfile, "tempdir", str(scratch))  # where the policy is saved for the engine
         vllm_here_before = "vllm" in sys.modules

@@ -483,17 +483,28 @@ class GeneratedPreferences(PreferenceData):
             return []
         return dataclasses.replace(self.prompts, split=self.eval_split, max_samples=n).prompts()
 
-    def load(self, *, policy, tokenizer, task, cache_dir: Path, generator=None, judge=None,
-             pools: bool = False) -> list[Example]:
+    def train_prompts(self, task, tokenizer, generator) -> list:
+        """The prompts candidates are generated for, in their final form (chat-wrapped when the tokenizer has a
+        template): the task's train prompts, or the `prompts` data set's."""
         from prefrun.generate import as_chat
-        from prefrun.model import fingerprint
-        from prefrun.pools import make_pools
 
         if self.prompts is None and task is None:
             raise InputError("data=task_pairs samples preferences for a built-in task, but the task is removed (~task): "
                              "keep task=sort, set data.prompts.path=<prompts> or choose data=hf data.path=<your data>")
         prompts = task.prompts("train", self.num_prompts) if self.prompts is None else self.prompts.prompts()
-        prompts = as_chat(prompts, tokenizer, generator.chat_template)
+        return as_chat(prompts, tokenizer, generator.chat_template)
+
+    @property
+    def prompt_source(self) -> str:
+        return f"data.prompts.path={self.prompts.path}" if self.prompts is not None else \
+            f"the task's train prompts (data.num_prompts={self.num_prompts})"
+
+    def load(self, *, policy, tokenizer, task, cache_dir: Path, generator=None, judge=None,
+             pools: bool = False) -> list[Example]:
+        from prefrun.model import fingerprint
+        from prefrun.pools import make_pools
+
+        prompts = self.train_prompts(task, tokenizer, generator)
         key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge))
         out_dir = Path(cache_dir).expanduser() / "pools" / key
         done = out_dir / "pools.jsonl"
@@ -504,9 +515,14 @@ class GeneratedPreferences(PreferenceData):
             records = make_pools(prompts, generator=generator, judge=judge, model=policy, tokenizer=tokenizer,
                                  out_dir=out_dir / "shards")
             _atomic_write(done, "".join(json.dumps(r) + "\n" for r in records).encode())
+        return self.examples(records, tokenizer, pools=pools, where=str(done))
+
+    def examples(self, records: list[dict], tokenizer, *, pools: bool, where: str) -> list[Example]:
+        """Generated pools -> examples: whole pools (best first), or best vs worst pairs. Pools whose candidates
+        all tie, or with fewer than two, are skipped and counted."""
         items = []
         for i, record in enumerate(records):
-            pool = read_pool(record, {c: c for c in POOL_COLUMNS}, lambda i=i: f"{done} (record {i})",
+            pool = read_pool(record, {c: c for c in POOL_COLUMNS}, lambda i=i: f"{where} (record {i})",
                              allow_empty=True)
             if isinstance(pool, str):
                 items.append(pool)

@@ -1,0 +1,258 @@
+"""Online rounds, state layer: the prompt folds, what a round keeps on disk, and the policy's weights
+between rounds (read, write, extrapolate, swap in the initial ones). The round loop itself is in
+`prefrun/run.py`; the APO math is in `prefrun/extrapolate.py`.
+
+A run directory of an online run holds, per round t = 1..T:
+
+    rounds/<t>/pools.jsonl      the round's candidates with their judge scores (shards/ while it is written)
+    rounds/<t>/checkpoints/     resumable training checkpoints while the round trains (removed when it ends)
+    rounds/<t>/policy_hat/      θ̂_t: the weights training produced (save_pretrained: a model directory)
+    rounds/<t>/policy/          θ_t: what round t + 1 generates from (APO: extrapolated; else a link to policy_hat)
+    rounds/<t>/round.json       the round's metrics, written last: a round with it is done and never redone
+
+With LoRA the weights of every adapted module are the merged `W + B·A`: rounds that extrapolate or move
+the reference merge each round's adapters into the base and start fresh ones, so a round's weights are
+no longer "base + one adapter" and are kept whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from prefrun.errors import InputError
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("none", "iterative", "onmcpo", "apo")
+
+
+@dataclass
+class OnlineConfig:
+    """The `online=` group (conf/online/*.yaml), checked."""
+
+    algorithm: str = "none"
+    rounds: int = 3
+    prompts_per_round: int | None = None
+    alpha: float = 0.0
+    ref: str = "previous"
+    beta_schedule: list[float] | None = None
+    keep_weights: bool = True
+    kl_estimate: bool = True
+    num_samples_logged: int = 8
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise InputError(f"online.algorithm={self.algorithm!r}: choose {', '.join(ALGORITHMS)} (online=<name>)")
+        if self.algorithm == "none":
+            return
+        if not (isinstance(self.rounds, int) and self.rounds >= 1):
+            raise InputError(f"online.rounds={self.rounds!r}: must be an integer >= 1")
+        if self.prompts_per_round is not None and self.prompts_per_round < 1:
+            raise InputError(f"online.prompts_per_round={self.prompts_per_round!r}: must be >= 1, or null (folds)")
+        if self.ref not in ("initial", "previous"):
+            raise InputError(f"online.ref={self.ref!r}: choose initial (the starting policy) or previous "
+                             "(the policy at the round's start)")
+        if self.algorithm in ("iterative", "apo") and self.ref != "previous":
+            raise InputError(f"online={self.algorithm} uses the policy at each round's start as the reference: "
+                             "online.ref=initial is for online=onmcpo")
+        if self.alpha and self.algorithm != "apo":
+            raise InputError(f"online.alpha={self.alpha}: extrapolation is APO's (online=apo)")
+        if self.beta_schedule is not None:
+            self.beta_schedule = [float(b) for b in self.beta_schedule]
+            if len(self.beta_schedule) != self.rounds or min(self.beta_schedule) <= 0:
+                raise InputError(f"online.beta_schedule={self.beta_schedule}: give one β > 0 per round "
+                                 f"(online.rounds={self.rounds}), or null for loss.beta every round")
+
+    @property
+    def enabled(self) -> bool:
+        return self.algorithm != "none"
+
+    @property
+    def extrapolates(self) -> bool:
+        return self.algorithm == "apo" and self.alpha != 0
+
+    def beta(self, t: int, default: float) -> float:
+        """β of round t (1-based)."""
+        return self.beta_schedule[t - 1] if self.beta_schedule else default
+
+
+def prompt_folds(prompts: list, rounds: int, per_round: int | None, *, source: str) -> list[list]:
+    """Disjoint prompt folds, one per round: `per_round` prompts each, or the prompts split in `rounds` folds."""
+    if per_round is None:
+        per_round = len(prompts) // rounds
+        if per_round == 0:
+            raise InputError(f"online: {source} has {len(prompts)} prompts, fewer than online.rounds={rounds}")
+    elif len(prompts) < rounds * per_round:
+        raise InputError(f"online: {rounds} rounds x online.prompts_per_round={per_round} need {rounds * per_round} "
+                         f"prompts, but {source} has {len(prompts)}: lower one of them")
+    return [prompts[t * per_round : (t + 1) * per_round] for t in range(rounds)]
+
+
+class Rounds:
+    """The `rounds/` directory of a run: which rounds are done, and where each keeps its parts."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.root, self.enabled = Path(run_dir) / "rounds", enabled
+
+    def dir(self, t: int) -> Path:
+        return self.root / str(t)
+
+    def done(self, t: int) -> dict | None:
+        path = self.dir(t) / "round.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def completed(self, total: int) -> list[dict]:
+        """The metrics of rounds 1.. that are done (a prefix: round t + 1 starts only after round t ended)."""
+        out = []
+        for t in range(1, total + 1):
+            done = self.done(t)
+            if done is None:
+                break
+            out.append(done)
+        return out
+
+    def finish(self, t: int, metrics: dict, *, keep_weights: bool) -> None:
+        """Mark round t done (atomically), drop its training checkpoints, and without `keep_weights` the
+        weights of round t - 1, which resume no longer needs."""
+        if not self.enabled:
+            return
+        path = self.dir(t) / "round.json"
+        tmp = path.with_name(f".round.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(tmp, path)
+        shutil.rmtree(self.dir(t) / "checkpoints", ignore_errors=True)
+        if not keep_weights and t > 1:
+            for name in ("policy", "policy_hat"):
+                _remove(self.dir(t - 1) / name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the policy's weights ---------------------------------------------------------------------------
+
+
+def _lora_layers(model) -> dict[str, object]:
+    if not hasattr(model, "peft_config"):
+        return {}
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.get_base_model().named_modules() if isinstance(module, LoraLayer)}
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def policy_weights(model) -> dict[str, Tensor]:
+    """The policy's weights as plain model parameters (HF names, tied ones once), copied to the CPU. With LoRA
+    each adapted weight is the merged W + B·A: the adapters' function, never the factors A and B (B·A is
+    bilinear, so anything linear done to the weights, like APO's extrapolation, must be done to B·A)."""
+    lora = _lora_layers(model)
+    weights = {}
+    for name, param in _base(model).named_parameters():
+        if "lora_" in name:
+            continue
+        weights[name.replace(".base_layer.", ".")] = param.detach().to("cpu", copy=True)
+    for name, module in lora.items():
+        if "modules_to_save" in name:
+            raise InputError("online rounds with LoRA: modules_to_save is not supported; adapt linear layers only")
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A and not module.merged:
+                weights[f"{name}.weight"] += module.get_delta_weight(adapter).detach().cpu().to(weights[f"{name}.weight"].dtype)
+    return weights
+
+
+@torch.no_grad()
+def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
+    """Write `weights` (as `policy_weights` returns them) into the model. With LoRA they go into the base
+    layers and the adapters restart (B = 0, A drawn from `seed`): the policy's function is exactly `weights`,
+    and "adapters off" is now this policy, the next round's reference."""
+    params = {name.replace(".base_layer.", "."): param for name, param in _base(model).named_parameters()
+              if "lora_" not in name}
+    missing, unknown = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or unknown:
+        raise InputError(f"online: saved weights do not fit the policy (missing {missing[:3]}, unknown {unknown[:3]}): "
+                         "was the run directory made with another model?")
+    for name, param in params.items():
+        param.copy_(weights[name].to(param.device, param.dtype))
+    lora = _lora_layers(model)
+    if lora:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        for module in lora.values():
+            for adapter in list(module.lora_A):
+                module.reset_lora_parameters(adapter, True)
+        torch.random.set_rng_state(state)
+
+
+def save_weights(model, tokenizer, weights: dict[str, Tensor], path: Path) -> None:
+    """`weights` as a model directory (config, safetensors, tokenizer), written whole then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _base(model).save_pretrained(tmp, state_dict=dict(weights))
+    tokenizer.save_pretrained(tmp)
+    _remove(path)
+    os.replace(tmp, path)
+
+
+def link_weights(target: Path, path: Path) -> None:
+    """`path` -> `target` (same directory): θ_t is θ̂_t when nothing is extrapolated."""
+    _remove(path)
+    path.symlink_to(target.name)
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of a model directory written by `save_weights`."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{path}: no *.safetensors weights: the round's weights were deleted "
+                         "(online.keep_weights=false keeps only the last round's); start a new run directory")
+    weights = {}
+    for file in files:
+        weights.update(load_file(file))
+    return weights
+
+
+def complete_tied(model, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """save_pretrained leaves out tied weights (lm_head = embeddings); put them back under every name."""
+    out = dict(weights)
+    names = {}
+    for name, param in _base(model).named_parameters(remove_duplicate=False):
+        if "lora_" not in name:
+            names.setdefault(param.data_ptr(), []).append(name.replace(".base_layer.", "."))
+    for group in names.values():
+        present = next((n for n in group if n in out), None)
+        for name in group:
+            if present is not None:
+                out.setdefault(name, out[present])
+    kept = {n.replace(".base_layer.", ".") for n, _ in _base(model).named_parameters() if "lora_" not in n}
+    return {name: value for name, value in out.items() if name in kept}
+
+
+@contextmanager
+def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
+    """Run the block with `state` (a full `model.state_dict()` copy) in the model, then put its weights back:
+    the initial weights' log-probs without a second model in memory (one extra copy on the CPU)."""
+    current = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    model.load_state_dict(state)
+    try:
+        yield
+    finally:
+        model.load_state_dict(current)

@@ -1,0 +1,215 @@
+"""Online rounds (online=iterative|onmcpo|apo) with the in-process HF generator: the round state
+(prefrun/online.py), APO's extrapolation on real weights and LoRA deltas, α = 0 against iterative DPO,
+and a SIGKILL in the middle of round 2. The same rounds with a real vLLM engine: tests/test_online_vllm.py."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefrun.errors import InputError
+from prefrun.extrapolate import extrapolate_parameters
+from prefrun.online import OnlineConfig, load_weights, policy_weights, prompt_folds, set_policy_weights
+
+from .conftest import TINY_JOB, run_cli
+
+# Two short rounds of 32 prompts each on the tiny embedded job.
+ROUNDS = [*TINY_JOB, "online.rounds=2", "trainer.max_steps=6", "eval.num_prompts=16", "trainer.log_every=2"]
+
+
+def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(config).eval()
+
+
+def _lora(model):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=True)
+    return get_peft_model(model, config)
+
+
+def _random_adapters(model, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def test_lora_extrapolation_acts_on_the_merged_deltas_not_on_a_and_b():
+    policy = _lora(_tiny_llama())
+    _random_adapters(policy, 1)
+    hat_1 = policy_weights(policy)
+    factors_1 = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
+    _random_adapters(policy, 2)
+    hat_2 = policy_weights(policy)
+    factors_2 = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
+    alpha = 0.3
+
+    theta = extrapolate_parameters(hat_2, hat_1, alpha)
+    set_policy_weights(policy, theta, seed=0)
+    # The policy now computes exactly θ: its weights are θ, its adapters restarted (B = 0), and its outputs are
+    # those of a plain model holding θ.
+    now = policy_weights(policy)
+    for name in theta:
+        torch.testing.assert_close(now[name], theta[name], atol=1e-6, rtol=0)
+    assert all(not p.any() for n, p in policy.named_parameters() if "lora_B" in n)
+    plain = _tiny_llama()
+    plain.load_state_dict(theta, strict=False)
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(policy(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+    # Extrapolating A and B separately gives other weights: B·A is bilinear.
+    base = dict(policy_weights(_lora(_tiny_llama())))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    a_name = next(n for n in factors_1 if "layers.0.self_attn.q_proj.lora_A" in n)
+    b_name = a_name.replace("lora_A", "lora_B")
+    a = extrapolate_parameters(factors_2[a_name], factors_1[a_name], alpha)
+    b = extrapolate_parameters(factors_2[b_name], factors_1[b_name], alpha)
+    separately = base[q] + (b @ a) * (8 / 4)
+    assert (separately - theta[q]).abs().max() > 1e-2
+
+
+def test_set_policy_weights_refuses_weights_of_another_model():
+    with pytest.raises(InputError, match="do not fit the policy"):
+        set_policy_weights(_tiny_llama(), {"lm_head.weight": torch.zeros(3, 3)}, seed=0)
+
+
+def test_prompt_folds_are_disjoint_and_checked():
+    folds = prompt_folds(list(range(10)), 3, None, source="x")
+    assert folds == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert prompt_folds(list(range(10)), 2, 4, source="x") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(InputError, match="need 12 prompts, but x has 10"):
+        prompt_folds(list(range(10)), 3, 4, source="x")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"algorithm": "apo", "beta_schedule": [0.1, 0.2]}, "one β > 0 per round"),
+    ({"algorithm": "iterative", "alpha": 0.3}, "extrapolation is APO's"),
+    ({"algorithm": "apo", "ref": "initial"}, "online.ref=initial is for online=onmcpo"),
+    ({"algorithm": "dpo"}, "online.algorithm='dpo'"),
+])
+def test_online_config_errors_name_the_key(settings, message):
+    with pytest.raises(InputError, match=message):
+        OnlineConfig(**settings)
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(directory):
+    return load_file(directory / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_apo_alpha_zero_is_iterative_dpo_and_extrapolation_matches_the_saved_rounds(tmp_path, cache_dir):
+    iterative, apo0, apo = tmp_path / "iterative", tmp_path / "apo0", tmp_path / "apo"
+    run_cli(["train", *ROUNDS, "online=iterative", f"hydra.run.dir={iterative}"], tmp_path)
+    run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0", f"hydra.run.dir={apo0}"], tmp_path)
+    run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0.3", f"hydra.run.dir={apo}"], tmp_path)
+
+    # α = 0: the same run as iterative DPO, row for row and weight for weight.
+    a, b = _rows(iterative), _rows(apo0)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "rewards/margin", "round/judge_score", "round/eval/policy_hat/sampled/mean"):
+            if key in x:
+                assert x[key] == y[key], key
+    for name, value in _weights(iterative / "checkpoint-final").items():
+        assert torch.equal(value, _weights(apo0 / "checkpoint-final")[name]), name
+
+    # Every row carries its round; steps count across rounds; both rounds' parts are on disk.
+    rows = _rows(apo)
+    assert {r["round"] for r in rows} == {1, 2}
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(steps) and steps[-1] == 12
+    summary = json.loads((apo / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    for key in ("round/kl_to_initial", "round/response_length", "round/time/generate_s", "round/time/train_s",
+                "sync/max_abs_logp_diff", "sync/weight_version", "round/eval/policy_hat/sampled/stderr",
+                "round/eval/policy/sampled/mean"):
+        assert key in summary["rounds"][0], key
+    assert len(summary["rounds"][0]["samples"]) == 8
+    pools = [json.loads(line) for line in (apo / "rounds" / "1" / "pools.jsonl").read_text().splitlines()]
+    assert len(pools) == 32 and all(len(p["scores"]) == 4 for p in pools)
+
+    # θ_1 = θ̂_1 + α(θ̂_1 − θ̂_0), θ̂_0 the starting weights; the last round is not extrapolated (θ_2 = θ̂_2 = output).
+    [start] = list((cache_dir / "models").glob("tiny-llama-*"))
+    hat_0, hat_1 = load_weights(start), load_weights(apo / "rounds" / "1" / "policy_hat")
+    theta_1 = load_weights(apo / "rounds" / "1" / "policy")
+    for name in hat_1:
+        torch.testing.assert_close(theta_1[name], hat_1[name] + 0.3 * (hat_1[name] - hat_0[name]), atol=1e-6, rtol=0)
+    assert (apo / "rounds" / "2" / "policy").is_symlink()
+    final, hat_2 = _weights(apo / "checkpoint-final"), load_weights(apo / "rounds" / "2" / "policy_hat")
+    for name in hat_2:
+        assert torch.equal(final[name], hat_2[name])
+    # And the extrapolation changed what round 2 did.
+    assert _weights(apo / "checkpoint-final")["model.embed_tokens.weight"].ne(
+        _weights(apo0 / "checkpoint-final")["model.embed_tokens.weight"]).any()
+
+
+@pytest.mark.slow
+def test_apo_with_lora_extrapolates_the_merged_weights(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0.3", "+model/lora=default", "model.lora.r=4",
+             "optim.lr=1e-2", f"hydra.run.dir={run}"], tmp_path)
+    [start] = list((cache_dir / "models").glob("tiny-llama-*"))
+    hat_0, hat_1 = load_weights(start), load_weights(run / "rounds" / "1" / "policy_hat")
+    theta_1 = load_weights(run / "rounds" / "1" / "policy")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (hat_1[q] - hat_0[q]).abs().max() > 1e-4  # the adapters trained
+    for name in hat_1:
+        torch.testing.assert_close(theta_1[name], hat_1[name] + 0.3 * (hat_1[name] - hat_0[name]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["apo", "onmcpo"])
+def test_sigkill_in_round_2_then_rerun_ends_where_an_uninterrupted_run_ends(algorithm, tmp_path, cache_dir):
+    extra = {"apo": ["online=apo", "online.alpha=0.3"],
+             "onmcpo": ["online=onmcpo", "loss=mcpo_cd", "sampler=cd", "generator.num_candidates=6"]}[algorithm]
+    job = [*ROUNDS, *extra, "trainer.save_every=2", "trainer.max_steps=8"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_cli(["train", *job, f"hydra.run.dir={whole}"], tmp_path)
+
+    command = [sys.executable, "-m", "prefrun", "train", *job, f"hydra.run.dir={broken}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    mid_round_2 = broken / "rounds" / "2" / "checkpoints" / "step-4"
+    while not mid_round_2.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (broken / "rounds" / "2" / "round.json").exists()
+
+    out = run_cli(["train", *job, f"hydra.run.dir={broken}"], tmp_path)  # the same command again
+    log = (broken / "train.log").read_text()
+    assert "rounds 1-1 of 2 are done" in log and "resuming from" in log, out.stderr[-2000:]
+    resumed, expected = _rows(broken), _rows(whole)
+    assert [(r["round"], r["step"]) for r in resumed] == [(r["round"], r["step"]) for r in expected]
+    for a, b in zip(resumed, expected):
+        for key in ("loss", "rewards/margin", "grad_norm", "round/judge_score", "round/kl_to_initial",
+                    "round/eval/policy_hat/sampled/mean"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    final_a, final_b = _weights(broken / "checkpoint-final"), _weights(whole / "checkpoint-final")
+    for name in final_b:
+        torch.testing.assert_close(final_a[name], final_b[name], atol=1e-6, rtol=0)
+    assert not (broken / "rounds" / "2" / "checkpoints").exists()  # a finished round drops its checkpoints
+
+
+@pytest.mark.slow
+def test_online_needs_generated_data_and_a_matching_loss(tmp_path, cache_dir):
+    out = run_cli(["train", *ROUNDS, "online=onmcpo"], tmp_path, check=False)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "online=onmcpo trains with an MC-PO loss: add loss=mcpo_cd sampler=cd" in text
+    assert "Traceback" not in text

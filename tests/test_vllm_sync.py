@@ -1,0 +1,273 @@
+"""sync(): the generator brought to the trainer's weights every round, and verified, against real vLLM engines.
+
+One persistent engine runs the main scenario (sync, generate, train, sync, broken syncs, a hung engine); a second
+one is killed; two fresh children check fresh mode's probe. A tiny random Llama (head_dim 64) is built here."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import math
+import os
+import signal
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefrun.errors import PrefrunError
+from prefrun.generate import HFGenerator, VLLMGenerator, prompt_ids
+from prefrun.tiny import char_tokenizer
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+
+K, MAX_NEW = 2, 8
+PROMPTS = ["sort 3 1 4 1 5:", "sort 9 2 6:", "sort 5 3 5 8 9 7:", "sort 2 7 1 8 2 8:", "sort 1 2:"]
+
+
+def live_processes_of_group(pgid: int) -> list[int]:
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        state, _, group = text[text.rindex(")") + 2 :].split()[:3]
+        if int(group) == pgid and state not in "ZX":
+            alive.append(int(entry))
+    return alive
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A random 2-layer Llama over the character tokenizer, initialised wide enough to have opinions."""
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=128,
+                         tie_word_embeddings=True, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def trained(model, tokenizer) -> None:
+    """One optimiser step on the probe prompts: the kind of change a training round makes."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.tensor([prompt_ids(tokenizer, PROMPTS[0])])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.zero_grad()
+
+
+def noised(model, seed: int, std: float = 0.02) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * std)
+
+
+def teacher_forced(model, tokenizer, prompt, ids) -> torch.Tensor:
+    context = prompt_ids(tokenizer, prompt)
+    with torch.no_grad():
+        logits = model(torch.tensor([context + ids])).logits[0].float()
+    positions = torch.arange(len(context) - 1, len(context) + len(ids) - 1)
+    return torch.log_softmax(logits, -1)[positions, torch.tensor(ids, dtype=torch.long)]
+
+
+def error_of(call) -> str:
+    start = time.perf_counter()
+    with pytest.raises(PrefrunError) as err:
+        call()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("generator=vllm: "), message
+    return message + f" [{time.perf_counter() - start:.1f} s]"
+
+
+@pytest.fixture(scope="module")
+def persistent(base):
+    """The main scenario on one persistent engine; every step's outcome is recorded for the tests below."""
+    model, tokenizer = copy.deepcopy(base[0]), base[1]
+    generator = VLLMGenerator(num_candidates=K, max_new_tokens=MAX_NEW, seed=3, probe_size=4, probe_tokens=8)
+    rec = {"repr": repr(generator)}
+    try:
+        generator.sync(model, tokenizer, probe_prompts=PROMPTS, version=0)
+        rec["v0"], rec["pid"] = dict(generator.sync_stats), generator.worker_pid
+        rec["out_v0"] = generator.generate(PROMPTS, model=model, tokenizer=tokenizer)
+        shard = dataclasses.replace(generator, seed=generator.seed + 7919)  # what pools.make_pools does
+        rec["shard_out"], rec["shard_pid"] = shard.generate(PROMPTS, model=model, tokenizer=tokenizer), shard.worker_pid
+        rec["shard_repr"] = repr(shard)
+
+        trained(model, tokenizer)
+        generator.sync(model, tokenizer, probe_prompts=PROMPTS, version=1)
+        rec["v1"] = dict(generator.sync_stats)
+        rec["out_v1"] = generator.generate(PROMPTS, model=model, tokenizer=tokenizer)
+        rec["model_v1"] = copy.deepcopy(model)
+
+        # The probe's block-filling prompts were cached by sync v1; without a reset they are served from there.
+        noised(model, seed=1)
+        skip_reset = dataclasses.replace(generator, debug_break_sync="skip_prefix_reset")
+        rec["skip_reset"] = error_of(lambda: skip_reset.sync(model, tokenizer, probe_prompts=PROMPTS, version=2))
+        generator.sync(model, tokenizer, probe_prompts=PROMPTS, version=2)  # the same push, done right
+        noised(model, seed=2)
+        skip_push = dataclasses.replace(generator, debug_break_sync="skip_push")
+        rec["skip_push"] = error_of(lambda: skip_push.sync(model, tokenizer, probe_prompts=PROMPTS, version=3))
+        generator.sync(model, tokenizer, probe_prompts=PROMPTS, version=3)
+        rec["v3"], rec["pid_v3"] = dict(generator.sync_stats), generator.worker_pid
+        rec["repr_v3"] = repr(generator)
+
+        os.kill(rec["pid"], signal.SIGSTOP)  # a hung engine: alive, never answering
+        hurried = dataclasses.replace(generator, call_timeout_s=2)
+        rec["hung"] = error_of(lambda: hurried.generate(PROMPTS, model=model, tokenizer=tokenizer))
+        rec["after_hung"] = error_of(lambda: generator.generate(PROMPTS, model=model, tokenizer=tokenizer))
+    finally:
+        generator.close()
+        generator.close()  # idempotent
+    rec["alive_after_close"] = live_processes_of_group(rec["pid"])
+    return rec
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_sync_v0_starts_the_engine_and_verifies_it(persistent):
+    v0 = persistent["v0"]
+    assert set(v0) == {"sync/max_abs_logp_diff", "sync/probe_change", "sync/weight_version", "sync/time_s"}
+    assert v0["sync/weight_version"] == 0 and v0["sync/max_abs_logp_diff"] <= 1e-3
+    assert math.isnan(v0["sync/probe_change"])  # nothing to compare with yet
+    assert len(persistent["out_v0"]) == len(PROMPTS) and all(len(c.texts) == K for c in persistent["out_v0"])
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_copies_share_the_engine_and_the_repr_stays(persistent):
+    assert persistent["shard_pid"] == persistent["pid"] == persistent["pid_v3"]
+    assert persistent["shard_repr"] != persistent["repr"]  # another seed
+    assert persistent["repr_v3"] == persistent["repr"]  # sessions and versions stay out of the repr
+    assert [c.token_ids for c in persistent["shard_out"]] != [c.token_ids for c in persistent["out_v0"]]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_pushed_version_is_served_and_verified(persistent, base):
+    v1 = persistent["v1"]
+    print(f"\nsync v1: diff {v1['sync/max_abs_logp_diff']:.2e}, change {v1['sync/probe_change']:.3f}, "
+          f"{v1['sync/time_s']:.3f} s; v3: {persistent['v3']}")
+    assert v1["sync/weight_version"] == 1 and v1["sync/max_abs_logp_diff"] <= 1e-3
+    assert v1["sync/probe_change"] > 1e-2  # the step moved the engine's log-probs
+    model, tokenizer = persistent["model_v1"], base[1]
+    worst = max((torch.tensor(lps) - teacher_forced(model, tokenizer, p, ids)).abs().max().item()
+                for p, c in zip(PROMPTS, persistent["out_v1"]) for ids, lps in zip(c.token_ids, c.logprobs) if ids)
+    assert worst < 1e-4  # what generate() samples after the push comes from the pushed weights
+    assert persistent["v3"]["sync/max_abs_logp_diff"] <= 1e-3 and persistent["v3"]["sync/weight_version"] == 3
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_skipped_push_is_caught(persistent):
+    message = persistent["skip_push"]
+    print(f"\n{message}")
+    assert "(version 3)" in message and "did not take the new weights" in message
+    assert "debug_break_sync=skip_push" in message
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_stale_prefix_cache_is_caught(persistent):
+    message = persistent["skip_reset"]
+    print(f"\n{message}")
+    assert "(version 2)" in message and "prefix cache" in message and "skip_prefix_reset" in message
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_hung_engine_is_one_line_and_stopped(persistent):
+    print(f"\n{persistent['hung']}")
+    assert "call_timeout_s=2" in persistent["hung"] and f"pid {persistent['pid']}" in persistent["hung"]
+    assert float(persistent["hung"].rsplit("[", 1)[1].split()[0]) < 10
+    assert persistent["after_hung"].split(" [")[0] == persistent["hung"].split(" [")[0]  # repeated, not hanging
+    assert persistent["alive_after_close"] == []
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_killed_engine_is_one_line_at_the_next_call(base, tmp_path):
+    model, tokenizer = base
+    generator = VLLMGenerator(num_candidates=K, max_new_tokens=MAX_NEW)
+    try:
+        generator.generate(PROMPTS[:1], model=model, tokenizer=tokenizer)  # starts the engine: version 0
+        pid = generator.worker_pid
+        os.kill(pid, signal.SIGKILL)
+        message = error_of(lambda: generator.sync(model, tokenizer, probe_prompts=PROMPTS, version=1))
+        print(f"\n{message}")
+        assert f"pid {pid}) was killed by signal 9" in message
+        assert float(message.rsplit("[", 1)[1].split()[0]) < 15
+    finally:
+        generator.close()
+    assert live_processes_of_group(pid) == []
+
+
+@pytest.fixture(scope="module")
+def fresh(base, persistent):
+    """Fresh mode: a sync, then a child that probes before it generates; then a skipped push."""
+    model, tokenizer = copy.deepcopy(base[0]), base[1]
+    generator = VLLMGenerator(num_candidates=K, max_new_tokens=MAX_NEW, seed=3, mode="fresh")
+    rec = {"starts_engine": generator.starts_engine}
+    try:
+        generator.sync(model, tokenizer, probe_prompts=PROMPTS, version=0)
+        rec["stats_before"] = dict(generator.sync_stats)
+        rec["out"] = generator.generate(PROMPTS, model=model, tokenizer=tokenizer)
+        rec["v0"] = dict(generator.sync_stats)
+        trained(model, tokenizer)
+        broken = dataclasses.replace(generator, debug_break_sync="skip_push")
+        broken.sync(model, tokenizer, probe_prompts=PROMPTS, version=1)
+        rec["skip_push"] = error_of(lambda: broken.generate(PROMPTS, model=model, tokenizer=tokenizer))
+    finally:
+        generator.close()
+    return rec
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_fresh_mode_probes_in_the_child_and_equals_persistent(fresh, persistent):
+    assert fresh["starts_engine"] and not VLLMGenerator().starts_engine
+    assert fresh["stats_before"] == {}  # fresh: filled by the generate() whose child ran the probe
+    assert fresh["v0"]["sync/weight_version"] == 0 and fresh["v0"]["sync/max_abs_logp_diff"] <= 1e-3
+    # Same weights, same seed: the persistent engine sampled the same candidates.
+    assert [c.token_ids for c in fresh["out"]] == [c.token_ids for c in persistent["out_v0"]]
+    for a, b in zip(fresh["out"], persistent["out_v0"]):
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x == pytest.approx(y, abs=1e-4)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_fresh_mode_skipped_push_is_refused(fresh):
+    print(f"\n{fresh['skip_push']}")
+    assert "(version 1)" in fresh["skip_push"] and "skip_push" in fresh["skip_push"]
+
+
+def test_hf_sync_has_nothing_to_push():
+    generator = HFGenerator()
+    generator.sync(None, None, probe_prompts=PROMPTS, version=4)
+    assert generator.sync_stats == {"sync/max_abs_logp_diff": 0.0, "sync/probe_change": 0.0,
+                                    "sync/weight_version": 4, "sync/time_s": 0.0}
+    generator.sleep()
+    generator.close()
+    assert "sync_stats" not in repr(generator)
+
+
+def test_vllm_sync_settings_are_checked():
+    for bad in ({"mode": "warm"}, {"debug_break_sync": "skip_all"}, {"sleep_mode": "yes"}, {"probe_size": 0},
+                {"call_timeout_s": 0}, {"data_parallel_size": 0}):
+        with pytest.raises(PrefrunError, match=f"generator.{next(iter(bad))}="):
+            VLLMGenerator(**bad)
+    generator = VLLMGenerator()
+    assert not generator.starts_engine and generator.worker_pid is None
+    generator.sleep()  # no engine: nothing to do
+    generator.close()
+    copied = copy.deepcopy(generator)
+    assert copied._session is generator._session and copied == generator and repr(copied) == repr(generator)
