@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from prefrun.data import candidate_logps
 from prefrun.errors import InputError
+from prefrun.extrapolate import extrapolate_parameters
 
 log = logging.getLogger(__name__)
 
@@ -256,3 +259,133 @@ def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
         yield
     finally:
         model.load_state_dict(current)
+
+
+# -- the pieces of a round that run.run_rounds calls ------------------------------------------------------
+
+
+def cpu_state(model) -> dict:
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+
+
+def evaluate_start(rounds: Rounds, evaluate, policy) -> dict:
+    """The judged evaluation of the starting policy, once per run directory (a resumed run reads it back)."""
+    path = rounds.root / "before.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    before = evaluate(policy, None)
+    if rounds.enabled:
+        rounds.root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(before))
+    return before
+
+
+def restore_round(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConfig, lora: bool, seed: int) -> None:
+    """θ_t, the weights round t left for round t + 1 (LoRA without merging: the adapters themselves)."""
+    adapter = rounds.dir(t) / "adapter"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(policy, load_file(adapter / "adapter_model.safetensors"))
+        return
+    set_policy_weights(policy, complete_tied(policy, load_weights(rounds.dir(t) / "policy")), seed=seed * 1_000 + t + 1)
+
+
+def merges_adapters(online: OnlineConfig, lora: bool) -> bool:
+    """With LoRA, each round's adapters are merged into the base and restarted, so that "adapters off" is the
+    next round's reference and extrapolation acts on W + B·A, except with ref=initial (then "adapters off" must
+    stay the starting policy: the adapters keep training across rounds)."""
+    return lora and online.ref == "previous"
+
+
+@torch.no_grad()
+def attach_round_reference(online: OnlineConfig, policy, tokenizer, examples, initial, lora: bool, *,
+                           batch_size: int) -> float | None:
+    """Attach the round's reference log-probs (ref=previous: the policy now, at the round's start; ref=initial:
+    the starting weights, LoRA: adapters off, else swapped in from their CPU copy). Returns the estimate
+    E_y~π_t[log π_t(y) − log π_0(y)] of KL(π_t ‖ π_0) over the round's candidates (exact in expectation when
+    they are sampled at temperature 1, top-p 1), or None with online.kl_estimate=false."""
+    batch = batch_size * max(1, max(len(ex.completion_ids) for ex in examples))
+    pad_id = tokenizer.pad_token_id
+
+    def logps():
+        values, lengths = candidate_logps(policy, examples, pad_id, batch_size=batch)
+        return values, lengths
+
+    def initial_logps():
+        if lora and not merges_adapters(online, lora):
+            with policy.disable_adapter():
+                return logps()
+        with swapped_in(policy, initial):
+            return logps()
+
+    current, lengths = logps()
+    start = initial_logps() if online.ref == "initial" or online.kl_estimate else None
+    reference = start[0] if online.ref == "initial" else current
+    for example, row in zip(examples, reference.tolist()):
+        example.reference_logps = row[: len(example.completion_ids)]
+    if start is None:
+        return None
+    mask = lengths > 0
+    return ((current - start[0])[mask]).mean().item()
+
+
+def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConfig, lora: bool, previous_hat, seed: int,
+                 evaluate, before) -> tuple[dict | None, dict]:
+    """Keep θ̂_t (rounds/<t>/policy_hat), evaluate it, and leave in `policy` θ_t, what round t + 1 starts from:
+    APO's extrapolation (evaluated too), else θ̂_t itself (LoRA: merged, fresh adapters). Returns θ̂_t when APO
+    needs it next round, and the evaluations (with their time, `eval_s`)."""
+    where, last_round = rounds.dir(t), t == online.rounds
+    needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled
+    hat = policy_weights(policy) if needs_weights else None
+    if rounds.enabled:
+        save_weights(policy, tokenizer, hat, where / "policy_hat")
+        if lora and not merges_adapters(online, lora):
+            policy.save_pretrained(where / "adapter")  # what resume restores: the adapters keep training
+    clock = time.perf_counter()
+    evaluated = {"policy_hat": evaluate(policy, before)}
+    eval_s = time.perf_counter() - clock
+    if online.extrapolates and not last_round:
+        extrapolated = extrapolate_parameters(hat, previous_hat, online.alpha)
+        set_policy_weights(policy, extrapolated, seed=seed * 1_000 + t + 1)
+        if rounds.enabled:
+            save_weights(policy, tokenizer, extrapolated, where / "policy")
+        clock = time.perf_counter()
+        evaluated["policy"] = evaluate(policy, before)
+        eval_s += time.perf_counter() - clock
+    else:
+        if merges_adapters(online, lora):
+            set_policy_weights(policy, hat, seed=seed * 1_000 + t + 1)
+        if rounds.enabled:
+            link_weights(where / "policy_hat", where / "policy")
+    return (hat if online.extrapolates else None), {**evaluated, "eval_s": eval_s}
+
+
+def round_row(t: int, step: int, beta: float, records: list[dict], examples, tokenizer, kl, times: dict,
+               sync: dict, evaluated: dict, skipped: dict) -> dict:
+    lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for r in records for text in r["candidates"]]
+    row = {"round": t, "step": step, "round/beta": beta, "round/num_prompts": len(records),
+           "round/num_examples": len(examples), "round/skipped": sum(skipped.values()),
+           "round/response_length": sum(lengths) / max(1, len(lengths)),
+           "round/judge_score": sum(sum(r["scores"]) / len(r["scores"]) for r in records) / max(1, len(records))}
+    if kl is not None:
+        row["round/kl_to_initial"] = kl
+    for which, results in evaluated.items():
+        for decoding, result in results.items():
+            row[f"round/eval/{which}/{decoding}/mean"] = result["mean"]
+            row[f"round/eval/{which}/{decoding}/stderr"] = result["stderr"]
+    row.update({f"round/time/{k}": v for k, v in times.items()})
+    row.update(sync)
+    return row
+
+
+def log_round(row: dict, total: int) -> None:
+    scores = ", ".join(f"{k.split('/', 3)[3].replace('/mean', '')} {v:.3f} ± {row[k.replace('/mean', '/stderr')]:.3f}"
+                       for k, v in row.items() if k.startswith("round/eval/") and k.endswith("/mean"))
+    split = ", ".join(f"{k.removeprefix('round/time/').removesuffix('_s')} {v:.1f} s" for k, v in row.items()
+                      if k.startswith("round/time/"))
+    kl = f", KL to initial {row['round/kl_to_initial']:.3f}" if "round/kl_to_initial" in row else ""
+    sync = f", sync diff {row['sync/max_abs_logp_diff']:.1e}" if "sync/max_abs_logp_diff" in row else ""
+    log.info("round %d/%d: judged %s%s; pool score %.3f, length %.1f%s; time: %s", row["round"], total, scores, kl,
+             row["round/judge_score"], row["round/response_length"], sync, split)

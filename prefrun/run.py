@@ -18,17 +18,15 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prefrun.checkpoint import Checkpoints
-from prefrun.data import GeneratedPreferences, attach_reference_logps, candidate_logps
+from prefrun.data import GeneratedPreferences, attach_reference_logps
 from prefrun.errors import InputError
 from prefrun.evaluate import judged_scores, preference_metrics
-from prefrun.extrapolate import extrapolate_parameters
 from prefrun.generate import VLLMGenerator, as_chat
 from prefrun.judges import RuleJudge
 from prefrun.model import (
@@ -42,14 +40,17 @@ from prefrun.model import (
 from prefrun.online import (
     OnlineConfig,
     Rounds,
+    attach_round_reference,
     complete_tied,
-    link_weights,
+    cpu_state,
+    evaluate_start,
+    finish_weights,
     load_weights,
+    log_round,
     policy_weights,
     prompt_folds,
-    save_weights,
-    set_policy_weights,
-    swapped_in,
+    restore_round,
+    round_row,
 )
 from prefrun.pools import make_pools, write_pools
 from prefrun.runlog import RunLog
@@ -130,15 +131,15 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     rounds = Rounds(record.dir, enabled=accelerator.is_main_process)
     lora, steps_before = bool(cfg.model.get("lora")), 0
     # Kept only where a round needs them: the starting weights (reference / KL) and θ̂_{t-1} (APO's momentum).
-    initial = _cpu_state(policy) if online.ref == "initial" or online.kl_estimate else None
+    initial = cpu_state(policy) if online.ref == "initial" or online.kl_estimate else None
     previous_hat = policy_weights(policy) if online.extrapolates else None
-    before = _round_zero(rounds, evaluate, policy)
+    before = evaluate_start(rounds, evaluate, policy)
     done = rounds.completed(online.rounds)
     if done:
         t = len(done)
         log.info("online: rounds 1-%d of %d are done (%s); continuing with round %d", t, online.rounds, rounds.root,
                  t + 1)
-        _restore(policy, tokenizer, rounds, t, online, lora, cfg.seed)
+        restore_round(policy, tokenizer, rounds, t, online, lora, cfg.seed)
         if online.extrapolates:
             previous_hat = complete_tied(policy, load_weights(rounds.dir(t) / "policy_hat"))
         steps_before = done[-1]["step"]
@@ -168,7 +169,8 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
             # (d) pairs (best vs worst) or pools; (e) their reference log-probs
             examples = data.examples(records, tokenizer, pools=sampler.uses_pools, where=str(where / "pools.jsonl"))
             clock = time.perf_counter()
-            kl = _round_reference(cfg, online, policy, tokenizer, examples, initial, lora)
+            kl = attach_round_reference(online, policy, tokenizer, examples, initial, lora,
+                                        batch_size=_scoring_batch(cfg))
             times["reference_s"] = time.perf_counter() - clock
             # (f) train from θ_{t-1} with the one training loop; rows carry the round and a run-wide step
             beta = online.beta(t, cfg.loss.beta)
@@ -184,20 +186,20 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
             times["train_s"] = time.perf_counter() - clock
             # (g) keep θ̂_t; APO: θ_t = θ̂_t + α(θ̂_t − θ̂_{t-1}) is what round t + 1 generates from
             clock = time.perf_counter()
-            previous_hat, evaluated = _next_policy(policy, tokenizer, rounds, t, online, lora, previous_hat, cfg.seed,
+            previous_hat, evaluated = finish_weights(policy, tokenizer, rounds, t, online, lora, previous_hat, cfg.seed,
                                                    evaluate, before)
             times["eval_s"] = evaluated.pop("eval_s")
             times["extrapolate_s"] = time.perf_counter() - clock - times["eval_s"]
             # (h) the round's row: held-out judged scores, KL, lengths, time split, sync
             steps_before += last.get("step", 0)
-            row = _round_row(t, steps_before, beta, records, examples, tokenizer, kl, times, generator.sync_stats,
+            row = round_row(t, steps_before, beta, records, examples, tokenizer, kl, times, generator.sync_stats,
                              evaluated, data.skipped.get("train", {}))
             samples = [{"prompt": r["prompt"], "completion": r["candidates"][0], "score": r["scores"][0]}
                        for r in records[: online.num_samples_logged]]
             record.round(row, samples)
             rounds.finish(t, {**row, "eval": evaluated, "samples": samples}, keep_weights=online.keep_weights)
             results.append({**row, "eval": evaluated, "samples": samples})
-            _log_round(row, online.rounds)
+            log_round(row, online.rounds)
     finally:
         generator.close()
         judge.close()
@@ -230,132 +232,6 @@ def _check_online(cfg, online: OnlineConfig, data) -> None:
     if online.algorithm in ("iterative", "apo") and mcpo:
         raise InputError(f"online={online.algorithm} is DPO on best-vs-worst pairs: use loss=dpo (or loss=ipo), "
                          "or online=onmcpo for MC-PO")
-
-
-def _cpu_state(model) -> dict:
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
-
-
-def _round_zero(rounds: Rounds, evaluate, policy) -> dict:
-    """The judged evaluation of the starting policy, once per run directory (a resumed run reads it back)."""
-    path = rounds.root / "before.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    before = evaluate(policy, None)
-    if rounds.enabled:
-        rounds.root.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(before))
-    return before
-
-
-def _restore(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConfig, lora: bool, seed: int) -> None:
-    """θ_t, the weights round t left for round t + 1 (LoRA without merging: the adapters themselves)."""
-    adapter = rounds.dir(t) / "adapter"
-    if adapter.exists():
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(policy, load_file(adapter / "adapter_model.safetensors"))
-        return
-    set_policy_weights(policy, complete_tied(policy, load_weights(rounds.dir(t) / "policy")), seed=seed * 1_000 + t + 1)
-
-
-def _merges_adapters(online: OnlineConfig, lora: bool) -> bool:
-    """With LoRA, each round's adapters are merged into the base and restarted, so that "adapters off" is the
-    next round's reference and extrapolation acts on W + B·A, except with ref=initial (then "adapters off" must
-    stay the starting policy: the adapters keep training across rounds)."""
-    return lora and online.ref == "previous"
-
-
-@torch.no_grad()
-def _round_reference(cfg, online: OnlineConfig, policy, tokenizer, examples, initial, lora: bool) -> float | None:
-    """Attach the round's reference log-probs (ref=previous: the policy now, at the round's start; ref=initial:
-    the starting weights, LoRA: adapters off, else swapped in from their CPU copy). Returns the estimate
-    E_y~π_t[log π_t(y) − log π_0(y)] of KL(π_t ‖ π_0) over the round's candidates (exact in expectation when
-    they are sampled at temperature 1, top-p 1), or None with online.kl_estimate=false."""
-    batch = _scoring_batch(cfg) * max(1, max(len(ex.completion_ids) for ex in examples))
-    pad_id = tokenizer.pad_token_id
-
-    def logps():
-        values, lengths = candidate_logps(policy, examples, pad_id, batch_size=batch)
-        return values, lengths
-
-    def initial_logps():
-        if lora and not _merges_adapters(online, lora):
-            with policy.disable_adapter():
-                return logps()
-        with swapped_in(policy, initial):
-            return logps()
-
-    current, lengths = logps()
-    start = initial_logps() if online.ref == "initial" or online.kl_estimate else None
-    reference = start[0] if online.ref == "initial" else current
-    for example, row in zip(examples, reference.tolist()):
-        example.reference_logps = row[: len(example.completion_ids)]
-    if start is None:
-        return None
-    mask = lengths > 0
-    return ((current - start[0])[mask]).mean().item()
-
-
-def _next_policy(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConfig, lora: bool, previous_hat, seed: int,
-                 evaluate, before) -> tuple[dict | None, dict]:
-    """Keep θ̂_t (rounds/<t>/policy_hat), evaluate it, and leave in `policy` θ_t, what round t + 1 starts from:
-    APO's extrapolation (evaluated too), else θ̂_t itself (LoRA: merged, fresh adapters). Returns θ̂_t when APO
-    needs it next round, and the evaluations (with their time, `eval_s`)."""
-    where, last_round = rounds.dir(t), t == online.rounds
-    needs_weights = online.extrapolates or _merges_adapters(online, lora) or rounds.enabled
-    hat = policy_weights(policy) if needs_weights else None
-    if rounds.enabled:
-        save_weights(policy, tokenizer, hat, where / "policy_hat")
-        if lora and not _merges_adapters(online, lora):
-            policy.save_pretrained(where / "adapter")  # what resume restores: the adapters keep training
-    clock = time.perf_counter()
-    evaluated = {"policy_hat": evaluate(policy, before)}
-    eval_s = time.perf_counter() - clock
-    if online.extrapolates and not last_round:
-        extrapolated = extrapolate_parameters(hat, previous_hat, online.alpha)
-        set_policy_weights(policy, extrapolated, seed=seed * 1_000 + t + 1)
-        if rounds.enabled:
-            save_weights(policy, tokenizer, extrapolated, where / "policy")
-        clock = time.perf_counter()
-        evaluated["policy"] = evaluate(policy, before)
-        eval_s += time.perf_counter() - clock
-    else:
-        if _merges_adapters(online, lora):
-            set_policy_weights(policy, hat, seed=seed * 1_000 + t + 1)
-        if rounds.enabled:
-            link_weights(where / "policy_hat", where / "policy")
-    return (hat if online.extrapolates else None), {**evaluated, "eval_s": eval_s}
-
-
-def _round_row(t: int, step: int, beta: float, records: list[dict], examples, tokenizer, kl, times: dict,
-               sync: dict, evaluated: dict, skipped: dict) -> dict:
-    lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for r in records for text in r["candidates"]]
-    row = {"round": t, "step": step, "round/beta": beta, "round/num_prompts": len(records),
-           "round/num_examples": len(examples), "round/skipped": sum(skipped.values()),
-           "round/response_length": sum(lengths) / max(1, len(lengths)),
-           "round/judge_score": sum(sum(r["scores"]) / len(r["scores"]) for r in records) / max(1, len(records))}
-    if kl is not None:
-        row["round/kl_to_initial"] = kl
-    for which, results in evaluated.items():
-        for decoding, result in results.items():
-            row[f"round/eval/{which}/{decoding}/mean"] = result["mean"]
-            row[f"round/eval/{which}/{decoding}/stderr"] = result["stderr"]
-    row.update({f"round/time/{k}": v for k, v in times.items()})
-    row.update(sync)
-    return row
-
-
-def _log_round(row: dict, total: int) -> None:
-    scores = ", ".join(f"{k.split('/', 3)[3].replace('/mean', '')} {v:.3f} ± {row[k.replace('/mean', '/stderr')]:.3f}"
-                       for k, v in row.items() if k.startswith("round/eval/") and k.endswith("/mean"))
-    split = ", ".join(f"{k.removeprefix('round/time/').removesuffix('_s')} {v:.1f} s" for k, v in row.items()
-                      if k.startswith("round/time/"))
-    kl = f", KL to initial {row['round/kl_to_initial']:.3f}" if "round/kl_to_initial" in row else ""
-    sync = f", sync diff {row['sync/max_abs_logp_diff']:.1e}" if "sync/max_abs_logp_diff" in row else ""
-    log.info("round %d/%d: judged %s%s; pool score %.3f, length %.1f%s; time: %s", row["round"], total, scores, kl,
-             row["round/judge_score"], row["round/response_length"], sync, split)
 
 
 def _judge(cfg, task):

@@ -1,4 +1,5 @@
-"""The vLLM worker, started by `prefrun.generate.VLLMGenerator`, in one of two modes.
+"""The vLLM worker, started by `prefrun.generate.VLLMGenerator` (prefrun/generate/vllm.py; the child is
+spawned and reaped in prefrun/generate/worker_process.py), in one of two modes.
 
 - `python -m prefrun.vllm_worker JOB.json` (generator.mode=fresh): one process per `generate()` call. It
   builds one engine, optionally scores the weight probe, samples every prompt set of the job, writes the

