@@ -381,7 +381,11 @@ def round_row(t: int, step: int, beta: float, records: list[dict], examples, tok
 
 
 def log_round(row: dict, total: int) -> None:
-    scores = ", ".join(f"{k.split('/', 3)[3].replace('/mean', '')} {v:.3f} ± {row[k.replace('/mean', '/stderr')]:.3f}"
+    def label(key: str) -> str:  # round/eval/<policy_hat|policy>/<decoding>/mean
+        _, _, which, decoding, _ = key.split("/")
+        return decoding if which == "policy_hat" else f"extrapolated {decoding}"
+
+    scores = ", ".join(f"{label(k)} {v:.3f} ± {row[k.replace('/mean', '/stderr')]:.3f}"
                        for k, v in row.items() if k.startswith("round/eval/") and k.endswith("/mean"))
     split = ", ".join(f"{k.removeprefix('round/time/').removesuffix('_s')} {v:.1f} s" for k, v in row.items()
                       if k.startswith("round/time/"))

@@ -32,8 +32,9 @@ def load_jobs(root: Path) -> list[dict]:
             "name": str(job_dir.relative_to(root)) if job_dir != root else job_dir.name,
             "overrides": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra")),
             "summary": json.loads(summary_file.read_text()),
-            "metrics": [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists()
-            else [],
+            # Training rows only: online runs also log one row per round (round/* keys, no loss).
+            "metrics": [m for m in map(json.loads, metrics_file.read_text().splitlines()) if "loss" in m]
+            if metrics_file.exists() else [],
         })
     if not jobs:
         raise InputError(f"{root}: no finished job (no summary.json below it); give a run or multirun directory")

@@ -151,6 +151,9 @@ def test_apo_alpha_zero_is_iterative_dpo_and_extrapolation_matches_the_saved_rou
     pools = [json.loads(line) for line in (apo / "rounds" / "1" / "pools.jsonl").read_text().splitlines()]
     assert len(pools) == 32 and all(len(p["scores"]) == 4 for p in pools)
 
+    run_cli(["report", str(apo)], tmp_path)  # the report reads an online run (its per-round rows have no loss)
+    assert (apo / "report.md").exists() and (apo / "curves.png").exists()
+
     # θ_1 = θ̂_1 + α(θ̂_1 − θ̂_0), θ̂_0 the starting weights; the last round is not extrapolated (θ_2 = θ̂_2 = output).
     [start] = list((cache_dir / "models").glob("tiny-llama-*"))
     hat_0, hat_1 = load_weights(start), load_weights(apo / "rounds" / "1" / "policy_hat")
