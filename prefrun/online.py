@@ -309,26 +309,23 @@ def attach_round_reference(online: OnlineConfig, policy, tokenizer, examples, in
     batch = batch_size * max(1, max(len(ex.completion_ids) for ex in examples))
     pad_id = tokenizer.pad_token_id
 
-    def logps():
-        values, lengths = candidate_logps(policy, examples, pad_id, batch_size=batch)
-        return values, lengths
-
     def initial_logps():
         if lora and not merges_adapters(online, lora):
             with policy.disable_adapter():
-                return logps()
+                return candidate_logps(policy, examples, pad_id, batch_size=batch)
         with swapped_in(policy, initial):
-            return logps()
+            return candidate_logps(policy, examples, pad_id, batch_size=batch)
 
-    current, lengths = logps()
+    current = candidate_logps(policy, examples, pad_id, batch_size=batch) \
+        if online.ref == "previous" or online.kl_estimate else None
     start = initial_logps() if online.ref == "initial" or online.kl_estimate else None
-    reference = start[0] if online.ref == "initial" else current
+    reference = start[0] if online.ref == "initial" else current[0]
     for example, row in zip(examples, reference.tolist()):
         example.reference_logps = row[: len(example.completion_ids)]
-    if start is None:
+    if not online.kl_estimate:
         return None
-    mask = lengths > 0
-    return ((current - start[0])[mask]).mean().item()
+    mask = current[1] > 0
+    return ((current[0] - start[0])[mask]).mean().item()
 
 
 def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConfig, lora: bool, previous_hat, seed: int,

@@ -29,6 +29,7 @@ from prefrun.errors import InputError
 from prefrun.evaluate import judged_scores, preference_metrics
 from prefrun.generate import VLLMGenerator, as_chat
 from prefrun.judges import RuleJudge
+from prefrun.logprobs import use_packed_attention
 from prefrun.model import (
     fingerprint,
     load_policy,
@@ -80,8 +81,7 @@ def run(cfg: DictConfig) -> float | None:
     data.check()
     sampler, loss_fn = instantiate(cfg.sampler), instantiate(cfg.loss)
     _warn_if_biased(cfg, sampler)
-    policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
-    policy.to(accelerator.device)
+    policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
     judge, generator = _judge(cfg, task), instantiate(cfg.generator)
     try:
         examples = data.load(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir,
@@ -101,8 +101,9 @@ def run(cfg: DictConfig) -> float | None:
     policy = accelerator.unwrap_model(policy)
     after = evaluate(policy, before)
     judge.close()
-    held_out_after = preference_metrics(policy, tokenizer, held_out, loss_fn=loss_fn, beta=cfg.loss.beta,
-                                        batch_size=_scoring_batch(cfg)) if held_out else {}
+    with accelerator.autocast():  # the precision the held-out reference log-probs were computed in
+        held_out_after = preference_metrics(policy, tokenizer, held_out, loss_fn=loss_fn, beta=cfg.loss.beta,
+                                            batch_size=_scoring_batch(cfg)) if held_out else {}
 
     _save_final(cfg, accelerator, policy, tokenizer, record.dir)
     if accelerator.is_main_process:
@@ -122,8 +123,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     _check_online(cfg, online, data)
     _warn_if_biased(cfg, sampler)
     cache_dir = Path(cfg.cache_dir).expanduser()
-    policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
-    policy.to(accelerator.device)
+    policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
     generator, judge = instantiate(cfg.generator), _judge(cfg, task)
     folds = prompt_folds(data.train_prompts(task, tokenizer, generator), online.rounds, online.prompts_per_round,
                          source=data.prompt_source)
@@ -169,8 +169,9 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
             # (d) pairs (best vs worst) or pools; (e) their reference log-probs
             examples = data.examples(records, tokenizer, pools=sampler.uses_pools, where=str(where / "pools.jsonl"))
             clock = time.perf_counter()
-            kl = attach_round_reference(online, policy, tokenizer, examples, initial, lora,
-                                        batch_size=_scoring_batch(cfg))
+            with accelerator.autocast():  # the training's precision (see _attach_reference)
+                kl = attach_round_reference(online, policy, tokenizer, examples, initial, lora,
+                                            batch_size=_scoring_batch(cfg))
             times["reference_s"] = time.perf_counter() - clock
             # (f) train from θ_{t-1} with the one training loop; rows carry the round and a run-wide step
             beta = online.beta(t, cfg.loss.beta)
@@ -264,19 +265,37 @@ def _judged_evaluation(cfg, data, task, judge, tokenizer):
     return lambda model, before: judged_scores(model, tokenizer, prompts, judge, cfg.eval, cfg.seed, before)
 
 
+def _load_policy(cfg, task, cache_dir: Path, accelerator):
+    policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
+    policy.to(accelerator.device)
+    if cfg.trainer.get("padding_free"):
+        use_packed_attention(policy)  # scoring packs rows too: reference and training compute the same numbers
+    return policy, tokenizer, name_or_path
+
+
 def _attach_reference(cfg, accelerator, policy, tokenizer, parts, cache_dir: Path) -> None:
     """The reference is the policy's starting weights (with LoRA: the base, adapters being zero at
     start) unless model.reference names another model. Its log-probs are computed (or loaded from
-    the cache) before training, so no second model is held in memory while training."""
+    the cache) before training, so no second model is held in memory while training; under the
+    training's precision (bf16 autocast gives other log-probs than fp32: the cache keys by it), so
+    that the policy/reference log-ratio starts at 0."""
     reference = load_reference(cfg.model)
     if reference is not None:
         reference.to(accelerator.device)
+        if cfg.trainer.get("padding_free"):
+            use_packed_attention(reference)
     reference = reference or policy
-    weights_key = fingerprint(reference)
+    weights_key = fingerprint(reference) + _precision(accelerator)
     for examples in parts:
         if examples:
-            attach_reference_logps(examples, reference, tokenizer, cache_dir=cache_dir,
-                                   batch_size=_scoring_batch(cfg), weights_key=weights_key)
+            with accelerator.autocast():
+                attach_reference_logps(examples, reference, tokenizer, cache_dir=cache_dir,
+                                       batch_size=_scoring_batch(cfg), weights_key=weights_key)
+
+
+def _precision(accelerator) -> str:
+    """What the cache keys by: fp32 keeps the key earlier runs wrote."""
+    return "" if accelerator.mixed_precision == "no" else f"/{accelerator.mixed_precision}"
 
 
 def _scoring_batch(cfg) -> int:

@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from prefrun.checkpoint import Checkpoints
 from prefrun.data import Example, candidate_logps, collate
 from prefrun.errors import InputError, PrefrunError
-from prefrun.logprobs import sequence_logps
+from prefrun.logprobs import sequence_logps, use_packed_attention
 from prefrun.losses import log_reference_noise, pool_log_softmax_loss
 from prefrun.samplers import effective_sample_size, rank_under
 
@@ -52,11 +52,13 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     ends where an uninterrupted one would (negatives are drawn from a generator seeded by the position).
     """
     pad_id = tokenizer.pad_token_id
+    packed = bool(cfg.get("padding_free")) and _packs(model)
     draws = PoolDraws(sampler, examples, beta=beta, pad_id=pad_id, seed=seed,
                       batch_size=(cfg.reference_batch_size or cfg.batch_size) * 2) if sampler.uses_pools else None
     columns = None if draws else _fixed_columns(sampler, examples)
     optimizer = optimizer_factory(params=[p for p in model.parameters() if p.requires_grad])
-    batches_per_epoch = len(accelerator.prepare(_epoch_loader(len(examples), cfg, seed, 0)))
+    lengths = [len(ex.prompt_ids) + max(len(c) for c in ex.completion_ids) for ex in examples]
+    batches_per_epoch = len(accelerator.prepare(_epoch_loader(lengths, cfg, seed, 0)))
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * max(1, batches_per_epoch // cfg.grad_accum))
     # accelerate steps a prepared scheduler once per process at every optimiser step: count in those units.
     processes = accelerator.num_processes
@@ -64,6 +66,7 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                               num_training_steps=total_steps * processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
+    budget = cfg.get("logits_budget_mb") or float("inf")
 
     state, window, last = {"step": 0, "micro_batches": 0}, _Window(), {}
     resume_from = checkpoints.latest() if checkpoints else None
@@ -77,7 +80,7 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                disable=not accelerator.is_local_main_process)
     while state["step"] < total_steps:
         epoch, offset = divmod(state["micro_batches"], batches_per_epoch)
-        loader = accelerator.prepare(_epoch_loader(len(examples), cfg, seed, epoch))
+        loader = accelerator.prepare(_epoch_loader(lengths, cfg, seed, epoch))
         for indices in accelerator.skip_first_batches(loader, offset) if offset else loader:
             state["micro_batches"] += 1
             chunk = [examples[i] for i in indices.tolist()]
@@ -85,10 +88,12 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
             if draws:
                 # The prepared model (not unwrapped): sharded weights (FSDP) and autocast work as in training.
                 columns, pool_metrics = draws(model, indices.tolist(), state)
-            batch = collate(chunk, pad_id, columns)
+            batch = collate(chunk, pad_id, columns, packed=packed)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            if packed and state["micro_batches"] == 1:
+                _check_packed(model, chunk, pad_id, columns, batch, budget, exact=accelerator.mixed_precision == "no")
             with accelerator.accumulate(model):
-                row_logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                row_logps = sequence_logps(model, batch, logits_budget_mb=budget)
                 policy_logps = row_logps[batch["row_index"]]
                 losses, rewards = loss_fn(policy_logps, batch["reference_logps"], batch["completion_lengths"])
                 loss = losses.mean()
@@ -128,12 +133,59 @@ def _fixed_columns(sampler, examples: list[Example]) -> list[int]:
     return sampler.columns(sizes.pop())
 
 
-def _epoch_loader(num_examples: int, cfg: DictConfig, seed: int, epoch: int) -> DataLoader:
+def _epoch_loader(lengths: list[int], cfg: DictConfig, seed: int, epoch: int) -> DataLoader:
     """Epoch `e` visits the examples in a permutation fixed by (seed, e): a resumed run can find its place.
+    With `trainer.group_by_length: G`, each window of G batches of that permutation is sorted by length
+    (prompt + longest candidate), cut into batches, and the batches shuffled inside the window: rows of a
+    batch have similar lengths (less padding), the order is still fixed by (seed, e). The examples a
+    short last batch would hold are dropped first, as without grouping.
     Batches are tensors of example indices; the loop builds the rows (which may depend on the policy)."""
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return DataLoader(range(num_examples), batch_size=cfg.batch_size, sampler=order,
-                      drop_last=num_examples >= cfg.batch_size, collate_fn=torch.tensor)
+    size, generator = cfg.batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    drop_last = len(order) >= size
+    window = (cfg.get("group_by_length") or 0) * size
+    if window > size:
+        kept = order[: len(order) - len(order) % size] if drop_last else order
+        order = []
+        for start in range(0, len(kept), window):
+            by_length = sorted(kept[start : start + window], key=lengths.__getitem__)
+            batches = [by_length[i : i + size] for i in range(0, len(by_length), size)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                order += batches[b]
+    return DataLoader(range(len(lengths)), batch_size=size, sampler=order, drop_last=drop_last,
+                      collate_fn=torch.tensor)
+
+
+def _packs(model) -> bool:
+    if use_packed_attention(model):
+        return True
+    log.warning("trainer.padding_free=true: %s uses attention %r, which cannot run packed rows exactly; "
+                "training on padded batches", type(model).__name__,
+                getattr(getattr(model, "config", None), "_attn_implementation", None))
+    return False
+
+
+@torch.no_grad()
+def _check_packed(model, examples: list[Example], pad_id: int, columns, packed: dict, budget: float, *,
+                  exact: bool) -> None:
+    """On the first micro-batch: packed rows give the padded rows' log-probs (the attention really stays
+    inside each sequence on this model), else a clear error before any step is taken. `exact`: fp32 (a
+    tolerance of rounding), else 16-bit autocast (a looser one; attending across sequences moves log-probs
+    by whole nats)."""
+    padded = collate(examples, pad_id, columns)
+    padded = {k: v.to(packed["input_ids"].device) for k, v in padded.items()}
+    was_training = model.training
+    model.eval()  # no dropout: the two passes must see the same function
+    try:
+        a = sequence_logps(model, packed, logits_budget_mb=budget)
+        b = sequence_logps(model, padded, logits_budget_mb=budget)
+    finally:
+        model.train(was_training)
+    diff, scale = (a - b).abs().max().item(), b.abs().max().item()
+    if not diff <= (1e-3 + 1e-5 * scale if exact else 0.1 + 2e-3 * scale):
+        raise InputError(f"trainer.padding_free=true: on this model packed rows give log-probs {diff:.3g} away from "
+                         "padded rows (its attention does not keep to each sequence): set trainer.padding_free=false")
+    log.info("padding-free batches: packed and padded log-probs agree to %.2g on the first micro-batch", diff)
 
 
 class PoolDraws:
@@ -201,7 +253,7 @@ def _step_metrics(loss, policy_logps, rewards, batch, beta, pool_metrics: dict) 
         "logps/rejected": policy_logps[:, 1:].mean(),
         "log_gamma/mean": log_gamma.mean(),
         "log_gamma/frac_positive": (log_gamma > 0).float().mean(),
-        "sequences/with_grad": torch.tensor(float(batch["input_ids"].shape[0])),
+        "sequences/with_grad": torch.tensor(float(len(batch["sequence_lengths"]))),
     }
     metrics.update({k: v for k, v in pool_metrics.items() if k != "loss/pool"})
     return metrics

@@ -1,40 +1,39 @@
 #!/usr/bin/env python
-"""DPO training step on CPU (fp32): prefrun's loop vs TRL's DPOTrainer on one model and one dataset.
+"""DPO training step on CPU: prefrun's loop vs TRL's DPOTrainer, and vs the model's own limit, on one model.
 
-    python scripts/bench_dpo.py                    # defaults: ~6.3M-param Llama, 8 pairs/step, 30 timed steps
-    python scripts/bench_dpo.py --trl-precompute   # TRL with cached reference log-probs too (like prefrun)
-    python scripts/bench_dpo.py --profile          # where prefrun's step time goes (no TRL run)
+    python scripts/bench_dpo.py                        # both cases, fp32: prefrun, TRL default, TRL best, limit
+    python scripts/bench_dpo.py --precision fp32,bf16  # every ratio at bf16 autocast on both sides too
+    python scripts/bench_dpo.py --case short --model <dir>            # any local causal LM + its tokenizer
+    python scripts/bench_dpo.py --case long --sides prefrun \
+        --prefrun "" --prefrun trainer.padding_free=false --prefrun optim.fused=null   # one change at a time
+    python scripts/bench_dpo.py --profile              # where prefrun's step time goes (no TRL run)
 
-The parent process only uses the standard library. It starts one child to build the model and data
-(`--side prepare`), then one child per trainer (`--side prefrun`, `--side trl`), so each side's peak
-memory is its own process's. A child that calls exec inherits its parent's RSS high-water mark in
-`ru_maxrss` (Linux keeps it across exec), so the children report `VmHWM` from /proc/self/status as
-the peak and `ru_maxrss` only as a cross-check; with a stdlib-only parent the two agree.
+Cases (`--case`, comma-separated; `--prompt-len/--completion-len/--steps` override them):
+  long   prompts 32-128 tokens, chosen/rejected 16-96, 30 timed steps (matmul-bound)
+  short  prompts 16-32, chosen/rejected 4-8, 60 timed steps (per-step overhead dominates)
 
-What is built, in a temporary directory:
-- a byte-level BPE tokenizer trained with `tokenizers` on synthetic pseudo-word text (BOS prepended,
-  EOS `</s>`, pad `<pad>`), saved as a PreTrainedTokenizerFast;
-- a randomly initialised Llama (`--hidden/--layers/--heads/--intermediate`, vocab from the tokenizer),
-  saved with `save_pretrained`;
-- `batch * (warmup + steps)` records {prompt, chosen, rejected} of strings whose lengths in tokens are
-  drawn uniformly from `--prompt-len` and `--completion-len` (so both sides see each record once).
+Sides (`--sides`):
+  prefrun   `prefrun.train.train` with conf/trainer/default.yaml and conf/optim/adamw.yaml as shipped (max_steps
+            set, logging and checkpoints off), after `attach_reference_logps` (cached reference, timed apart).
+            `--prefrun "KEY=VALUE ..."` (repeatable) runs one prefrun side per value with those trainer./optim.
+            overrides; "" is the shipped defaults.
+  trl       DPOTrainer as shipped: ref_model=None loads a second copy and runs a reference forward each step;
+            TRL's default optimiser (adamw_torch_fused) unless --trl-optim.
+  trl_best  the same with precompute_ref_log_probs=True; with padding_free=True as well where the installed
+            TRL supports it for DPO (1.16 turns it off with a warning: then not run), the faster one counts.
+  limit     forward + backward over exactly the batch's real tokens, no padding, no loop: each step's pairs
+            packed in one row (position ids restarting, attention per sequence), log-probs of the completion
+            tokens only, same model and precision; prefrun's step time is printed as a fraction of it.
 
-Both sides: same records, batch (`--batch` pairs per optimiser step, grad_accum 1), learning rate,
-seed, cosine schedule with 10% warm-up and grad clipping 1.0 (conf/trainer/default.yaml), AdamW
-(betas 0.9/0.999, eps 1e-8, no weight decay), sigmoid DPO loss with beta 0.1, fp32, no gradient
-checkpointing. Throughput is steady-state: the time from the end of the `--warmup`-th optimiser
-step to the end of the last one (a post-step hook on the torch optimiser, on both sides), so
-trainer construction, tokenisation, reference precompute and the first steps are not counted; they
-are reported separately.
-
-prefrun goes through its real code path: `tokenize_record` + `PreferenceData.finish` (truncation),
-`attach_reference_logps` (reference log-probs computed once and cached; reported as "ref
-precompute"), then `prefrun.train.train` with conf/trainer/default.yaml (max_steps set, logging off,
-mixed_precision "no"). TRL runs `DPOTrainer` with `ref_model=None`: by default it loads a second copy
-of the model and runs a reference forward every step (TRL's default); `--trl-precompute` sets
-`precompute_ref_log_probs=True` (reference batch = prefrun's trainer.reference_batch_size, null: the training batch) for an
-apples-to-apples comparison. TRL's optimiser is `--trl-optim` (default `adamw_torch`, the same
-torch.optim.AdamW prefrun uses; TRL's own default is `adamw_torch_fused`).
+Each side runs in its own child process, so its peak memory is its own; the parent imports only the
+standard library (a child started with exec inherits its parent's `ru_maxrss`, so children report
+`VmHWM`). Data: a byte-level BPE tokenizer trained on synthetic pseudo-word text and a randomly
+initialised Llama (`--hidden/--layers/--heads/--intermediate/--vocab`), or `--model DIR`; `batch *
+(warmup + steps)` {prompt, chosen, rejected} records with token lengths uniform in the case's ranges.
+Both trainers: same records, batch, lr, seed, cosine schedule with 10% warm-up, clipping at 1.0, AdamW
+betas 0.9/0.999 eps 1e-8 no weight decay, sigmoid DPO with beta 0.1, no gradient checkpointing.
+Throughput is steady state: from the end of optimiser step `--warmup` to the end of the last one
+(a post-step hook on the torch optimiser on both sides).
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINER_YAML = ROOT / "conf" / "trainer" / "default.yaml"
+OPTIM_YAML = ROOT / "conf" / "optim" / "adamw.yaml"
 BETA = 0.1
 
 
@@ -71,25 +71,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="use this local causal LM and its tokenizer (save_pretrained directory) instead of "
                             "building one; the size flags above are then ignored")
     data = p.add_argument_group("data and loop")
+    data.add_argument("--case", default="long,short", help="comma-separated: long, short (default both)")
     data.add_argument("--batch", type=int, default=8, help="preference pairs per optimiser step (default 8)")
-    data.add_argument("--steps", type=int, default=30, help="timed optimiser steps (default 30)")
+    data.add_argument("--steps", type=int, default=None, help="timed optimiser steps (default: the case's)")
     data.add_argument("--warmup", type=int, default=3, help="untimed optimiser steps before them (default 3)")
-    data.add_argument("--prompt-len", type=_range, default=(32, 128), metavar="MIN-MAX",
-                      help="prompt length in tokens, uniform (default 32-128)")
-    data.add_argument("--completion-len", type=_range, default=(16, 96), metavar="MIN-MAX",
-                      help="chosen/rejected length in tokens incl. EOS, uniform (default 16-96)")
+    data.add_argument("--prompt-len", type=_range, default=None, metavar="MIN-MAX",
+                      help="prompt length in tokens, uniform (default: the case's)")
+    data.add_argument("--completion-len", type=_range, default=None, metavar="MIN-MAX",
+                      help="chosen/rejected length in tokens incl. EOS, uniform (default: the case's)")
     data.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, both sides (default 3e-4)")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
-    trl = p.add_argument_group("TRL side")
-    trl.add_argument("--trl-precompute", action="store_true",
-                     help="precompute_ref_log_probs=True (no reference model in memory, no reference forwards)")
-    trl.add_argument("--trl-optim", default="adamw_torch",
-                     help="TrainingArguments.optim (default adamw_torch = prefrun's torch.optim.AdamW)")
+    data.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (CPU autocast) (default fp32)")
+    sides = p.add_argument_group("sides")
+    sides.add_argument("--sides", default="prefrun,trl,trl_best,limit",
+                       help="comma-separated: prefrun, trl, trl_best, limit (default all)")
+    sides.add_argument("--prefrun", action="append", default=None, metavar="OVERRIDES",
+                       help='space-separated trainer./optim. overrides for one prefrun side, e.g. '
+                            '"trainer.padding_free=false optim.fused=null"; repeat for several sides ("" = defaults)')
+    sides.add_argument("--trl-optim", default=None,
+                       help="TrainingArguments.optim for TRL (default: TRL's own, adamw_torch_fused)")
     run = p.add_argument_group("run")
-    run.add_argument("--sides", default="prefrun,trl", help="which sides to run, comma-separated")
     run.add_argument("--profile", action="store_true",
-                     help="profile prefrun's step instead (phase breakdown + top torch ops); no TRL run")
+                     help="profile prefrun's step instead (phase breakdown + top torch ops); no other side")
+    run.add_argument("--repeat", type=int, default=1,
+                     help="run every side this many times, interleaved; report the median run and each run's rate")
     run.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     run.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     run.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
@@ -98,16 +104,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "others used > 5%% of the CPU during its timed steps; for shared machines "
                           "(default 0: don't wait)")
     # internal: what a child process does
-    p.add_argument("--side", choices=["prepare", "prefrun", "trl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["prepare", "prefrun", "trl", "trl_best", "limit"], default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--padding-free", action="store_true", help=argparse.SUPPRESS)  # trl_best's second try
     args = p.parse_args(argv)
+    for name, allowed in (("case", CASES), ("precision", ("fp32", "bf16")),
+                          ("sides", ("prefrun", "trl", "trl_best", "limit"))):
+        values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
+        if not values or set(values) - set(allowed):
+            p.error(f"--{name}: choose from {', '.join(allowed)}")
+        setattr(args, name, values)
+    if args.side is None:  # a child gets exactly one case's values
+        args.prefrun = args.prefrun or [""]
     if args.intermediate is None:
         args.intermediate = 4 * args.hidden
     if args.hidden % args.heads:
         p.error("--hidden must be a multiple of --heads")
-    if args.warmup < 1 or args.steps < 1:
+    if args.warmup < 1 or (args.steps is not None and args.steps < 1):
         p.error("--warmup and --steps must be >= 1")
     return args
+
+
+CASES = {"long": {"prompt_len": (32, 128), "completion_len": (16, 96), "steps": 30},
+         "short": {"prompt_len": (16, 32), "completion_len": (4, 8), "steps": 60}}
+
+
+def for_case(args: argparse.Namespace, case: str) -> argparse.Namespace:
+    """The arguments with one case's lengths and steps, where the command line did not set them."""
+    out = argparse.Namespace(**vars(args))
+    out.case = [case]
+    for key, value in CASES[case].items():
+        if getattr(out, key) is None:
+            setattr(out, key, value)
+    return out
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -118,17 +148,16 @@ def _range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _forwarded(args: argparse.Namespace) -> list[str]:
-    """The options a child needs, as command-line arguments."""
+def _forwarded(args: argparse.Namespace, *, precision: str = "fp32", overrides: str = "") -> list[str]:
+    """The options a child needs, as command-line arguments (one case, one precision, one override set)."""
     out = []
     for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "steps", "warmup", "lr", "seed",
                  "threads", "trl_optim", "model"):
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
-    out += ["--prompt-len", "{}-{}".format(*args.prompt_len), "--completion-len", "{}-{}".format(*args.completion_len)]
-    if args.trl_precompute:
-        out.append("--trl-precompute")
+    out += ["--prompt-len", "{}-{}".format(*args.prompt_len), "--completion-len", "{}-{}".format(*args.completion_len),
+            "--case", args.case[0], "--precision", precision, "--prefrun", overrides]
     if args.profile:
         out.append("--profile")
     return out
@@ -143,40 +172,44 @@ def max_length(args) -> int:
 
 
 def parent(args: argparse.Namespace) -> int:
-    sides = ["prefrun"] if args.profile else [s.strip() for s in args.sides.split(",") if s.strip()]
-    unknown = set(sides) - {"prefrun", "trl"}
-    if unknown:
-        sys.exit(f"--sides: unknown {sorted(unknown)}; choose from prefrun, trl")
+    sides = ["prefrun"] if args.profile else args.sides
     workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_CACHE": str(workdir / "hf_datasets"),
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
            "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    everything = {}
     try:
-        results = {}
-        for side in ["prepare", *sides]:
-            for attempt in range(1 + (2 if args.wait_idle and side != "prepare" else 0)):
-                if side != "prepare" and args.wait_idle:
-                    _wait_idle(args.wait_idle)
-                start = time.perf_counter()
-                results[side] = _child(side, args, workdir, env)
-                results[side]["process_s"] = time.perf_counter() - start
-                busy = results[side].get("others_cpu_share") or 0
-                if not args.wait_idle or busy <= 0.05 or attempt == 2:
-                    break
-                print(f"({side}: other processes used {busy:.0%} of the CPU during the timed steps; running it again)",
-                      flush=True)
-            if side == "prepare":
-                results["prepare"]["prefrun_version"] = _git_version()
-                _print_setup(args, results["prepare"])
-        if args.profile:
-            _print_profile(results["prefrun"])
-        else:
-            _print_table(args, results)
+        for case in args.case:
+            cargs = for_case(args, case)
+            (workdir / case).mkdir()
+            prep = _child("prepare", cargs, workdir / case, env, [])
+            prep["prefrun_version"] = _git_version()
+            print(f"\n=== case {case} ===")
+            _print_setup(cargs, prep)
+            for precision in args.precision:
+                runs: dict[str, list[dict]] = {}
+                for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every side
+                    for side in sides:
+                        for overrides in (args.prefrun if side == "prefrun" else [""]):
+                            label = side if not overrides else f"prefrun {overrides}"
+                            runs.setdefault(label, []).append(
+                                _side_result(side, cargs, workdir / case, env, precision, overrides))
+                results = {label: _median_run(results) for label, results in runs.items()}
+                print(f"\n--- {case}, {precision} ---")
+                if args.profile:
+                    for label, result in results.items():
+                        print(label)
+                        _print_profile(result)
+                else:
+                    _print_table(results)
+                everything[f"{case}/{precision}"] = {"prepare": prep, **results}
+        if len(everything) > 1 and not args.profile:
+            _print_summary(everything)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
-                                                     for k, v in vars(args).items()}, **results}, indent=2) + "\n")
+                                                     for k, v in vars(args).items()}, **everything}, indent=2) + "\n")
             print(f"\nwrote {args.out}")
     finally:
         if args.keep:
@@ -184,6 +217,42 @@ def parent(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _side_result(side, args, workdir: Path, env: dict, precision: str, overrides: str) -> dict:
+    result = _timed_child(side, args, workdir, env, precision, overrides)
+    if side == "trl_best":  # and with padding_free, where this TRL has it for DPO; the faster one counts
+        pf = _timed_child(side, args, workdir, env, precision, "", ["--padding-free"])
+        if pf.get("skipped"):
+            result["padding_free_note"] = pf["skipped"]
+        elif pf["steps_per_s"] > result["steps_per_s"]:
+            result = pf
+    return result
+
+
+def _median_run(results: list[dict]) -> dict:
+    """The run with the median throughput, with every run's steps/s beside it."""
+    ordered = sorted(results, key=lambda r: r["steps_per_s"])
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    median["runs_steps_per_s"] = [r["steps_per_s"] for r in results]
+    return median
+
+
+def _timed_child(side, args, workdir: Path, env: dict, precision: str, overrides: str, extra=()) -> dict:
+    """One timed side; with --wait-idle, run again (twice at most) when other processes used the CPU."""
+    for attempt in range(3 if args.wait_idle else 1):
+        if args.wait_idle:
+            _wait_idle(args.wait_idle)
+        start = time.perf_counter()
+        result = _child(side, args, workdir, env, [*_forwarded(args, precision=precision, overrides=overrides),
+                                                   *extra])
+        result["process_s"] = time.perf_counter() - start
+        busy = result.get("others_cpu_share") or 0
+        if busy <= 0.05 or result.get("skipped") or not args.wait_idle or attempt == 2:
+            break
+        print(f"({side}: other processes used {busy:.0%} of the CPU during the timed steps; running it again)",
+              flush=True)
+    return result
 
 
 def _git_version() -> str | None:
@@ -214,8 +283,9 @@ def _wait_idle(limit: float, window: float = 3.0, threshold: float = 0.10) -> No
             return
 
 
-def _child(side: str, args, workdir: Path, env: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir), *_forwarded(args)]
+def _child(side: str, args, workdir: Path, env: dict, forwarded: list[str]) -> dict:
+    forwarded = forwarded or _forwarded(args)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir), *forwarded]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
@@ -226,62 +296,92 @@ def _child(side: str, args, workdir: Path, env: dict) -> dict:
 
 def _print_setup(args, prep: dict) -> None:
     s = prep["stats"]
-    print(f"model: Llama {prep['num_parameters'] / 1e6:.2f}M parameters (hidden {args.hidden}, {args.layers} layers, "
-          f"{args.heads} heads x {args.hidden // args.heads}, intermediate {args.intermediate}, vocab {prep['vocab']}), "
-          f"fp32, {prep['torch_threads']} torch threads")
+    print(f"model: {prep['model_type']} {prep['num_parameters'] / 1e6:.2f}M parameters"
+          + ("" if args.model else f" (hidden {args.hidden}, {args.layers} layers, {args.heads} heads x "
+                                   f"{args.hidden // args.heads}, intermediate {args.intermediate})")
+          + f", vocab {prep['vocab']}, {prep['torch_threads']} torch threads")
     print(f"data: {s['records']} pairs, {args.batch} pairs/step, {args.warmup} warm-up + {args.steps} timed steps; "
           f"tokens/record: prompt {s['prompt_mean']:.0f} ({s['prompt_min']}-{s['prompt_max']}), "
           f"completion {s['completion_mean']:.0f} ({s['completion_min']}-{s['completion_max']}) incl. EOS")
-    print(f"prefrun {prep.get('prefrun_version') or '(version unknown)'}; lr {args.lr}, beta {BETA}, "
-          f"seed {args.seed}; TRL: "
-          + ("precompute_ref_log_probs=True" if args.trl_precompute else "reference model + reference forward per step")
-          + f", optim {args.trl_optim}\n")
+    print(f"prefrun {prep.get('prefrun_version') or '(version unknown)'}; lr {args.lr}, beta {BETA}, seed {args.seed}")
 
 
-def _print_table(args, results: dict) -> None:
-    sides = [s for s in ("prefrun", "trl") if s in results]
-    rows = [
-        ("steps/s", "steps_per_s", "{:.3f}"),
-        ("s/step (mean)", "s_per_step", "{:.3f}"),
-        ("s/step (median; min-max)", "median_s_per_step", "{:.3f}"),
-        ("tokens/s (non-pad, policy fwd)", "tokens_per_s", "{:.0f}"),
-        ("padding share of positions", "pad_fraction", "{:.1%}"),
-        ("timed seconds", "timed_s", "{:.1f}"),
-        ("peak RSS MB (VmHWM)", "peak_rss_mb", "{:.0f}"),
-        ("  peak before train() (load, ref precompute)", "pre_train_peak_rss_mb", "{:.0f}"),
-        ("  peak during train()", "train_peak_rss_mb", "{:.0f}"),
-        ("  RSS MB after imports", "base_rss_mb", "{:.0f}"),
-        ("mean loss (all steps)", "mean_loss", "{:.4f}"),
-        ("ref precompute s", "ref_precompute_s", "{:.2f}"),
-        ("setup s (tokenize/init)", "setup_s", "{:.2f}"),
-        ("train() call s (all steps)", "train_call_s", "{:.1f}"),
-        ("child process s", "process_s", "{:.1f}"),
-        ("own CPU use (cores)", "cpu_util", "{:.2f}"),
-        ("  of which kernel (page faults...)", "sys_share", "{:.0%}"),
-        ("other processes' CPU share", "others_cpu_share", "{:.0%}"),
-    ]
-    labels = {"prefrun": "prefrun", "trl": "TRL" + (" (precompute)" if args.trl_precompute else "")}
-    width = max(len(r[0]) for r in rows)
-    print(f"{'':{width}}  " + "  ".join(f"{labels[s]:>22}" for s in sides))
-    for label, key, fmt in rows:
+ROWS = [
+    ("steps/s (median run)", "steps_per_s", "{:.3f}"),
+    ("  steps/s of each run", "runs_steps_per_s", "{}"),
+    ("s/step (median; min-max)", "median_s_per_step", "{:.3f}"),
+    ("tokens/s (non-pad, policy fwd)", "tokens_per_s", "{:.0f}"),
+    ("padding share of positions", "pad_fraction", "{:.1%}"),
+    ("peak RSS MB (VmHWM)", "peak_rss_mb", "{:.0f}"),
+    ("  peak before the steps (load, ref)", "pre_train_peak_rss_mb", "{:.0f}"),
+    ("  peak during the steps", "train_peak_rss_mb", "{:.0f}"),
+    ("mean loss (all steps)", "mean_loss", "{:.4f}"),
+    ("ref precompute s", "ref_precompute_s", "{:.2f}"),
+    ("ref precompute sequences/s", "ref_sequences_per_s", "{:.0f}"),
+    ("optimiser", "optim", "{}"),
+    ("child process s", "process_s", "{:.1f}"),
+    ("own CPU use (cores)", "cpu_util", "{:.2f}"),
+    ("  of which kernel (page faults...)", "sys_share", "{:.0%}"),
+    ("other processes' CPU share", "others_cpu_share", "{:.0%}"),
+]
+
+
+def _print_table(results: dict) -> None:
+    labels = list(results)
+    width = max(len(r[0]) for r in ROWS)
+    cell = max(22, *(len(label) for label in labels))
+    print(f"{'':{width}}  " + "  ".join(f"{label:>{cell}}" for label in labels))
+    for label, key, fmt in ROWS:
         cells = []
-        for s in sides:
-            value = results[s].get(key)
+        for side in labels:
+            value = results[side].get(key)
+            if key == "runs_steps_per_s" and value is not None:
+                value = " ".join(f"{v:.2f}" for v in value)
             text = "-" if value is None else fmt.format(value)
             if key == "median_s_per_step" and value is not None:
-                text += f" ({results[s]['min_s_per_step']:.2f}-{results[s]['max_s_per_step']:.2f})"
-            cells.append(f"{text:>22}")
+                text += f" ({results[side]['min_s_per_step']:.2f}-{results[side]['max_s_per_step']:.2f})"
+            cells.append(f"{text:>{cell}}")
         print(f"{label:{width}}  " + "  ".join(cells))
-    busy = [s for s in sides if (results[s].get("others_cpu_share") or 0) > 0.05]
+    busy = [s for s in labels if (results[s].get("others_cpu_share") or 0) > 0.05]
     if busy:
         print(f"\nwarning: other processes used >5% of the machine's CPU during the timed steps of {busy}; "
               "the numbers are not reliable (OpenMP threads degrade badly when cores are shared)")
-    if len(sides) == 2:
-        p, t = results["prefrun"], results["trl"]
-        print(f"\nprefrun/TRL throughput (steps/s): {p['steps_per_s'] / t['steps_per_s']:.2f}x   "
-              f"prefrun/TRL peak memory: {p['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
-        results["ratios"] = {"throughput": p["steps_per_s"] / t["steps_per_s"],
-                             "peak_memory": p["peak_rss_mb"] / t["peak_rss_mb"]}
+    for line in _ratios(results):
+        print(line)
+
+
+def _ratios(results: dict) -> list[str]:
+    """prefrun (the first prefrun side) against each other side."""
+    ours = next((r for label, r in results.items() if label == "prefrun" or label.startswith("prefrun ")), None)
+    if ours is None:
+        return []
+    lines = []
+    for label in ("trl", "trl_best"):
+        if label in results:
+            r = results[label]
+            ratios = {"throughput": ours["steps_per_s"] / r["steps_per_s"], "peak_memory": ours["peak_rss_mb"] / r["peak_rss_mb"]}
+            ours.setdefault("ratios", {})[label] = ratios
+            lines.append(f"prefrun / {label:8}: {ratios['throughput']:.2f}x throughput, {ratios['peak_memory']:.2f}x peak memory"
+                         + (" (TRL with padding_free)" if r.get("padding_free") else "")
+                         + (f" ({r['padding_free_note']})" if r.get("padding_free_note") else ""))
+    if "limit" in results:
+        share = ours["s_per_step"] and results["limit"]["s_per_step"] / ours["s_per_step"]
+        ours.setdefault("ratios", {})["limit"] = share
+        lines.append(f"prefrun at {share:.2f} of the packed no-padding limit's speed "
+                     f"(limit {results['limit']['s_per_step'] * 1e3:.0f} ms/step, prefrun {ours['s_per_step'] * 1e3:.0f} ms)")
+    return lines
+
+
+def _print_summary(everything: dict) -> None:
+    print("\n=== summary: prefrun against each side (throughput ratio; memory ratio) ===")
+    for key, results in everything.items():
+        ours = results.get("prefrun") or {}
+        r = ours.get("ratios", {})
+        parts = [f"{side} {r[side]['throughput']:.2f}x ({r[side]['peak_memory']:.2f}x mem)" for side in ("trl", "trl_best")
+                 if side in r]
+        if "limit" in r:
+            parts.append(f"limit {r['limit']:.2f}")
+        print(f"{key:>14}: " + ", ".join(parts))
 
 
 def _print_profile(result: dict) -> None:
@@ -430,6 +530,7 @@ def side_prepare(args) -> None:
         model.save_pretrained(args.workdir / "model")
         tokenizer.save_pretrained(args.workdir / "model")
     _emit({"num_parameters": model.num_parameters(), "vocab": len(tokenizer), "stats": stats,
+           "model_type": type(model).__name__.removesuffix("ForCausalLM"),
            "torch_threads": torch.get_num_threads()})
 
 
@@ -475,6 +576,12 @@ def _busy_cpu_s() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def torch_grad_enabled() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
+
+
 class _Clock:
     """Timestamps after each optimiser step (wall, own CPU, machine CPU), and the token counts of
     each policy forward."""
@@ -485,15 +592,17 @@ class _Clock:
         self.forwards: list[tuple[int, int]] = []  # (non-pad tokens, padded positions)
 
     def watch_optimizer(self, optimizer) -> None:
-        def hook(*_):
-            self.stamps.append(time.perf_counter())
-            usage = resource.getrusage(resource.RUSAGE_SELF)
-            self.cpu.append((usage.ru_utime, usage.ru_stime, _busy_cpu_s()))
+        optimizer.register_step_post_hook(lambda *_: self.stamp())
 
-        optimizer.register_step_post_hook(hook)
+    def stamp(self) -> None:
+        self.stamps.append(time.perf_counter())
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu.append((usage.ru_utime, usage.ru_stime, _busy_cpu_s()))
 
     def watch_model(self, model) -> None:
         def hook(_module, args, kwargs):
+            if not torch_grad_enabled():  # the training forwards only (not scoring or checks)
+                return
             mask = kwargs.get("attention_mask")
             ids = kwargs.get("input_ids", args[0] if args else None)
             self.forwards.append((int(mask.sum()) if mask is not None else ids.numel(), ids.numel()))
@@ -518,19 +627,28 @@ class _Clock:
                 "others_cpu_share": others}
 
 
-def _trainer_cfg(args):
+def _prefrun_cfg(args):
+    """conf/trainer/default.yaml and conf/optim/adamw.yaml as shipped, with the bench's loop settings and
+    this side's `--prefrun` overrides (trainer.KEY=VALUE, optim.KEY=VALUE)."""
+    import yaml
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(TRAINER_YAML)
-    cfg.batch_size = args.batch
-    cfg.grad_accum = 1
-    cfg.max_steps = args.warmup + args.steps
-    cfg.log_every = 10**9  # only the final step logs (mean over all steps)
-    cfg.mixed_precision = "no"
-    cfg.save_final = False
-    if "save_every" in cfg:
-        cfg.save_every = 0  # no resumable checkpoints (train() is called without any anyway)
-    return cfg
+    trainer, optim = OmegaConf.load(TRAINER_YAML), OmegaConf.load(OPTIM_YAML)
+    trainer.batch_size = args.batch
+    trainer.grad_accum = 1
+    trainer.max_steps = args.warmup + args.steps
+    trainer.log_every = 10**9  # only the final step logs (mean over all steps)
+    trainer.mixed_precision = "bf16" if args.precision[0] == "bf16" else "no"
+    trainer.save_final = False
+    trainer.save_every = 0
+    optim.lr = args.lr
+    for item in (args.prefrun or [""])[0].split():
+        key, _, value = item.partition("=")
+        group, _, name = key.partition(".")
+        if group not in ("trainer", "optim") or not name or not _:
+            sys.exit(f"--prefrun {item!r}: want trainer.KEY=VALUE or optim.KEY=VALUE")
+        OmegaConf.update(trainer if group == "trainer" else optim, name, yaml.safe_load(value), force_add=True)
+    return trainer, optim
 
 
 def _reference_batch_size(cfg) -> int:
@@ -543,6 +661,7 @@ def side_prefrun(args) -> None:
 
     torch, model, tokenizer, records, base = _load(args)
     from accelerate.utils import set_seed
+    from hydra.utils import instantiate
 
     import prefrun.train as ptrain
     from prefrun.data import PreferenceData, attach_reference_logps, tokenize_record
@@ -550,38 +669,37 @@ def side_prefrun(args) -> None:
     from prefrun.model import fingerprint
     from prefrun.samplers import DatasetSampler
 
-    cfg = _trainer_cfg(args)
+    cfg, optim_cfg = _prefrun_cfg(args)
     set_seed(args.seed)
     start = time.perf_counter()
     data = PreferenceData(max_length=max_length(args), max_prompt_length=None)
     items = [tokenize_record(r, tokenizer) for r in records]
-    if hasattr(data, "finish"):  # truncation + skip accounting, as PreferenceData.load does
-        examples = data.finish(items, len(items), "bench", "train")
-    else:
-        examples = [ex for ex in map(data.truncate, items) if ex is not None]
+    examples = data.finish(items, len(items), "bench", "train")
     if len(examples) != len(records):
         raise RuntimeError("examples were dropped by truncation; raise max_length")
     setup_s = time.perf_counter() - start
 
+    accelerator = ptrain.make_accelerator(cfg)
     start = time.perf_counter()
     cache_dir = tempfile.mkdtemp(prefix="prefrun_cache_", dir=args.workdir)  # fresh: a rerun must not hit it
-    attach_reference_logps(examples, model, tokenizer, cache_dir=cache_dir,
-                           batch_size=_reference_batch_size(cfg), weights_key=fingerprint(model))
+    with accelerator.autocast():  # what run.py does: the reference under the training precision
+        attach_reference_logps(examples, model, tokenizer, cache_dir=cache_dir,
+                               batch_size=_reference_batch_size(cfg), weights_key=fingerprint(model))
     precompute_s = time.perf_counter() - start
 
     before_train = _start_train_peak()
     clock = _Clock()
     clock.watch_model(model)
     phases = _Phases(ptrain) if args.profile else None
+    make_optimizer = instantiate(optim_cfg)
 
     def optimizer_factory(params):
-        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        optimizer = make_optimizer(params=params)
         clock.watch_optimizer(optimizer)
         if phases:
             phases.watch_optimizer(optimizer)
         return optimizer
 
-    accelerator = ptrain.make_accelerator(cfg)
     if phases:
         phases.watch(model, accelerator)
     start = time.perf_counter()
@@ -590,21 +708,29 @@ def side_prefrun(args) -> None:
                         accelerator=accelerator, seed=args.seed, on_log=lambda _metrics: None)
     train_call_s = time.perf_counter() - start
     result = {"side": "prefrun", **clock.result(args.warmup, args.steps), "mean_loss": last["loss"],
-              "ref_precompute_s": precompute_s, "setup_s": setup_s, "train_call_s": train_call_s,
+              "ref_precompute_s": precompute_s, "ref_sequences_per_s": 2 * len(records) / precompute_s,
+              "setup_s": setup_s, "train_call_s": train_call_s, "optim": _optim_name(optim_cfg),
               "base_rss_mb": base, "torch_threads": torch.get_num_threads(), **_train_peak(before_train)}
     if phases:  # the memory numbers above are from before the profiler ran
         result["profile"] = phases.summary(args.warmup, args.steps)
-        result["profile"].update(_torch_profile(args, torch, ptrain, model, tokenizer, examples, cfg))
+        result["profile"].update(_torch_profile(args, torch, ptrain, model, tokenizer, examples, cfg, make_optimizer))
     _emit(result)
 
 
-def side_trl(args) -> None:
+def _optim_name(optim_cfg) -> str:
+    fused = optim_cfg.get("fused")
+    return optim_cfg._target_.rsplit(".", 1)[-1] + (" fused" if fused else " foreach" if optim_cfg.get("foreach") else "")
+
+
+def side_trl(args, best: bool = False) -> None:
     torch, model, tokenizer, records, base = _load(args)
+    import trl
     from datasets import Dataset
+    from omegaconf import OmegaConf
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    cfg = _trainer_cfg(args)
+    cfg = OmegaConf.load(TRAINER_YAML)
     clock, timings = _Clock(), {}
     total = args.warmup + args.steps
 
@@ -619,31 +745,64 @@ def side_trl(args) -> None:
         def on_train_begin(self, _args, _state, _control, optimizer=None, **_):
             clock.watch_optimizer(getattr(optimizer, "optimizer", optimizer))
 
+    optim = {"optim": args.trl_optim} if args.trl_optim else {}
     config = DPOConfig(
         output_dir=str(args.workdir / "trl_out"), per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, max_steps=total, learning_rate=args.lr, lr_scheduler_type=cfg.scheduler,
         warmup_steps=int(cfg.warmup_ratio * total), max_grad_norm=cfg.max_grad_norm or 0.0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim=args.trl_optim,
-        beta=BETA, loss_type="sigmoid", max_length=max_length(args),
-        precompute_ref_log_probs=args.trl_precompute, precompute_ref_batch_size=_reference_batch_size(cfg),
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
-        logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        seed=args.seed,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, beta=BETA, loss_type="sigmoid",
+        max_length=max_length(args), precompute_ref_log_probs=best, padding_free=args.padding_free,
+        precompute_ref_batch_size=args.batch, bf16=args.precision[0] == "bf16", fp16=False,
+        gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**9,
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, seed=args.seed, **optim,
     )
     start = time.perf_counter()
     trainer = Trainer(model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(records),
                       processing_class=tokenizer, callbacks=[Stamp()])
     init_s = time.perf_counter() - start
+    if args.padding_free and not getattr(trainer, "padding_free", False):
+        _emit({"side": "trl_best", "skipped": f"TRL {trl.__version__} turns padding_free off for DPO"})
+        return
     before_train = _start_train_peak()
     clock.watch_model(trainer.model)
     start = time.perf_counter()
     output = trainer.train()
     train_call_s = time.perf_counter() - start
     precompute_s = timings.get("ref_precompute_s")
-    _emit({"side": "trl", **clock.result(args.warmup, args.steps), "mean_loss": output.training_loss,
-           "ref_precompute_s": precompute_s, "setup_s": init_s - (precompute_s or 0.0), "train_call_s": train_call_s,
+    _emit({"side": "trl_best" if best else "trl", **clock.result(args.warmup, args.steps),
+           "mean_loss": output.training_loss, "ref_precompute_s": precompute_s,
+           "ref_sequences_per_s": 2 * len(records) / precompute_s if precompute_s else None,
+           "setup_s": init_s - (precompute_s or 0.0), "train_call_s": train_call_s, "optim": str(config.optim),
+           "padding_free": bool(getattr(trainer, "padding_free", False)),
            "reference_model": trainer.ref_model is not None, "base_rss_mb": base,
            "torch_threads": torch.get_num_threads(), **_train_peak(before_train)})
+
+
+def side_limit(args) -> None:
+    """Forward + backward over each step's real tokens only: the step's pairs packed in one row (attention per
+    sequence, prefrun's packed_sdpa), log-probs of the completion tokens, no optimiser, no loop around it."""
+    torch, model, tokenizer, records, base = _load(args)
+    from prefrun.data import collate, tokenize_record
+    from prefrun.logprobs import sequence_logps, use_packed_attention
+
+    if not use_packed_attention(model):
+        sys.exit(f"limit: {type(model).__name__} has no SDPA / flash attention to run packed rows")
+    examples = [tokenize_record(r, tokenizer) for r in records]
+    batches = [collate(examples[i : i + args.batch], tokenizer.pad_token_id, packed=True)
+               for i in range(0, len(examples), args.batch)]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision[0] == "bf16")
+    before = _start_train_peak()
+    clock = _Clock()
+    clock.watch_model(model)
+    model.train()
+    for batch in batches[: args.warmup + args.steps]:
+        with autocast:
+            logps = sequence_logps(model, batch, logits_budget_mb=float("inf"))
+        logps.sum().backward()
+        model.zero_grad(set_to_none=True)
+        clock.stamp()
+    _emit({"side": "limit", **clock.result(args.warmup, args.steps), "base_rss_mb": base,
+           "torch_threads": torch.get_num_threads(), **_train_peak(before)})
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -709,7 +868,7 @@ class _Phases:
         return {"steps": steps, "step_ms": step, "phases_ms": phases}
 
 
-def _torch_profile(args, torch, ptrain, model, tokenizer, examples, cfg) -> dict:
+def _torch_profile(args, torch, ptrain, model, tokenizer, examples, cfg, make_optimizer) -> dict:
     """A second short train() (from the trained weights; same shapes) under torch.profiler."""
     import functools
 
@@ -733,7 +892,7 @@ def _torch_profile(args, torch, ptrain, model, tokenizer, examples, cfg) -> dict
     model.register_forward_hook(lambda *_: state.pop("rf").__exit__(None, None, None))
 
     def optimizer_factory(params):
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+        return make_optimizer(params=params)
 
     with prof:
         ptrain.train(model, tokenizer, examples, loss_fn=functools.partial(dpo_loss, beta=BETA), beta=BETA,
@@ -774,7 +933,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.side is None:
         return parent(args)
-    {"prepare": side_prepare, "prefrun": side_prefrun, "trl": side_trl}[args.side](args)
+    sides = {"prepare": side_prepare, "prefrun": side_prefrun, "trl": side_trl, "limit": side_limit,
+             "trl_best": lambda a: side_trl(a, best=True)}
+    sides[args.side](args)
     return 0
 
 

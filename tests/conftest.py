@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build_bpe_model(path: Path, *, hidden: int = 64, layers: int = 2, heads: int = 2, vocab: int = 320,
-                    bos: bool = True, seed: int = 0) -> Path:
+                    bos: bool = True, seed: int = 0, kv_heads: int | None = None) -> Path:
     """A byte-level BPE tokenizer trained on a small corpus and a randomly initialised Llama."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -31,7 +31,7 @@ def build_bpe_model(path: Path, *, hidden: int = 64, layers: int = 2, heads: int
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                          max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefrun.data import attach_reference_logps, collate, tokenize_record
-from prefrun.logprobs import sequence_logps
+from prefrun.logprobs import sequence_logps, use_packed_attention
 from prefrun.losses import dpo_loss
 from prefrun.model import fingerprint
 
@@ -30,7 +30,7 @@ def test_left_padded_batch_matches_unpadded_sequences(bpe_model_dir, pairs_jsonl
     examples = [tokenize_record(r, tokenizer) for r in records]
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
-        ours = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        ours = sequence_logps(model, batch)
         expected = torch.stack([naive_logps(model, ex.prompt_ids, c) for ex in examples for c in ex.completion_ids])
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-6)
     assert batch["completion_lengths"].tolist() == [[len(c) for c in ex.completion_ids] for ex in examples]
@@ -66,7 +66,7 @@ def test_logps_and_dpo_loss_agree_with_trl(bpe_model_dir, pairs_jsonl, tmp_path)
     with torch.no_grad():
         trl_chosen, trl_rejected = trainer.compute_ref_log_probs(policy, trl_batch)
         batch = collate(examples, tokenizer.pad_token_id)
-        ours = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).view(-1, 2)
+        ours = sequence_logps(policy, batch).view(-1, 2)
     torch.testing.assert_close(ours[:, 0], trl_chosen, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours[:, 1], trl_rejected, atol=1e-5, rtol=1e-5)
 
@@ -79,3 +79,60 @@ def test_logps_and_dpo_loss_agree_with_trl(bpe_model_dir, pairs_jsonl, tmp_path)
         our_losses, _ = dpo_loss(ours, reference_logps, batch["completion_lengths"], beta=beta)
     assert our_losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-5)
     assert abs(trl_loss.item() - 0.6931) > 1e-3  # a real comparison, not log 2 at identical models
+
+
+def _varied_examples(model_dir, pairs_jsonl, n=6):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = [json.loads(line) for line in pairs_jsonl.read_text().splitlines()][:n]
+    records[0]["prompt"] *= 4  # very different lengths in one batch
+    records[1]["chosen"] *= 3
+    return tokenizer, [tokenize_record(r, tokenizer) for r in records]
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_packed_rows_match_padded_rows_and_their_gradients(tmp_path, pairs_jsonl, gqa):
+    """Padding-free batches (one packed row, position ids restarting, attention kept inside each sequence by
+    packed_sdpa) give today's padded fp32 log-probs and the same gradients, with grouped-query attention too."""
+    model_dir = build_bpe_model(tmp_path / "m", heads=4, kv_heads=2 if gqa else None)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer, examples = _varied_examples(model_dir, pairs_jsonl)
+    assert use_packed_attention(model)
+    padded, packed = collate(examples, tokenizer.pad_token_id), collate(examples, tokenizer.pad_token_id, packed=True)
+    assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].numel() == padded["attention_mask"].sum()
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        logps = sequence_logps(model, batch)
+        logps.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        if batch is padded:
+            expected = logps.detach()
+    torch.testing.assert_close(logps.detach(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    # Without the per-sequence attention (plain causal attention over the packed row) they would differ:
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        leaky = model(input_ids=packed["input_ids"], attention_mask=torch.ones_like(packed["input_ids"]),
+                      position_ids=packed["position_ids"]).logits[0, packed["logit_positions"]]
+    leaky = torch.zeros(len(examples) * 2).index_add(
+        0, packed["token_rows"], leaky.log_softmax(-1).gather(1, packed["targets"][:, None])[:, 0])
+    assert (leaky - expected).abs().max() > 1e-2
+
+
+def test_chunked_logps_for_a_large_vocabulary(tmp_path, pairs_jsonl):
+    """Above trainer.logits_budget_mb the head runs in chunks of positions: same log-probs and gradients
+    as the whole-logits path, padded and packed."""
+    model_dir = build_bpe_model(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    use_packed_attention(model)
+    tokenizer, examples = _varied_examples(model_dir, pairs_jsonl)
+    for packed in (False, True):
+        batch = collate(examples, tokenizer.pad_token_id, packed=packed)
+        results = []
+        for budget in (float("inf"), 0.01):  # 0.01 MB: chunks of 8 positions at this vocabulary
+            model.zero_grad()
+            logps = sequence_logps(model, batch, logits_budget_mb=budget)
+            logps.sum().backward()
+            results.append((logps.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)

@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: int) -> tuple[Tensor, Tensor]:
     """log π(y|x) of every candidate of every example, by no-grad forwards of `batch_size` rows sorted by
-    length (little padding). Returns (logps, lengths), both [N, K_max]: pools of fewer candidates are padded
-    with logp 0 and length 0."""
-    from prefrun.logprobs import sequence_logps
+    length (little padding), packed in one row when the model runs packed rows (then each sequence's numbers
+    are the ones training computes). Returns (logps, lengths), both [N, K_max]: pools of fewer candidates are
+    padded with logp 0 and length 0."""
+    from prefrun.logprobs import packs, sequence_logps
 
     was_training = model.training
     model.eval()
@@ -35,15 +36,16 @@ def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: 
     width = max(len(ex.completion_ids) for ex in examples)
     logps = torch.zeros(len(examples), width)
     lengths = torch.zeros(len(examples), width, dtype=torch.long)
+    packed = packs(model)
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            batch = pad_rows([(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in chunk], pad_id)
-            values = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    batch["completion_mask"].to(device)).float().cpu()
+            batch = pad_rows([(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in chunk], pad_id,
+                             packed=packed)
+            values = sequence_logps(model, {k: v.to(device) for k, v in batch.items()}).float().cpu()
             index = torch.tensor(chunk)
             logps[index[:, 0], index[:, 1]] = values
-            lengths[index[:, 0], index[:, 1]] = batch["completion_mask"].sum(1)
+            lengths[index[:, 0], index[:, 1]] = torch.tensor([len(examples[i].completion_ids[c]) for i, c in chunk])
     finally:
         model.train(was_training)
     return logps, lengths
