@@ -231,7 +231,7 @@ def _side_result(side, args, workdir: Path, env: dict, precision: str, overrides
 
 
 def _median_run(results: list[dict]) -> dict:
-    """The run with the median throughput, with every run's steps/s beside it."""
+    """The run with the median throughput (of two: the slower), with every run's steps/s beside it."""
     ordered = sorted(results, key=lambda r: r["steps_per_s"])
     median = dict(ordered[(len(ordered) - 1) // 2])
     median["runs_steps_per_s"] = [r["steps_per_s"] for r in results]
@@ -351,23 +351,32 @@ def _print_table(results: dict) -> None:
 
 
 def _ratios(results: dict) -> list[str]:
-    """prefrun (the first prefrun side) against each other side."""
+    """prefrun (the first prefrun side) against each other side: the ratio within each repeat (sides of one
+    repeat run back to back, so they share the machine's slow and fast spells), median and range."""
     ours = next((r for label, r in results.items() if label == "prefrun" or label.startswith("prefrun ")), None)
     if ours is None:
         return []
-    lines = []
+
+    def per_repeat(other: dict) -> tuple[float, str]:
+        values = sorted(a / b for a, b in zip(ours["runs_steps_per_s"], other["runs_steps_per_s"]))
+        middle = values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1 : len(values) // 2 + 1]) / 2
+        spread = f" (runs {values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+        return middle, spread
+
+    lines, ratios = [], ours.setdefault("ratios", {})
     for label in ("trl", "trl_best"):
         if label in results:
             r = results[label]
-            ratios = {"throughput": ours["steps_per_s"] / r["steps_per_s"], "peak_memory": ours["peak_rss_mb"] / r["peak_rss_mb"]}
-            ours.setdefault("ratios", {})[label] = ratios
-            lines.append(f"prefrun / {label:8}: {ratios['throughput']:.2f}x throughput, {ratios['peak_memory']:.2f}x peak memory"
+            throughput, spread = per_repeat(r)
+            ratios[label] = {"throughput": throughput, "peak_memory": ours["peak_rss_mb"] / r["peak_rss_mb"]}
+            lines.append(f"prefrun / {label:8}: {throughput:.2f}x throughput{spread}, "
+                         f"{ratios[label]['peak_memory']:.2f}x peak memory"
                          + (" (TRL with padding_free)" if r.get("padding_free") else "")
                          + (f" ({r['padding_free_note']})" if r.get("padding_free_note") else ""))
     if "limit" in results:
-        share = ours["s_per_step"] and results["limit"]["s_per_step"] / ours["s_per_step"]
-        ours.setdefault("ratios", {})["limit"] = share
-        lines.append(f"prefrun at {share:.2f} of the packed no-padding limit's speed "
+        share, spread = per_repeat(results["limit"])
+        ratios["limit"] = share
+        lines.append(f"prefrun at {share:.2f}{spread} of the packed no-padding limit's speed "
                      f"(limit {results['limit']['s_per_step'] * 1e3:.0f} ms/step, prefrun {ours['s_per_step'] * 1e3:.0f} ms)")
     return lines
 
@@ -856,12 +865,12 @@ class _Phases:
 
         fwd, logps = ms("forward"), ms("sequence_logps")
         phases = {
-            "collate (padding, tensors; in DataLoader)": ms("collate"),
-            "model forward (HF Llama, logits_to_keep)": fwd,
-            "log-probs: slice/.float()/cross-entropy/mask": logps - fwd,
+            "collate (packing or padding rows)": ms("collate"),
+            "model forward (incl. LM head on completion positions)": fwd,
+            "log-probs: cross-entropy, sum per sequence": logps - fwd,
             "backward": ms("backward"),
             "clip_grad_norm": ms("clip_grad_norm"),
-            "optimizer.step (AdamW, for-loop impl)": ms("optimizer.step"),
+            "optimizer.step": ms("optimizer.step"),
         }
         step = (hi - lo) * 1e3 / steps
         phases["rest: loss, isfinite sync, sched, zero_grad, metrics, loader"] = step - sum(phases.values())

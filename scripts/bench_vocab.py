@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             results.append(json.loads(lines[-1]))
         whole = results[0]
         print(f"{'logits_budget_mb':>18} {'peak RSS MB':>12} {'vs whole':>9} {'s/step':>8} {'max |Δ logp|':>13} "
-              f"{'Δ grad norm (rel)':>18}")
+              f"{'(relative)':>11} {'Δ grad norm (rel)':>18}")
         for r in results:
             diff = max(abs(a - b) for a, b in zip(r["logps"], whole["logps"]))
             relative = max(abs(a - b) / abs(b) for a, b in zip(r["logps"], whole["logps"]))
