@@ -38,6 +38,21 @@ def build_bpe_model(path: Path, *, hidden: int = 64, layers: int = 2, heads: int
     return path
 
 
+def char_llama(*, hidden: int, heads: int, seed: int, **config):
+    """A random 2-layer Llama over prefrun's character tokenizer (one token per character, so texts cut
+    exactly; head_dim 64, as vLLM on a CPU needs), in eval mode, and the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefrun.tiny import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads, head_dim=64,
+                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **config)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
 @pytest.fixture(scope="session")
 def bpe_model_dir(tmp_path_factory) -> Path:
     return build_bpe_model(tmp_path_factory.mktemp("bpe_llama"))

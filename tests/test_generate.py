@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefrun.errors import InputError
 from prefrun.generate import (
@@ -18,7 +18,8 @@ from prefrun.generate import (
     auto_generator,
     prompt_ids,
 )
-from prefrun.tiny import char_tokenizer
+
+from .conftest import char_llama
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -37,12 +38,7 @@ def bpe(bpe_model_dir):
 @pytest.fixture(scope="module")
 def chars():
     """A random 2-layer Llama over the character tokenizer: one token per character, so texts cut exactly."""
-    tokenizer = char_tokenizer()
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return char_llama(hidden=64, heads=1, seed=1)
 
 
 def teacher_forced(model, tokenizer, prompt, ids) -> torch.Tensor:

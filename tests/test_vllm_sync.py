@@ -15,11 +15,11 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefrun.errors import PrefrunError
 from prefrun.generate import HFGenerator, VLLMGenerator, prompt_ids
-from prefrun.tiny import char_tokenizer
+
+from .conftest import char_llama
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -45,13 +45,7 @@ def live_processes_of_group(pgid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def base():
     """A random 2-layer Llama over the character tokenizer, initialised wide enough to have opinions."""
-    tokenizer = char_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=128,
-                         tie_word_embeddings=True, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return char_llama(hidden=128, heads=2, seed=0, tie_word_embeddings=True, initializer_range=0.1)
 
 
 def trained(model, tokenizer) -> None:

@@ -7,7 +7,7 @@ What lives where (every public name is importable from `prefrun.data`, and the H
   records -> token ids (`tokenize_record`, `token_ids`), and one clear line for a broken text data file;
 - `load`: the data sources, the `data=` choices: `PreferenceData`, `HFPreferenceData`, `HFPrompts`,
   `GeneratedPreferences`, with the tokenized cache;
-- `batches`: `Example` and the left-padded batches (`pad_rows`, `collate`);
+- `batches`: `Example` and the batches, left-padded or packed (`pad_rows`, `collate`);
 - `reference`: reference log-probs of every candidate (`candidate_logps`) and their disk cache
   (`attach_reference_logps`).
 
