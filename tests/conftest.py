@@ -53,6 +53,17 @@ def char_llama(*, hidden: int, heads: int, seed: int, **config):
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+def teacher_forced(model, tokenizer, prompt: str, ids: list[int]) -> torch.Tensor:
+    """log_softmax of one unpadded forward over prompt + completion, at the completion's tokens."""
+    from prefrun.generate import prompt_ids
+
+    context = prompt_ids(tokenizer, prompt)
+    with torch.no_grad():
+        logits = model(torch.tensor([context + ids])).logits[0].float()
+    positions = torch.arange(len(context) - 1, len(context) + len(ids) - 1)
+    return torch.log_softmax(logits, -1)[positions, torch.tensor(ids, dtype=torch.long)]
+
+
 @pytest.fixture(scope="session")
 def bpe_model_dir(tmp_path_factory) -> Path:
     return build_bpe_model(tmp_path_factory.mktemp("bpe_llama"))

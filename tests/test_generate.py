@@ -19,7 +19,7 @@ from prefrun.generate import (
     prompt_ids,
 )
 
-from .conftest import char_llama
+from .conftest import char_llama, teacher_forced
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -39,15 +39,6 @@ def bpe(bpe_model_dir):
 def chars():
     """A random 2-layer Llama over the character tokenizer: one token per character, so texts cut exactly."""
     return char_llama(hidden=64, heads=1, seed=1)
-
-
-def teacher_forced(model, tokenizer, prompt, ids) -> torch.Tensor:
-    """log_softmax of one unpadded forward over prompt + completion, at the completion's tokens."""
-    context = prompt_ids(tokenizer, prompt)
-    with torch.no_grad():
-        logits = model(torch.tensor([context + ids])).logits[0].float()
-    positions = torch.arange(len(context) - 1, len(context) + len(ids) - 1)
-    return torch.log_softmax(logits, -1)[positions, torch.tensor(ids, dtype=torch.long)]
 
 
 def test_candidates_carry_token_ids_and_raw_logprobs(bpe):

@@ -19,7 +19,7 @@ import torch
 from prefrun.errors import PrefrunError
 from prefrun.generate import HFGenerator, VLLMGenerator, prompt_ids
 
-from .conftest import char_llama
+from .conftest import char_llama, teacher_forced
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -63,14 +63,6 @@ def noised(model, seed: int, std: float = 0.02) -> None:
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * std)
-
-
-def teacher_forced(model, tokenizer, prompt, ids) -> torch.Tensor:
-    context = prompt_ids(tokenizer, prompt)
-    with torch.no_grad():
-        logits = model(torch.tensor([context + ids])).logits[0].float()
-    positions = torch.arange(len(context) - 1, len(context) + len(ids) - 1)
-    return torch.log_softmax(logits, -1)[positions, torch.tensor(ids, dtype=torch.long)]
 
 
 def error_of(call) -> str:
