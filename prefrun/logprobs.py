@@ -5,8 +5,10 @@ Two batch layouts (prefrun/data/batches.py builds both):
   only runs on the last K + 1 positions (K the longest completion);
 - packed (padding-free): the rows concatenated into one row with position ids restarting per sequence.
   Attention stays inside each sequence: with flash attention through transformers' own packed path
-  (cu_seqlens from the position ids), with SDPA through `packed_sdpa` below, which runs causal SDPA on
-  each sequence's slice (exact, and no T² mask). The LM head runs on the completion positions only.
+  (cu_seqlens from the position ids), with SDPA through `packed_sdpa` below, which runs SDPA on each
+  sequence's slice (exact, and no T² mask for causal attention). `check_packing` verifies it once per
+  model against padded rows and sends a model that disagrees back to padded rows. The LM head runs on
+  the completion positions only.
 
 When the logits of a batch would exceed `logits_budget_mb` (large vocabularies), the LM head and
 log-softmax run in chunks of positions (`ChunkedTokenLogps`, the head recomputed in the backward), so
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +124,12 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
 def use_packed_attention(model) -> bool:
     """Make `model` able to run packed rows: SDPA models switch to `packed_sdpa` (the same SDPA on unpacked
-    batches), flash-attention models already can. False for any other attention implementation."""
-    config = _unwrap(model).config
+    batches), flash-attention models already can. False for any other attention implementation.
+    `check_packing` then verifies it on the first real batch."""
+    inner = _unwrap(model)
+    if _VERDICTS.get(inner) is False:
+        return False
+    config = inner.config
     implementation = getattr(config, "_attn_implementation", None)
     if implementation == "sdpa":
         config._attn_implementation = PACKED_SDPA
@@ -131,23 +138,80 @@ def use_packed_attention(model) -> bool:
 
 
 def packs(model) -> bool:
-    """Whether `model` runs packed rows (see `use_packed_attention`)."""
-    implementation = str(getattr(_unwrap(model).config, "_attn_implementation", None))
-    return implementation == PACKED_SDPA or implementation.startswith("flash_attention")
+    """Whether `model` runs packed rows (see `use_packed_attention`), unless `check_packing` refused them."""
+    inner = _unwrap(model)
+    implementation = str(getattr(inner.config, "_attn_implementation", None))
+    return (implementation == PACKED_SDPA or implementation.startswith("flash_attention")) and _VERDICTS.get(inner, True)
+
+
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> packed rows agree with padded
+
+
+def packing_checked(model) -> bool:
+    """Whether `check_packing` has given its verdict on `model`."""
+    return _unwrap(model) in _VERDICTS
+
+
+@torch.no_grad()
+def check_packing(model, packed: dict[str, Tensor], padded: dict[str, Tensor], *,
+                  logits_budget_mb: float = 256.0) -> bool:
+    """Once per model, on the first batch it packs (`packed`, and the same rows `padded`): do packed rows give
+    the log-probs that padded rows give under the model's own attention? Modelling code can make them differ:
+    attention that leaks across sequences, or code that tests for "sdpa" by name and takes another path
+    after the switch to `packed_sdpa`. If they differ, the model goes back to its own attention, `packs`
+    answers False from then on (callers pad), and a warning says so. fp32: a tolerance of rounding; 16-bit
+    weights or autocast: a looser one (crossing sequences moves log-probs by whole nats)."""
+    inner = _unwrap(model)
+    if inner in _VERDICTS:
+        return _VERDICTS[inner]
+    implementation = inner.config._attn_implementation
+    parameter = next(model.parameters())
+    exact = parameter.dtype == torch.float32 and not torch.is_autocast_enabled(parameter.device.type)
+    was_training = model.training
+    model.eval()  # no dropout: the two passes must see the same function
+    try:
+        ours = sequence_logps(model, packed, logits_budget_mb=logits_budget_mb)
+        if implementation == PACKED_SDPA:
+            inner.config._attn_implementation = "sdpa"  # padded rows through the model's own SDPA path
+        try:
+            theirs = sequence_logps(model, padded, logits_budget_mb=logits_budget_mb)
+        finally:
+            inner.config._attn_implementation = implementation
+    finally:
+        model.train(was_training)
+    diff, scale = (ours.float() - theirs.float()).abs().max().item(), theirs.float().abs().max().item()
+    agrees = diff <= (1e-3 + 1e-5 * scale if exact else 0.1 + 2e-3 * scale)
+    _VERDICTS[inner] = agrees
+    if agrees:
+        log.info("padding-free batches: packed and padded log-probs agree to %.2g on the first batch", diff)
+        return True
+    if implementation == PACKED_SDPA:
+        inner.config._attn_implementation = "sdpa"
+    log.warning("trainer.padding_free=true: on %s packed rows give log-probs %.3g away from padded rows under its own "
+                "attention (%s), so this run pads its batches (trainer.padding_free=false skips this check)",
+                type(inner).__name__, diff, "sdpa" if implementation == PACKED_SDPA else implementation)
+    return False
 
 
 def packed_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
                 scaling: float | None = None, is_causal: bool | None = None, **kwargs):
-    """transformers' SDPA attention, but on a packed row (kwarg `prefrun_sequence_lengths`) causal SDPA runs on
-    each sequence's own slice: exact block-diagonal attention without a [T × T] mask. (`split`, not slicing:
-    its backward is one concatenation, where each slice's would fill a zero tensor of the whole row.)"""
+    """transformers' SDPA attention, but on a packed row (kwarg `prefrun_sequence_lengths`) SDPA runs on each
+    sequence's own slice: exact block-diagonal attention without a [T × T] mask. Causal unless the model built a
+    mask for the row (a sliding window longer rows exceed): then each sequence gets its diagonal block of it,
+    which is that sequence's own mask, positions restarting with it. (`split`, not slicing: its backward is
+    one concatenation, where each slice's would fill a zero tensor of the whole row.)"""
     lengths = kwargs.pop(LENGTHS_KEY, None)
     if lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    outputs = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True,
-                                      **kwargs)[0]
-               for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))]
+    masks = [None] * len(lengths)
+    if attention_mask is not None:
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        masks = [attention_mask[..., end - n : end, end - n : end] for n, end in zip(lengths, ends)]
+    outputs = [sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling,
+                                      is_causal=mask is None, **kwargs)[0]
+               for q, k, v, mask in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                                        value.split(lengths, dim=2), masks)]
     return torch.cat(outputs, dim=1), None
 
 
@@ -158,7 +222,9 @@ AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 def _packed_kwargs(model, batch: dict[str, Tensor]) -> dict:
     implementation = getattr(_unwrap(model).config, "_attn_implementation", None)
     if implementation == PACKED_SDPA:
-        # An all-ones mask: transformers then builds no [T × T] mask (packed_sdpa ignores it anyway).
+        # An all-ones mask: transformers then builds no [T × T] mask for plain causal attention (and does not
+        # derive one from the restarting positions); where it builds one (sliding windows), packed_sdpa uses
+        # its diagonal blocks.
         return {"attention_mask": torch.ones_like(batch["input_ids"]), LENGTHS_KEY: batch["sequence_lengths"].tolist()}
     if str(implementation).startswith("flash_attention"):
         return {}  # no mask: transformers derives cu_seqlens from the restarting position ids

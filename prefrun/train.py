@@ -18,7 +18,7 @@ from transformers import get_scheduler
 from prefrun.checkpoint import Checkpoints
 from prefrun.data import Example, candidate_logps, collate
 from prefrun.errors import InputError, PrefrunError
-from prefrun.logprobs import sequence_logps, use_packed_attention
+from prefrun.logprobs import check_packing, packing_checked, sequence_logps, use_packed_attention
 from prefrun.losses import log_reference_noise, pool_log_softmax_loss
 from prefrun.samplers import effective_sample_size, rank_under
 
@@ -89,9 +89,12 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                 # The prepared model (not unwrapped): sharded weights (FSDP) and autocast work as in training.
                 columns, pool_metrics = draws(model, indices.tolist(), state)
             batch = collate(chunk, pad_id, columns, packed=packed)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            if packed and state["micro_batches"] == 1:
-                _check_packed(model, chunk, pad_id, columns, batch, budget, exact=accelerator.mixed_precision == "no")
+            tokens = int(batch["sequence_lengths"].sum())
+            batch = _on(accelerator, batch)
+            if packed and not packing_checked(model):  # once per model (reference scoring may have done it)
+                padded = _on(accelerator, collate(chunk, pad_id, columns))
+                if not check_packing(model, batch, padded, logits_budget_mb=budget):
+                    packed, batch = False, padded
             with accelerator.accumulate(model):
                 row_logps = sequence_logps(model, batch, logits_budget_mb=budget)
                 policy_logps = row_logps[batch["row_index"]]
@@ -108,7 +111,7 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             window.add(_step_metrics(loss, policy_logps.detach(), rewards.detach(), batch, beta, pool_metrics),
-                       batch["attention_mask"].sum(), grad_norm)
+                       tokens, grad_norm, accelerator.device)
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
@@ -159,33 +162,15 @@ def _epoch_loader(lengths: list[int], cfg: DictConfig, seed: int, epoch: int) ->
 def _packs(model) -> bool:
     if use_packed_attention(model):
         return True
-    log.warning("trainer.padding_free=true: %s uses attention %r, which cannot run packed rows exactly; "
-                "training on padded batches", type(model).__name__,
-                getattr(getattr(model, "config", None), "_attn_implementation", None))
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation != "sdpa":  # sdpa: check_packing refused packed rows on this model and said why
+        log.warning("trainer.padding_free=true: %s uses attention %r, which cannot run packed rows exactly; "
+                    "training on padded batches", type(model).__name__, implementation)
     return False
 
 
-@torch.no_grad()
-def _check_packed(model, examples: list[Example], pad_id: int, columns, packed: dict, budget: float, *,
-                  exact: bool) -> None:
-    """On the first micro-batch: packed rows give the padded rows' log-probs (the attention really stays
-    inside each sequence on this model), else a clear error before any step is taken. `exact`: fp32 (a
-    tolerance of rounding), else 16-bit autocast (a looser one; attending across sequences moves log-probs
-    by whole nats)."""
-    padded = collate(examples, pad_id, columns)
-    padded = {k: v.to(packed["input_ids"].device) for k, v in padded.items()}
-    was_training = model.training
-    model.eval()  # no dropout: the two passes must see the same function
-    try:
-        a = sequence_logps(model, packed, logits_budget_mb=budget)
-        b = sequence_logps(model, padded, logits_budget_mb=budget)
-    finally:
-        model.train(was_training)
-    diff, scale = (a - b).abs().max().item(), b.abs().max().item()
-    if not diff <= (1e-3 + 1e-5 * scale if exact else 0.1 + 2e-3 * scale):
-        raise InputError(f"trainer.padding_free=true: on this model packed rows give log-probs {diff:.3g} away from "
-                         "padded rows (its attention does not keep to each sequence): set trainer.padding_free=false")
-    log.info("padding-free batches: packed and padded log-probs agree to %.2g on the first micro-batch", diff)
+def _on(accelerator: Accelerator, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.to(accelerator.device) for k, v in batch.items()}
 
 
 class PoolDraws:
@@ -260,17 +245,19 @@ def _step_metrics(loss, policy_logps, rewards, batch, beta, pool_metrics: dict) 
 
 
 class _Window:
-    """Running sums of the metrics between two logged steps, kept as tensors (no per-step syncs)."""
+    """Running sums of the metrics between two logged steps, kept as one tensor (no per-step syncs)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        self.names: list[str] = []
+        self.sums: Tensor | None = None
         self.grad_norms: list[Tensor] = []
         self.count, self.tokens, self.start = 0, 0, time.perf_counter()
 
-    def add(self, metrics: dict[str, Tensor], tokens, grad_norm) -> None:
-        for name, value in metrics.items():
-            value = value.detach().float().to(tokens.device)
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
+    def add(self, metrics: dict[str, Tensor], tokens: int, grad_norm, device) -> None:
+        if self.sums is None:
+            self.names = list(metrics)  # a restored window keeps the checkpoint's order
+        values = torch.stack([metrics[name].detach().to(device, torch.float32) for name in self.names])
+        self.sums = values if self.sums is None else self.sums + values
         if grad_norm is not None:
             self.grad_norms.append(grad_norm.detach().float() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm))
         self.count += 1
@@ -278,18 +265,20 @@ class _Window:
 
     def state(self) -> dict:
         """What a checkpoint keeps of a partly filled window (timing restarts on resume)."""
-        return {"sums": {k: v.item() for k, v in self.sums.items()}, "count": self.count,
+        sums = dict(zip(self.names, self.sums.tolist())) if self.sums is not None else {}
+        return {"sums": sums, "count": self.count,
                 "grad_norms": [float(g) for g in self.grad_norms], "tokens": int(self.tokens)}
 
     def restore(self, saved: dict, device) -> None:
-        self.sums = {k: torch.tensor(v, device=device) for k, v in (saved["sums"] or {}).items()}
+        if saved["sums"]:
+            self.names = list(saved["sums"])
+            self.sums = torch.tensor(list(saved["sums"].values()), device=device)
         self.count, self.tokens = saved["count"], saved["tokens"]
         self.grad_norms = [torch.tensor(g) for g in saved["grad_norms"]]
 
     def flush(self, accelerator: Accelerator) -> dict:
-        names = sorted(self.sums)
-        means = accelerator.reduce(torch.stack([self.sums[n] for n in names]) / self.count, "mean").tolist()
-        out = dict(zip(names, means))
+        means = accelerator.reduce(self.sums / self.count, "mean").tolist()
+        out = dict(zip(self.names, means))
         if self.grad_norms:
             out["grad_norm"] = accelerator.reduce(torch.stack(self.grad_norms).mean().to(accelerator.device), "mean").item()
         tokens = accelerator.reduce(torch.as_tensor(self.tokens, device=accelerator.device).float(), "sum").item()

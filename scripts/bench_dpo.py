@@ -189,14 +189,22 @@ def parent(args: argparse.Namespace) -> int:
             _print_setup(cargs, prep)
             for precision in args.precision:
                 runs: dict[str, list[dict]] = {}
+                skipped: dict[str, str] = {}
                 for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every side
                     for side in sides:
                         for overrides in (args.prefrun if side == "prefrun" else [""]):
                             label = side if not overrides else f"prefrun {overrides}"
-                            runs.setdefault(label, []).append(
-                                _side_result(side, cargs, workdir / case, env, precision, overrides))
+                            if label in skipped:
+                                continue
+                            result = _side_result(side, cargs, workdir / case, env, precision, overrides)
+                            if result.get("skipped"):
+                                skipped[label] = result["skipped"]
+                            else:
+                                runs.setdefault(label, []).append(result)
                 results = {label: _median_run(results) for label, results in runs.items()}
                 print(f"\n--- {case}, {precision} ---")
+                for label, reason in skipped.items():
+                    print(f"{label}: not run ({reason})")
                 if args.profile:
                     for label, result in results.items():
                         print(label)
@@ -792,7 +800,7 @@ def side_limit(args) -> None:
     sequence, prefrun's packed_sdpa), log-probs of the completion tokens, no optimiser, no loop around it."""
     torch, model, tokenizer, records, base = _load(args)
     from prefrun.data import collate, tokenize_record
-    from prefrun.logprobs import sequence_logps, use_packed_attention
+    from prefrun.logprobs import check_packing, sequence_logps, use_packed_attention
 
     if not use_packed_attention(model):
         sys.exit(f"limit: {type(model).__name__} has no SDPA / flash attention to run packed rows")
@@ -800,6 +808,11 @@ def side_limit(args) -> None:
     batches = [collate(examples[i : i + args.batch], tokenizer.pad_token_id, packed=True)
                for i in range(0, len(examples), args.batch)]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision[0] == "bf16")
+    with autocast:
+        if not check_packing(model, batches[0], collate(examples[: args.batch], tokenizer.pad_token_id)):
+            _emit({"side": "limit", "skipped": f"packed rows give {type(model).__name__} other log-probs than "
+                                               "padded rows: there is no packed limit to time on this model"})
+            return
     before = _start_train_peak()
     clock = _Clock()
     clock.watch_model(model)

@@ -1,14 +1,15 @@
 """Sequence log-probs and the DPO loss against an independent computation and against TRL."""
 
 import json
+import logging
 import os
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prefrun.data import attach_reference_logps, collate, tokenize_record
-from prefrun.logprobs import sequence_logps, use_packed_attention
+from prefrun.data import Example, attach_reference_logps, candidate_logps, collate, tokenize_record
+from prefrun.logprobs import check_packing, packs, sequence_logps, use_packed_attention
 from prefrun.losses import dpo_loss
 from prefrun.model import fingerprint
 
@@ -117,6 +118,59 @@ def test_packed_rows_match_padded_rows_and_their_gradients(tmp_path, pairs_jsonl
     leaky = torch.zeros(len(examples) * 2).index_add(
         0, packed["token_rows"], leaky.log_softmax(-1).gather(1, packed["targets"][:, None])[:, 0])
     assert (leaky - expected).abs().max() > 1e-2
+
+
+def _random_examples(vocab: int, lengths: list[tuple[int, int]], seed: int = 0) -> list[Example]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=generator).tolist()  # noqa: E731
+    return [Example(ids(p), [ids(c), ids(c + 3)]) for p, c in lengths]
+
+
+def _tiny(name: str, **config):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(vocab_size=97, hidden_size=64, intermediate_size=128,
+                                                    num_hidden_layers=2, num_attention_heads=2, **config)
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("name", ["Mistral", "Gemma2"])
+def test_packed_rows_keep_a_sliding_window(name):
+    """Sliding-window attention (every layer: Mistral; every other one: Gemma2), rows longer than the window:
+    packed rows give the padded rows' log-probs and gradients under the model's own SDPA, because packed_sdpa
+    gives each sequence its block of the window mask transformers builds for the row."""
+    model = _tiny(name, sliding_window=8, num_key_value_heads=1, head_dim=32)
+    examples = _random_examples(97, [(5, 3), (19, 9), (2, 14), (11, 4)])
+    padded, packed = collate(examples, 0), collate(examples, 0, packed=True)
+    logps, grads = [], []
+    for batch in (padded, packed):  # padded first: under the model's own SDPA
+        if batch is packed:
+            assert use_packed_attention(model)
+        model.zero_grad()
+        values = sequence_logps(model, batch)
+        values.sum().backward()
+        logps.append(values.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(logps[1], logps[0], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    assert check_packing(model, packed, padded) and packs(model)
+
+
+def test_packing_is_refused_where_the_model_tests_for_sdpa_by_name(caplog):
+    """Falcon's modelling code takes its SDPA path only when the implementation is named "sdpa", so after the
+    switch to packed_sdpa its log-probs are wrong, packed or padded. The check on the first batch scored (here
+    the reference's, before anything is cached) puts the model back on SDPA and pads from then on."""
+    model, plain = _tiny("Falcon"), _tiny("Falcon")
+    examples = _random_examples(97, [(5, 3), (19, 9), (2, 14), (11, 4)])
+    assert use_packed_attention(model)
+    with caplog.at_level(logging.WARNING, logger="prefrun.logprobs"):
+        logps, _ = candidate_logps(model, examples, 0, batch_size=4)
+    assert "FalconForCausalLM packed rows give log-probs" in caplog.text and "pads its batches" in caplog.text
+    assert model.config._attn_implementation == "sdpa" and not packs(model) and not use_packed_attention(model)
+    with torch.no_grad():
+        expected = sequence_logps(plain, collate(examples, 0)).view(-1, 2)
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
 
 
 def test_chunked_logps_for_a_large_vocabulary(tmp_path, pairs_jsonl):

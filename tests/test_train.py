@@ -127,14 +127,14 @@ def test_padding_free_falls_back_on_eager_attention(bpe_model_dir, pairs_jsonl, 
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
-def test_padding_free_stops_before_training_when_attention_crosses_sequences(bpe_model_dir, pairs_jsonl, tmp_path,
-                                                                             monkeypatch):
+def test_padding_free_pads_when_attention_crosses_sequences(bpe_model_dir, pairs_jsonl, tmp_path, monkeypatch,
+                                                           caplog):
     """A model whose attention ignores the sequence boundaries (as remote code that drops the forward's kwargs
-    would): the first micro-batch's check stops the run with a one-line fix."""
+    would): the check on the first micro-batch says so, and the run trains on padded batches, with the
+    padded loop's result."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from prefrun.errors import InputError
     from prefrun.logprobs import LENGTHS_KEY, PACKED_SDPA
 
     def leaky(module, query, key, value, attention_mask, **kwargs):
@@ -142,5 +142,9 @@ def test_padding_free_stops_before_training_when_attention_crosses_sequences(bpe
         return sdpa_attention_forward(module, query, key, value, None, **{**kwargs, "is_causal": True})
 
     monkeypatch.setitem(AttentionInterface._global_mapping, PACKED_SDPA, leaky)
-    with pytest.raises(InputError, match="set trainer.padding_free=false"):
-        train_once(bpe_model_dir, pairs_jsonl, tmp_path, batch_size=4, grad_accum=1, padding_free=True)
+    leaked, _ = train_once(bpe_model_dir, pairs_jsonl, tmp_path, batch_size=4, grad_accum=1, padding_free=True)
+    assert "packed rows give log-probs" in caplog.text and "pads its batches" in caplog.text
+    assert leaked.config._attn_implementation == "sdpa"
+    padded, _ = train_once(bpe_model_dir, pairs_jsonl, tmp_path, batch_size=4, grad_accum=1, padding_free=False)
+    for a, b in zip(leaked.parameters(), padded.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)

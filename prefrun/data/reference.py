@@ -26,13 +26,14 @@ def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: 
     length (little padding), packed in one row when the model runs packed rows (then each sequence's numbers
     are the ones training computes). Returns (logps, lengths), both [N, K_max]: pools of fewer candidates are
     padded with logp 0 and length 0."""
-    from prefrun.logprobs import packs, sequence_logps
+    from prefrun.logprobs import check_packing, packing_checked, packs, sequence_logps
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rows = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.completion_ids))]
-    rows.sort(key=lambda r: len(examples[r[0]].prompt_ids) + len(examples[r[0]].completion_ids[r[1]]))
+    # Longest first: the peak memory comes at once, and packing is checked on the longest rows.
+    rows.sort(key=lambda r: len(examples[r[0]].prompt_ids) + len(examples[r[0]].completion_ids[r[1]]), reverse=True)
     width = max(len(ex.completion_ids) for ex in examples)
     logps = torch.zeros(len(examples), width)
     lengths = torch.zeros(len(examples), width, dtype=torch.long)
@@ -40,15 +41,23 @@ def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: 
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            batch = pad_rows([(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in chunk], pad_id,
-                             packed=packed)
-            values = sequence_logps(model, {k: v.to(device) for k, v in batch.items()}).float().cpu()
+            pairs = [(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in chunk]
+            batch = _on(device, pad_rows(pairs, pad_id, packed=packed))
+            if packed and not packing_checked(model):
+                padded = _on(device, pad_rows(pairs, pad_id))
+                if not check_packing(model, batch, padded):
+                    packed, batch = False, padded
+            values = sequence_logps(model, batch).float().cpu()
             index = torch.tensor(chunk)
             logps[index[:, 0], index[:, 1]] = values
             lengths[index[:, 0], index[:, 1]] = torch.tensor([len(examples[i].completion_ids[c]) for i, c in chunk])
     finally:
         model.train(was_training)
     return logps, lengths
+
+
+def _on(device, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cache_dir: Path,
