@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefrun.checkpoint import Checkpoints
-from prefrun.data import Example, candidate_logps, collate
+from prefrun.data import Example, candidate_logps, collate, to_device
 from prefrun.errors import InputError, PrefrunError
 from prefrun.logprobs import check_packing, packing_checked, sequence_logps, use_packed_attention
 from prefrun.losses import log_reference_noise, pool_log_softmax_loss
@@ -90,9 +90,9 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                 columns, pool_metrics = draws(model, indices.tolist(), state)
             batch = collate(chunk, pad_id, columns, packed=packed)
             tokens = int(batch["sequence_lengths"].sum())
-            batch = _on(accelerator, batch)
+            batch = to_device(batch, accelerator.device)
             if packed and not packing_checked(model):  # once per model (reference scoring may have done it)
-                padded = _on(accelerator, collate(chunk, pad_id, columns))
+                padded = to_device(collate(chunk, pad_id, columns), accelerator.device)
                 if not check_packing(model, batch, padded, logits_budget_mb=budget):
                     packed, batch = False, padded
             with accelerator.accumulate(model):
@@ -167,10 +167,6 @@ def _packs(model) -> bool:
         log.warning("trainer.padding_free=true: %s uses attention %r, which cannot run packed rows exactly; "
                     "training on padded batches", type(model).__name__, implementation)
     return False
-
-
-def _on(accelerator: Accelerator, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.to(accelerator.device) for k, v in batch.items()}
 
 
 class PoolDraws:

@@ -7,14 +7,14 @@ What lives where (every public name is importable from `prefrun.data`, and the H
   records -> token ids (`tokenize_record`, `token_ids`), and one clear line for a broken text data file;
 - `load`: the data sources, the `data=` choices: `PreferenceData`, `HFPreferenceData`, `HFPrompts`,
   `GeneratedPreferences`, with the tokenized cache;
-- `batches`: `Example` and the batches, left-padded or packed (`pad_rows`, `collate`);
+- `batches`: `Example` and the batches, left-padded or packed (`pad_rows`, `collate`, `to_device`);
 - `reference`: reference log-probs of every candidate (`candidate_logps`) and their disk cache
   (`attach_reference_logps`).
 
 Imports run one way: batches <- formats <- load, batches <- reference <- load.
 """
 
-from prefrun.data.batches import Example, collate, pad_rows
+from prefrun.data.batches import Example, collate, pad_rows, to_device
 from prefrun.data.formats import COLUMNS, DATA_FILES, token_ids, tokenize_record
 from prefrun.data.load import (
     ROWS_PER_PROCESS,
@@ -44,4 +44,5 @@ __all__ = [
     "pad_rows",
     "token_ids",
     "tokenize_record",
+    "to_device",
 ]

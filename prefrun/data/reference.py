@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prefrun.data.batches import Example, pad_rows
+from prefrun.data.batches import Example, pad_rows, to_device
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: 
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             pairs = [(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in chunk]
-            batch = _on(device, pad_rows(pairs, pad_id, packed=packed))
+            batch = to_device(pad_rows(pairs, pad_id, packed=packed), device)
             if packed and not packing_checked(model):
-                padded = _on(device, pad_rows(pairs, pad_id))
+                padded = to_device(pad_rows(pairs, pad_id), device)
                 if not check_packing(model, batch, padded):
                     packed, batch = False, padded
             values = sequence_logps(model, batch).float().cpu()
@@ -54,10 +54,6 @@ def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: 
     finally:
         model.train(was_training)
     return logps, lengths
-
-
-def _on(device, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cache_dir: Path,
