@@ -52,6 +52,8 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     ends where an uninterrupted one would (negatives are drawn from a generator seeded by the position).
     """
     pad_id = tokenizer.pad_token_id
+    if cfg.get("disable_dropout", True):
+        disable_dropout(model)
     packed = bool(cfg.get("padding_free")) and _packs(model)
     draws = PoolDraws(sampler, examples, beta=beta, pad_id=pad_id, seed=seed,
                       batch_size=(cfg.reference_batch_size or cfg.batch_size) * 2) if sampler.uses_pools else None
@@ -157,6 +159,18 @@ def _epoch_loader(lengths: list[int], cfg: DictConfig, seed: int, epoch: int) ->
                 order += batches[b]
     return DataLoader(range(len(lengths)), batch_size=size, sampler=order, drop_last=drop_last,
                       collate_fn=torch.tensor)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in the policy, as TRL's DPOTrainer does by default: reference log-probs and pool scores are
+    computed without it, so with it the policy/reference log-ratio would not start at 0 and every step would
+    carry its noise. Dropout modules and the float `attention_dropout` many attention layers read from their
+    config; LoRA's own dropout (model.lora.dropout) is left as configured."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def _packs(model) -> bool:

@@ -801,6 +801,7 @@ def side_limit(args) -> None:
     torch, model, tokenizer, records, base = _load(args)
     from prefrun.data import collate, tokenize_record
     from prefrun.logprobs import check_packing, sequence_logps, use_packed_attention
+    from prefrun.train import disable_dropout
 
     if not use_packed_attention(model):
         sys.exit(f"limit: {type(model).__name__} has no SDPA / flash attention to run packed rows")
@@ -817,6 +818,7 @@ def side_limit(args) -> None:
     clock = _Clock()
     clock.watch_model(model)
     model.train()
+    disable_dropout(model)  # as both trainers do by default
     for batch in batches[: args.warmup + args.steps]:
         with autocast:
             logps = sequence_logps(model, batch, logits_budget_mb=float("inf"))

@@ -4,6 +4,7 @@ length-grouped batches keep the epoch's examples; bf16 references start the log-
 
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -148,3 +149,28 @@ def test_padding_free_pads_when_attention_crosses_sequences(bpe_model_dir, pairs
     padded, _ = train_once(bpe_model_dir, pairs_jsonl, tmp_path, batch_size=4, grad_accum=1, padding_free=False)
     for a, b in zip(leaked.parameters(), padded.parameters()):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_dropout_is_off_by_default_so_the_first_log_ratio_is_zero(bpe_model_dir, pairs_jsonl, tmp_path, arch):
+    """A model with dropout (GPT-2's Dropout modules; Llama's float attention_dropout): by default the policy
+    trains without it, as TRL does, so at step 1 it computes exactly the reference's log-probs (loss ln 2);
+    trainer.disable_dropout=false keeps it, and the first loss moves off ln 2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(bpe_model_dir)
+    model_dir = tmp_path / arch
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=256,
+                                   resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)).save_pretrained(model_dir)
+    else:
+        AutoModelForCausalLM.from_pretrained(bpe_model_dir, attention_dropout=0.3).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    first = {}
+    for disable in (True, False):
+        model, rows = train_once(model_dir, pairs_jsonl, tmp_path / f"cache{disable}", batch_size=4, grad_accum=1,
+                                 max_steps=1, disable_dropout=disable)
+        first[disable] = rows[0]["loss"]
+    assert first[True] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(first[False] - math.log(2)) > 1e-3
