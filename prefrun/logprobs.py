@@ -18,6 +18,7 @@ the memory for logits stays at about the budget whatever the vocabulary size.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import weakref
 
@@ -206,7 +207,7 @@ def packed_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mas
                                       is_causal=is_causal, **kwargs)
     masks = [None] * len(lengths)
     if attention_mask is not None:
-        ends = torch.tensor(lengths).cumsum(0).tolist()
+        ends = itertools.accumulate(lengths)
         masks = [attention_mask[..., end - n : end, end - n : end] for n, end in zip(lengths, ends)]
     outputs = [sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling,
                                       is_causal=mask is None, **kwargs)[0]
