@@ -16,6 +16,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from prefrun.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -55,8 +57,10 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         with _quiet_accelerate():
             accelerator.save_state(str(tmp))
+        # The state file marks the checkpoint complete: only once every process has written its part.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(state))
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "num_processes": accelerator.num_processes}))
             _fsync_dir(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -64,9 +68,16 @@ class Checkpoints:
         accelerator.wait_for_everyone()
 
     def load(self, accelerator: Accelerator, path: Path) -> dict:
+        state = json.loads((path / STATE_FILE).read_text())
+        written_by = state.pop("num_processes", accelerator.num_processes)
+        if written_by != accelerator.num_processes:
+            raise InputError(f"{path} was written by {written_by} process(es), and this run has "
+                             f"{accelerator.num_processes}: resume it with {written_by} (accelerate launch "
+                             f"--num_processes {written_by}); an online run changes the number of processes only at "
+                             "a round boundary")
         with _quiet_accelerate():
             accelerator.load_state(str(path))
-        return json.loads((path / STATE_FILE).read_text())
+        return state
 
     def _prune(self) -> None:
         if not self.keep:

@@ -8,7 +8,8 @@ import statistics
 import torch
 from omegaconf import DictConfig
 
-from prefrun.data import Example, candidate_logps
+from prefrun import distributed
+from prefrun.data import Example, split_candidate_logps
 from prefrun.generate import HFGenerator
 from prefrun.losses import pool_log_softmax_loss
 
@@ -17,14 +18,23 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
                   baseline: dict | None = None) -> dict:
     """For each decoding in `cfg.decodings`: completions of the held-out `prompts` judged by `judge`, as mean
     ± stderr over prompts of the per-prompt mean score. With `baseline` (the result before training), also
-    the win rate: the share of prompts whose mean score beats the baseline's (ties count half)."""
+    the win rate: the share of prompts whose mean score beats the baseline's (ties count half).
+    The prompts are cut in shards of `cfg.batch_size`, each sampled with its own seed (shard 0: `seed`) and
+    judged by one process: the scores do not depend on the number of processes."""
     results = {}
+    size = cfg.batch_size
     for name, decoding in cfg.decodings.items():
-        generator = HFGenerator(num_candidates=decoding.num_samples, temperature=decoding.temperature,
-                                top_p=decoding.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                seed=seed)
-        completions = [c.texts for c in generator.generate(prompts, model=model, tokenizer=tokenizer)]
-        scores = judge.score(prompts, completions)
+        def complete_and_judge(shard: int, decoding=decoding) -> tuple[list, list]:
+            chunk = prompts[shard * size : (shard + 1) * size]
+            generator = HFGenerator(num_candidates=decoding.num_samples, temperature=decoding.temperature,
+                                    top_p=decoding.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=size,
+                                    seed=distributed.shard_seed(seed, shard))
+            completions = [c.texts for c in generator.generate(chunk, model=model, tokenizer=tokenizer)]
+            return completions, judge.score(chunk, completions)
+
+        shards = distributed.map_shards(distributed.num_shards(len(prompts), size), complete_and_judge)
+        completions = [row for part, _ in shards for row in part]
+        scores = [row for _, part in shards for row in part]
         per_prompt = [statistics.fmean(row) for row in scores]
         results[name] = {
             "mean": statistics.fmean(per_prompt),
@@ -47,7 +57,7 @@ def preference_metrics(model, tokenizer, examples: list[Example], *, loss_fn, be
     """The loss, reward accuracy (y_w's reward above every other candidate's) and margin (over the best
     other) on held-out examples with reference log-probs attached. Pairs are scored with the training loss;
     pools with the whole-pool log-softmax, whatever the loss form (comparable across MC-PO runs)."""
-    logps, lengths = candidate_logps(model, examples, tokenizer.pad_token_id, batch_size=batch_size * 2)
+    logps, lengths = split_candidate_logps(model, examples, tokenizer.pad_token_id, batch_size=batch_size * 2)
     reference = torch.zeros_like(logps)
     for i, example in enumerate(examples):
         reference[i, : len(example.reference_logps)] = torch.tensor(example.reference_logps)

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from prefrun import distributed
 from prefrun.errors import InputError, PrefrunError
 from prefrun.model import DTYPES
 
@@ -133,7 +134,9 @@ class _ClassifierJudge(Judge):
         if dtype not in ("auto", *DTYPES):
             raise InputError(f"judge.dtype={dtype!r}: choose auto, float32, bfloat16 or float16")
         try:
-            self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+            # auto: this process's GPU (accelerate has set it: each process of a job judges on its own device)
+            self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else
+                           torch.device("cpu")) if device == "auto" else torch.device(device)
         except (RuntimeError, TypeError):
             raise InputError(f"judge.device={device!r}: choose auto, cpu, cuda, cuda:<index> or another torch "
                              "device") from None
@@ -244,7 +247,8 @@ class _ClassifierJudge(Judge):
         batch_size = self.batch_size if self._pad_id is not None else 1
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths batch together
         scores = [0.0] * len(encoded)
-        with tqdm(total=len(encoded), desc=self.name, unit="text", disable=None, leave=False) as bar:
+        with tqdm(total=len(encoded), desc=self.name, unit="text", leave=False,
+                  disable=None if distributed.is_main() else True) as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 width = len(encoded[rows[0]])

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from prefrun import distributed
 from prefrun.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def resolve_model_path(cfg: DictConfig, task, cache_dir: str | Path) -> str:
         return cfg.name_or_path
     if cfg.build is None:
         raise InputError("model.name_or_path is null and model.build is null: set model.name_or_path=<hub id | dir>")
-    return str(instantiate(cfg.build).materialize(cache_dir, task))
+    with distributed.in_turn():  # one process per filesystem builds it; the others find it built
+        return str(instantiate(cfg.build).materialize(cache_dir, task))
 
 
 def load_tokenizer(name_or_path: str, cfg: DictConfig):

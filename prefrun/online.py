@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prefrun.data import candidate_logps
+from prefrun import distributed
+from prefrun.data import split_candidate_logps
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
 
@@ -82,7 +83,8 @@ class OnlineConfig:
 
     @property
     def extrapolates(self) -> bool:
-        return self.algorithm == "apo" and self.alpha != 0
+        """APO extrapolates every round but the last, α = 0 included (θ_t = θ̂_t then, by the same path)."""
+        return self.algorithm == "apo"
 
     def beta(self, t: int, default: float) -> float:
         """β of round t (1-based)."""
@@ -271,7 +273,7 @@ def cpu_state(model) -> dict:
 def evaluate_start(rounds: Rounds, evaluate, policy) -> dict:
     """The judged evaluation of the starting policy, once per run directory (a resumed run reads it back)."""
     path = rounds.root / "before.json"
-    if path.exists():
+    if distributed.everywhere(path.exists()):
         return json.loads(path.read_text())
     before = evaluate(policy, None)
     if rounds.enabled:
@@ -312,11 +314,11 @@ def attach_round_reference(online: OnlineConfig, policy, tokenizer, examples, in
     def initial_logps():
         if lora and not merges_adapters(online, lora):
             with policy.disable_adapter():
-                return candidate_logps(policy, examples, pad_id, batch_size=batch)
+                return split_candidate_logps(policy, examples, pad_id, batch_size=batch)
         with swapped_in(policy, initial):
-            return candidate_logps(policy, examples, pad_id, batch_size=batch)
+            return split_candidate_logps(policy, examples, pad_id, batch_size=batch)
 
-    current = candidate_logps(policy, examples, pad_id, batch_size=batch) \
+    current = split_candidate_logps(policy, examples, pad_id, batch_size=batch) \
         if online.ref == "previous" or online.kl_estimate else None
     start = initial_logps() if online.ref == "initial" or online.kl_estimate else None
     reference = start[0] if online.ref == "initial" else current[0]

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prefrun import distributed
 from prefrun.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -127,52 +128,71 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
                timings: dict | None = None) -> list[dict]:
     """Generate `generator.num_candidates` completions per prompt, judge them, and write
     `{prompt, candidates, scores}` records in shards `out_dir/shard-00000.jsonl` ... (`shard_size` prompts each;
-    None: 256, or 4096 with a generator that starts an engine per call). Each shard is written
+    None: the generator's `shard_size`: 64 with HF, 256 with a persistent vLLM engine, 4096 when every call
+    starts an engine). Each shard is written
     whole (write, then rename) after its prompts are done, so a killed run loses at most the shard in flight
-    and the same call continues after the last complete shard. `prompts` must be in their final form
+    and the same call continues after the last complete shard. Under several processes each shard is made by
+    one process (`distributed.owner`) and every process returns every record; a shard's seed comes from its
+    position, so the records do not depend on the number of processes. `prompts` must be in their final form
     (generate.as_chat applied); `job` describes what made them (model, generator, judge): shards of another
     job in `out_dir` are an error, not reused. `seed` (default: the generator's) is the first shard's sampling seed;
-    `timings`, if given, receives generate_s, judge_s, generated_tokens and completions of the work done here.
+    `timings`, if given, receives generate_s, judge_s, generated_tokens and completions of the work done here
+    (seconds: the slowest process's) and prompts_per_process (the prompts each process generated).
     Returns every record, in prompt order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if shard_size is None:  # each vLLM call starts an engine (~30 s): fewer, larger shards there
-        shard_size = 4096 if getattr(generator, "starts_engine", False) else 256
+    if shard_size is None:
+        shard_size = generator.shard_size
     if shard_size < 1:
         raise InputError(f"shard_size={shard_size}: give a positive number of prompts per shard, or null")
     manifest = {"num_prompts": len(prompts), "shard_size": shard_size, **(job or {})}
     _check_manifest(out_dir, manifest)
-    records: list[dict] = []
-    start, generated_tokens, done_before = time.perf_counter(), 0, 0
-    num_shards = -(-len(prompts) // shard_size)
-    for shard in range(num_shards):
+    num_shards = distributed.num_shards(len(prompts), shard_size)
+    start, progress = time.perf_counter(), {"prompts": 0, "tokens": 0}
+    mine = len(range(distributed.rank(), num_shards, distributed.world_size()))
+
+    def make_shard(shard: int) -> tuple[list[dict], dict]:
         path = out_dir / f"shard-{shard:05d}.jsonl"
         lo, hi = shard * shard_size, min(len(prompts), (shard + 1) * shard_size)
         if path.exists():
-            records.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            done_before += hi - lo
-            continue
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], {"resumed": hi - lo}
         chunk = prompts[lo:hi]
-        # Each shard its own seed, fixed by its position: a resumed run generates what an uninterrupted one would.
-        shard_generator = dataclasses.replace(generator, seed=(generator.seed if seed is None else seed) + 7919 * shard)
+        shard_generator = dataclasses.replace(generator, seed=distributed.shard_seed(
+            generator.seed if seed is None else seed, shard))
         began = time.perf_counter()
         candidates = shard_generator.generate(chunk, model=model, tokenizer=tokenizer, model_path=model_path)
         generated = time.perf_counter()
         texts = [c.texts for c in candidates]
-        generated_tokens += sum(len(ids) for c in candidates for ids in c.token_ids)
         scores = judge.score(chunk, texts)
-        if timings is not None:
-            for key, value in (("generate_s", generated - began), ("judge_s", time.perf_counter() - generated),
-                               ("generated_tokens", sum(len(ids) for c in candidates for ids in c.token_ids)),
-                               ("completions", sum(len(c.token_ids) for c in candidates))):
-                timings[key] = timings.get(key, 0) + value
+        work = {"generate_s": generated - began, "judge_s": time.perf_counter() - generated,
+                "generated_tokens": sum(len(ids) for c in candidates for ids in c.token_ids),
+                "completions": sum(len(c.token_ids) for c in candidates), "prompts": hi - lo}
         rows = [{"prompt": p, "candidates": t, "scores": s} for p, t, s in zip(chunk, texts, scores)]
         _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-        records.extend(rows)
+        progress["prompts"] += hi - lo
+        progress["tokens"] += work["generated_tokens"]
         elapsed = time.perf_counter() - start
-        log.info("pools: %d/%d prompts (shard %d/%d), %.1f prompts/s, %.0f generated tokens/s", hi, len(prompts),
-                 shard + 1, num_shards, (hi - done_before) / elapsed, generated_tokens / elapsed)
-    if done_before:
-        log.info("pools: %d of %d prompts were already done in %s (resumed)", done_before, len(prompts), out_dir)
+        log.info("pools: shard %d/%d (prompts %d-%d of %d)%s, %.1f prompts/s, %.0f generated tokens/s", shard + 1,
+                 num_shards, lo + 1, hi, len(prompts), f", {mine} of the shards on this process (of "
+                 f"{distributed.world_size()})" if distributed.world_size() > 1 else "", progress["prompts"] / elapsed,
+                 progress["tokens"] / elapsed)
+        return rows, work
+
+    shards = distributed.map_shards(num_shards, make_shard)
+    records = [row for rows, _ in shards for row in rows]
+    resumed = sum(work.get("resumed", 0) for _, work in shards)
+    if resumed:
+        log.info("pools: %d of %d prompts were already done in %s (resumed)", resumed, len(prompts), out_dir)
+    if timings is not None:
+        per_process: list[dict] = [{} for _ in range(distributed.world_size())]
+        for shard, (_, work) in enumerate(shards):
+            into = per_process[distributed.owner(shard)]
+            for key, value in work.items():
+                into[key] = into.get(key, 0) + value
+        for key in ("generate_s", "judge_s"):
+            timings[key] = timings.get(key, 0) + max(p.get(key, 0.0) for p in per_process)
+        for key in ("generated_tokens", "completions"):
+            timings[key] = timings.get(key, 0) + sum(p.get(key, 0) for p in per_process)
+        timings["prompts_per_process"] = [p.get("prompts", 0) for p in per_process]
     return records
 
 
@@ -184,8 +204,9 @@ def _check_manifest(out_dir: Path, manifest: dict) -> None:
         if old != manifest:
             raise InputError(f"{out_dir} holds pools of another job ({old} vs now {manifest}): choose another output "
                              "directory or delete it")
-    else:
-        _atomic_write_text(path, json.dumps(manifest))
+    distributed.barrier()  # every process has read the old manifest before one writes the new
+    if not distributed.everywhere(path.exists()):
+        distributed.write_once(path, lambda p: _atomic_write_text(p, json.dumps(manifest)))
 
 
 def write_pools(records: list[dict], path: Path) -> None:

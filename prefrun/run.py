@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from prefrun import distributed
 from prefrun.checkpoint import Checkpoints
 from prefrun.data import GeneratedPreferences, attach_reference_logps
 from prefrun.errors import InputError
@@ -65,6 +66,7 @@ def run(cfg: DictConfig) -> float | None:
     """Run one job; return what sweepers optimise: the held-out judged score after training, or the
     held-out pairs' reward accuracy when there is no judged task."""
     accelerator = make_accelerator(cfg.trainer)
+    distributed.quiet_other_processes()  # one console, one train.log: the main process's
     hydra_cfg = HydraConfig.get()
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
     record = RunLog(Path(hydra_cfg.runtime.output_dir), cfg, enabled=accelerator.is_main_process, sweep_name=sweep)
@@ -130,6 +132,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     evaluate = _judged_evaluation(cfg, data, task, judge, tokenizer)
     rounds = Rounds(record.dir, enabled=accelerator.is_main_process)
     lora, steps_before = bool(cfg.model.get("lora")), 0
+    global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
     # Kept only where a round needs them: the starting weights (reference / KL) and θ̂_{t-1} (APO's momentum).
     initial = cpu_state(policy) if online.ref == "initial" or online.kl_estimate else None
     previous_hat = policy_weights(policy) if online.extrapolates else None
@@ -139,6 +142,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
         t = len(done)
         log.info("online: rounds 1-%d of %d are done (%s); continuing with round %d", t, online.rounds, rounds.root,
                  t + 1)
+        _check_global_batch(done[-1], global_batch, rounds.dir(t))
         restore_round(policy, tokenizer, rounds, t, online, lora, cfg.seed)
         if online.extrapolates:
             previous_hat = complete_tied(policy, load_weights(rounds.dir(t) / "policy_hat"))
@@ -198,7 +202,9 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
             samples = [{"prompt": r["prompt"], "completion": r["candidates"][0], "score": r["scores"][0]}
                        for r in records[: online.num_samples_logged]]
             record.round(row, samples)
-            rounds.finish(t, {**row, "eval": evaluated, "samples": samples}, keep_weights=online.keep_weights)
+            rounds.finish(t, {**row, "eval": evaluated, "samples": samples, "train/global_batch": global_batch,
+                              "generate/prompts_per_process": counts.get("prompts_per_process", [])},
+                          keep_weights=online.keep_weights)
             results.append({**row, "eval": evaluated, "samples": samples})
             log_round(row, online.rounds)
     finally:
@@ -220,6 +226,16 @@ def _round_seed(generator_seed: int, seed: int, t: int) -> int:
     """Round t's sampling seed: every round and every run seed samples afresh (offline runs share one data set
     across seeds instead, cached); the same (generator.seed, seed, round) samples the same candidates."""
     return generator_seed + 1_000_003 * t + 1_009 * seed
+
+
+def _check_global_batch(done: dict, global_batch: int, where: Path) -> None:
+    """A run continues with another number of processes only at the same global batch (the rounds' pools do
+    not depend on it, but the training would)."""
+    before = done.get("train/global_batch", global_batch)
+    if before != global_batch:
+        raise InputError(f"{where} trained with a global batch of {before} pairs (trainer.batch_size x trainer.grad_accum "
+                         f"x processes) and this run's is {global_batch}: set trainer.batch_size (or grad_accum) so "
+                         f"that it stays {before}")
 
 
 def _check_online(cfg, online: OnlineConfig, data) -> None:
@@ -268,6 +284,9 @@ def _judged_evaluation(cfg, data, task, judge, tokenizer):
 def _load_policy(cfg, task, cache_dir: Path, accelerator):
     policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
     policy.to(accelerator.device)
+    # Every process generates and scores with rank 0's weights (FSDP's RAM-efficient loading leaves zeros on the
+    # others until prepare()), checked by fingerprint.
+    distributed.receive_weights(policy)
     if cfg.trainer.get("padding_free"):
         use_packed_attention(policy)  # scoring packs rows too: reference and training compute the same numbers
     return policy, tokenizer, name_or_path
@@ -282,6 +301,7 @@ def _attach_reference(cfg, accelerator, policy, tokenizer, parts, cache_dir: Pat
     reference = load_reference(cfg.model)
     if reference is not None:
         reference.to(accelerator.device)
+        distributed.receive_weights(reference, "reference")
         if cfg.trainer.get("padding_free"):
             use_packed_attention(reference)
     reference = reference or policy
@@ -333,8 +353,11 @@ def _report(summary: dict, primary: str | None, run_dir: Path) -> None:
 def generate_pools(cfg: DictConfig) -> Path:
     """`prefrun generate`: prompts (a data set's column, or the built-in task's train prompts) -> K candidates
     each from the model (generator=) -> judge scores (judge=) -> `cfg.output` as {prompt, candidates, scores}.
-    Work is kept in shards beside the output: the same command, killed anywhere, continues where it stopped."""
+    Work is kept in shards beside the output: the same command, killed anywhere, continues where it stopped.
+    Under `accelerate launch` the processes share the shards (each makes its own) and one writes the output."""
     cache_dir = Path(cfg.cache_dir).expanduser()
+    distributed.start(cfg.get("dist_timeout_s") or 1800)
+    distributed.quiet_other_processes()
     set_seed(cfg.seed)
     task = instantiate(cfg.task) if cfg.get("task") else None
     generator, judge = instantiate(cfg.generator), _judge(cfg, task)
@@ -350,6 +373,8 @@ def generate_pools(cfg: DictConfig) -> Path:
         policy, tokenizer = None, load_tokenizer(name_or_path, cfg.model)
     else:
         policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
+        policy.to(_device())
+        distributed.receive_weights(policy)
     prompts = as_chat(prompts, tokenizer, generator.chat_template)
     output = Path(cfg.output).expanduser()
     job = {"model": name_or_path, "lora": bool(cfg.model.get("lora")), "generator": repr(generator),
@@ -362,10 +387,17 @@ def generate_pools(cfg: DictConfig) -> Path:
     finally:
         generator.close()
     judge.close()
-    write_pools(records, output)
+    distributed.write_once(output, lambda path: write_pools(records, path))
     best = [max(r["scores"]) for r in records]
     mean = [sum(r["scores"]) / len(r["scores"]) for r in records]
     log.info("pools: %d prompts x %d candidates -> %s (%.0f s); judge %s: mean score %.3f, mean best %.3f",
              len(records), generator.num_candidates, output, time.perf_counter() - start, judge.name,
              sum(mean) / len(mean), sum(best) / len(best))
     return output
+
+
+def _device():
+    """This process's device for `prefrun generate` (no Accelerator there): its GPU, or the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

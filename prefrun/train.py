@@ -3,12 +3,14 @@ loss from losses.py -> accelerate step. Offline DPO is one call; online rounds c
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import time
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -33,9 +35,11 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # A collective waits this long for the slowest process (a long judge or engine start on one of them).
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.get("dist_timeout_s") or 1800))
     # cpu=True on a machine without CUDA: that is what makes several processes use gloo (MULTI_CPU).
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
 
 
 def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sampler, optimizer_factory,

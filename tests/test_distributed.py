@@ -1,40 +1,162 @@
-"""Two processes through `accelerate launch` (gloo on the CPU) follow the same loss curve as one
-process at the same global batch."""
+"""Several processes through `accelerate launch` (gloo on the CPU): the repository's FSDP config with an empty
+cache, and online rounds, each equal to one process at the same global batch, with the work split (each
+shard made once) and one writer per file; a 2-process online run killed in round 2 resumes, and a run changes
+its number of processes at a round boundary."""
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from .conftest import TINY_JOB, run_cli
+from .conftest import REPO, TINY_JOB, run_cli
 
 pytestmark = pytest.mark.slow
 
-JOB = [*TINY_JOB, "eval.num_prompts=0", "trainer.max_steps=6", "trainer.log_every=1", "trainer.save_final=false",
+JOB = [*TINY_JOB, "eval.num_prompts=16", "trainer.max_steps=6", "trainer.log_every=1", "trainer.save_final=false",
        "trainer.save_every=3"]
+# APO, 3 rounds of 200 prompts: 4 shards of 64 per round (128 + 72 prompts on two processes); the third round
+# reads the momentum θ̂_{t-1} that the second carried over.
+ONLINE = [*TINY_JOB, "experiment=apo_tiny", "generator=hf", "data.num_prompts=600", "online.rounds=3",
+          "trainer.max_steps=6", "trainer.log_every=2", "eval.num_prompts=16"]
+ENV = {"OMP_NUM_THREADS": "1"}  # both sides the same threads: sampling then sees the very same probabilities
 
 
-def test_two_processes_match_one_at_the_same_global_batch(tmp_path, cache_dir):
+def launch(args: list[str], cwd, env: dict, *, config: str | None = None, processes: int = 2,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch [--config_file F] --num_processes N -m prefrun <args>`, as a user types it. On a machine
+    without GPUs `--multi_gpu` is accelerate's multi-process launcher (torchrun); the processes then train on the
+    CPU with gloo, and an FSDP config becomes multi-process DDP (accelerate wraps with FSDP on GPUs only)."""
+    how = ["--config_file", config] if config else ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
+               "--num_machines", "1", "-m", "prefrun", *args]
+    proc = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_rows(a: list[dict], b: list[dict], keys: tuple[str, ...]) -> None:
+    assert [(r.get("round"), r["step"]) for r in a] == [(r.get("round"), r["step"]) for r in b]
+    for x, y in zip(a, b):
+        for key in keys:
+            if key in y:
+                assert x[key] == pytest.approx(y[key], abs=1e-5, rel=1e-5), (x["step"], key)
+
+
+TRAIN_KEYS = ("loss", "rewards/margin", "logps/chosen", "logps/rejected", "grad_norm")
+ROUND_KEYS = (*TRAIN_KEYS, "round/judge_score", "round/kl_to_initial", "round/eval/policy_hat/sampled/mean",
+              "round/eval/policy/sampled/mean", "round/num_examples")
+
+
+def test_the_shipped_fsdp_config_on_two_processes_with_an_empty_cache_equals_one_process(tmp_path):
+    """transformers zeroes the weights of local ranks other than 0 under this config (RAM-efficient loading); the
+    processes must still generate, judge and score with the real weights, and build the cache once."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(["train", *JOB, "trainer.batch_size=8", f"hydra.run.dir={one}"], tmp_path)
-    # On a machine without GPUs `--multi_gpu` is accelerate's multi-process launcher (torchrun); the
-    # processes then train on the CPU with gloo. (`--cpu` alone would start one process.)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "prefrun", "train", *JOB, "trainer.batch_size=4", f"hydra.run.dir={two}"]
-    proc = subprocess.run(launch, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 process(es)" in (two / "train.log").read_text()
+    run_cli(["train", *JOB, "trainer.batch_size=8", f"hydra.run.dir={one}"], tmp_path,
+            {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache-one")})
+    config = tmp_path / "fsdp.yaml"
+    shutil.copy(REPO / "docs" / "accelerate" / "fsdp.yaml", config)
+    out = launch(["train", *JOB, "trainer.batch_size=4", f"hydra.run.dir={two}"], tmp_path,
+                 {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache-two")}, config=str(config))
+    log = (two / "train.log").read_text()
+    assert log.count("accelerate: 2 process(es)") == 1, "one writer for train.log"
+    assert (out.stdout + out.stderr).count("judged score [sampled") == 1, "the console prints once"
     assert sorted(p.name for p in (two / "checkpoints" / "step-3").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
-    single = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-    double = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in single] == [r["step"] for r in double] == list(range(1, 7))
-    # Accuracy is left out: at step 1 policy = reference, rewards are ±1e-7 noise and their sign
-    # depends on the padding width of the batch.
-    for a, b in zip(single, double):
-        for key in ("loss", "rewards/margin", "logps/chosen", "logps/rejected", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (a["step"], key)
+    single, double = _rows(one), _rows(two)
+    assert double[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # ln 2: policy = reference on every process
+    assert [r["step"] for r in double] == list(range(1, 7))
+    # Accuracy is left out: at step 1 policy = reference, rewards are ±1e-7 noise.
+    _same_rows(single, double, TRAIN_KEYS)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert a["num_examples"] == b["num_examples"]
+    for decoding in ("sampled", "greedy"):
+        assert a["eval_after"][decoding]["per_prompt"] == b["eval_after"][decoding]["per_prompt"]
+    assert a["held_out_after"] == b["held_out_after"] or not a["held_out_after"]
+
+
+@pytest.fixture(scope="module")
+def online_runs(tmp_path_factory):
+    """The same APO job, uninterrupted, on one process (batch 8) and on two (batch 4 each)."""
+    root = tmp_path_factory.mktemp("online")
+    env = {**ENV, "PREFRUN_CACHE": str(root / "cache")}
+    run_cli(["train", *ONLINE, "trainer.batch_size=8", f"hydra.run.dir={root / 'one'}"], root, env)
+    out = launch(["train", *ONLINE, "trainer.batch_size=4", f"hydra.run.dir={root / 'two'}"], root, env)
+    return root, env, out
+
+
+def test_online_rounds_on_two_processes_split_the_work_and_equal_one_process(online_runs):
+    root, _, out = online_runs
+    one, two = root / "one", root / "two"
+    for t in (1, 2, 3):
+        # The pools (prompts, candidates, scores) do not depend on the number of processes.
+        assert (one / "rounds" / str(t) / "pools.jsonl").read_text() == (two / "rounds" / str(t) / "pools.jsonl").read_text()
+        single, double = (json.loads((d / "rounds" / str(t) / "round.json").read_text()) for d in (one, two))
+        assert single["generate/prompts_per_process"] == [200]
+        assert double["generate/prompts_per_process"] == [128, 72]  # shards 0, 2 and 1, 3 of 64 prompts
+        assert single["train/global_batch"] == double["train/global_batch"] == 8
+        for which in ("policy_hat", "policy"):
+            for decoding, result in single["eval"].get(which, {}).items():
+                assert double["eval"][which][decoding]["per_prompt"] == result["per_prompt"], (t, which, decoding)
+    _same_rows(_rows(one), _rows(two), ROUND_KEYS)
+    for t in (1, 2, 3):
+        assert (out.stdout + out.stderr).count(f"round {t}/3:") == 1, "each round printed once"
+    assert (two / "train.log").read_text().count("round 2/3:") == 1
+    final_one, final_two = (load_file(d / "checkpoint-final" / "model.safetensors") for d in (one, two))
+    for name in final_one:
+        torch.testing.assert_close(final_two[name], final_one[name], atol=1e-5, rtol=1e-5)
+
+
+def test_a_two_process_run_killed_in_round_2_resumes_and_changes_processes_only_at_a_round_boundary(online_runs):
+    root, env, _ = online_runs
+    broken = root / "broken"
+    job = [*ONLINE, "trainer.save_every=2", f"hydra.run.dir={broken}"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1", "-m", "prefrun", "train", *job,
+               "trainer.batch_size=4"]
+    proc = subprocess.Popen(command, cwd=root, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    mid_round_2, deadline = broken / "rounds" / "2" / "checkpoints" / "step-4", time.time() + 300
+    while not mid_round_2.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    # The whole job dies at once, as when the node goes or SLURM kills the job's cgroup (torchrun's workers
+    # live in their own process groups and would outlive a SIGKILL of the launcher alone).
+    job_processes = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in job_processes:
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (broken / "rounds" / "2" / "round.json").exists()
+
+    # Mid-round, the checkpoint holds two processes' state: one process (same global batch) is refused in one line.
+    refused = run_cli(["train", *job, "trainer.batch_size=8"], root, env, check=False)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 2 and "written by 2 process(es)" in said, said[-3000:]
+    launch(["train", *job, "trainer.batch_size=4"], root, env)  # the same command again
+    log = (broken / "train.log").read_text()
+    assert "rounds 1-1 of 3 are done" in log and "resuming from" in log
+    _same_rows(_rows(broken), _rows(root / "one"), ROUND_KEYS)
+
+    # At a round boundary (rounds 1-2 done) one process continues at the same global batch, and only at it.
+    boundary = root / "boundary"
+    shutil.copytree(root / "two", boundary, symlinks=True)
+    shutil.rmtree(boundary / "rounds" / "3")
+    other_batch = run_cli(["train", *ONLINE, "trainer.batch_size=4", f"hydra.run.dir={boundary}"], root, env,
+                          check=False)
+    said = other_batch.stdout + other_batch.stderr
+    assert other_batch.returncode == 2 and "global batch of 8" in said, said[-3000:]
+    run_cli(["train", *ONLINE, "trainer.batch_size=8", f"hydra.run.dir={boundary}"], root, env)
+    assert "rounds 1-2 of 3 are done" in (boundary / "train.log").read_text()
+    _same_rows(_rows(boundary), _rows(root / "one"), ROUND_KEYS)
+    assert (boundary / "rounds" / "3" / "pools.jsonl").read_text() == (root / "one" / "rounds" / "3" / "pools.jsonl").read_text()

@@ -119,7 +119,10 @@ def test_apo_alpha_zero_is_iterative_dpo_and_extrapolation_matches_the_saved_rou
     run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0.3", "logger=wandb", f"hydra.run.dir={apo}"], tmp_path,
             env_extra={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
 
-    # α = 0: the same run as iterative DPO, row for row and weight for weight.
+    # α = 0: the same run as iterative DPO, row for row and weight for weight, though it went through the
+    # extrapolation (θ_1 written and evaluated on its own, not a link to θ̂_1).
+    assert not (apo0 / "rounds" / "1" / "policy").is_symlink() and (iterative / "rounds" / "1" / "policy").is_symlink()
+    assert "round/eval/policy/sampled/mean" in json.loads((apo0 / "rounds" / "1" / "round.json").read_text())
     a, b = _rows(iterative), _rows(apo0)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
@@ -225,3 +228,19 @@ def test_online_needs_generated_data_and_a_matching_loss(tmp_path, cache_dir):
     text = out.stdout + out.stderr
     assert "online=onmcpo trains with an MC-PO loss: add loss=mcpo_cd sampler=cd" in text
     assert "Traceback" not in text
+
+
+def test_generated_pools_pair_the_best_with_the_first_of_equal_worst_and_skip_ties():
+    from prefrun.data import GeneratedPreferences
+    from prefrun.tiny import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    records = [{"prompt": "p1", "candidates": ["a", "b", "c", "d"], "scores": [0.5, 0.1, 0.9, 0.1]},
+               {"prompt": "p2", "candidates": ["e", "f"], "scores": [0.3, 0.3]},  # all tie: skipped
+               {"prompt": "p3", "candidates": ["g", "h", "i"], "scores": [0.0, 1.0, 0.5]}]
+    pairs = GeneratedPreferences().examples(records, tokenizer, pools=False, where="pools.jsonl")
+    decoded = [[tokenizer.decode(c, skip_special_tokens=True) for c in ex.completion_ids] for ex in pairs]
+    assert decoded == [["c", "b"], ["h", "g"]]  # best first; of the equal worst (b, d), the first
+    pools = GeneratedPreferences().examples(records, tokenizer, pools=True, where="pools.jsonl")
+    assert [[tokenizer.decode(c, skip_special_tokens=True) for c in ex.completion_ids] for ex in pools] == [["c", "a", "b", "d"], ["h", "g", "i"]]
+    assert pools[0].scores == [0.9, 0.5, 0.1, 0.1]

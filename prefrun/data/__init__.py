@@ -25,7 +25,7 @@ from prefrun.data.load import (
     HFPrompts,
     PreferenceData,
 )
-from prefrun.data.reference import attach_reference_logps, candidate_logps
+from prefrun.data.reference import attach_reference_logps, candidate_logps, split_candidate_logps
 
 __all__ = [
     "COLUMNS",
@@ -40,6 +40,7 @@ __all__ = [
     "PreferenceData",
     "attach_reference_logps",
     "candidate_logps",
+    "split_candidate_logps",
     "collate",
     "pad_rows",
     "token_ids",

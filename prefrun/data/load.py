@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefrun import distributed
 from prefrun.data.batches import Example
 from prefrun.data.formats import (
     COLUMNS,
@@ -355,7 +356,8 @@ class HFPreferenceData(PreferenceData):
         if rows is not None:
             dataset = dataset.select(rows)
         try:
-            return self._tokenize(dataset, rows, split, part, tokenizer, cache_dir)
+            with distributed.in_turn():  # the first process writes the tokenized cache, the others read it
+                return self._tokenize(dataset, rows, split, part, tokenizer, cache_dir)
         except UnicodeDecodeError as err:  # the json reader may pass bad bytes on to the first read of a value
             self._diagnose()
             raise InputError(f"data.path={self.path!r}: not valid UTF-8 ({_reason(err)}); re-save it as UTF-8") from None
@@ -505,16 +507,18 @@ class GeneratedPreferences(PreferenceData):
         from prefrun.pools import make_pools
 
         prompts = self.train_prompts(task, tokenizer, generator)
-        key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge))
+        # Shards sample with their own seeds: their size is part of what the pools are.
+        key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge), generator.shard_size)
         out_dir = Path(cache_dir).expanduser() / "pools" / key
         done = out_dir / "pools.jsonl"
-        if done.exists():
+        if distributed.everywhere(done.exists()):
             log.info("data: %s (cached pools)", done)
             records = [json.loads(line) for line in done.read_text().splitlines()]
-        else:
+        else:  # split over the processes, shard by shard; one writer for the cached file
             records = make_pools(prompts, generator=generator, judge=judge, model=policy, tokenizer=tokenizer,
                                  out_dir=out_dir / "shards")
-            _atomic_write(done, "".join(json.dumps(r) + "\n" for r in records).encode())
+            text = "".join(json.dumps(r) + "\n" for r in records).encode()
+            distributed.write_once(done, lambda path: _atomic_write(path, text))
         return self.examples(records, tokenizer, pools=pools, where=str(done))
 
     def examples(self, records: list[dict], tokenizer, *, pools: bool, where: str) -> list[Example]:

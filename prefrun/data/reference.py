@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from prefrun import distributed
 from prefrun.data.batches import Example, pad_rows, to_device
 
 log = logging.getLogger(__name__)
@@ -56,23 +57,42 @@ def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: 
     return logps, lengths
 
 
+SCORING_SHARD = 256  # examples per shard when scoring is split over processes (fixed: results do not depend on N)
+
+
+def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: int) -> tuple[Tensor, Tensor]:
+    """`candidate_logps` of every example, the examples cut in shards of SCORING_SHARD that the processes
+    share (each scores its own, all get all). One process scores the same shards one after the other."""
+    size = SCORING_SHARD
+    parts = distributed.map_shards(distributed.num_shards(len(examples), size), lambda shard: candidate_logps(
+        model, examples[shard * size : (shard + 1) * size], pad_id, batch_size=batch_size))
+    width = max(len(ex.completion_ids) for ex in examples)
+    logps = torch.zeros(len(examples), width)
+    lengths = torch.zeros(len(examples), width, dtype=torch.long)
+    for shard, (part_logps, part_lengths) in enumerate(parts):
+        rows = slice(shard * size, shard * size + len(part_logps))
+        logps[rows, : part_logps.shape[1]] = part_logps
+        lengths[rows, : part_lengths.shape[1]] = part_lengths
+    return logps, lengths
+
+
 def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cache_dir: Path,
                            batch_size: int, weights_key: str) -> str:
     """Fill `example.reference_logps` (every candidate), from the disk cache when this (weights, token ids)
     pair was seen. `batch_size` counts prompts; each carries its candidates."""
     key = _hash(weights_key, [(ex.prompt_ids, ex.completion_ids) for ex in examples])
     path = Path(cache_dir).expanduser() / "reference_logps" / f"{key}.pt"
-    if path.exists():
+    if distributed.everywhere(path.exists()):
         logps = torch.load(path)
         log.info("reference log-probs: cache hit %s -> 0 reference forwards", path)
     else:
         # Any id pads: padded positions are masked. A tokenizer without a pad token pads with eos.
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows_per_forward = batch_size * max(1, round(statistics.fmean(len(ex.completion_ids) for ex in examples)))
-        logps, _ = candidate_logps(reference, examples, pad_id, batch_size=rows_per_forward)
+        logps, _ = split_candidate_logps(reference, examples, pad_id, batch_size=rows_per_forward)
         buffer = io.BytesIO()
         torch.save(logps, buffer)
-        _atomic_write(path, buffer.getvalue())
+        distributed.write_once(path, lambda where: _atomic_write(where, buffer.getvalue()))
         log.info("reference log-probs: computed %d reference forwards (%d sequences), cached at %s",
                  -(-sum(len(ex.completion_ids) for ex in examples) // rows_per_forward),
                  sum(len(ex.completion_ids) for ex in examples), path)

@@ -104,6 +104,12 @@ class Sampling:
         """What the backend samples: K, or one greedy completion that is then repeated K times."""
         return self.num_candidates if self.temperature > 0 else 1
 
+    @property
+    def shard_size(self) -> int:
+        """Prompts per shard of pools (`make_pools`): small enough that several processes each get several
+        shards of a round's fold, large enough that a shard is one efficient call (HF: one generate batch)."""
+        return 64
+
     def sync(self, model, tokenizer, *, probe_prompts: list, version: int) -> None:
         """Bring the generator to `model`'s current weights (`version`: a number the caller raises every round)
         and verify it; `sync_stats` then says how it went. Here (HF) generation samples from the model in

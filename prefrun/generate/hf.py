@@ -16,6 +16,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from prefrun import distributed
 from prefrun.errors import InputError
 from prefrun.generate.base import Candidates, Sampling, _candidates, _eos_ids, _log_rate, _tokenize
 
@@ -95,7 +96,8 @@ class HFGenerator(Sampling):
         model.eval()
         results: list[Candidates] = []
         generated, start = 0, time.perf_counter()
-        bar = tqdm(total=len(ids), desc="generate (hf)", unit="prompt", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=len(ids), desc="generate (hf)", unit="prompt", dynamic_ncols=True, leave=False,
+                   disable=not distributed.is_main())
         # The caller's RNG (training's dropout, say) is left as it was: sampling draws from a forked one.
         rng_devices = [device] if device.type == "cuda" else []
         try:

@@ -174,6 +174,11 @@ class VLLMGenerator(Sampling):
         return self.mode == "fresh"
 
     @property
+    def shard_size(self) -> int:
+        """A fresh engine starts per call (~30 s): few large shards; a persistent one serves 256-prompt shards."""
+        return 4096 if self.mode == "fresh" else 256
+
+    @property
     def worker_pid(self) -> int | None:
         """The persistent engine child's pid (None without one)."""
         worker = self._session.worker

@@ -1,0 +1,200 @@
+"""Several processes (`accelerate launch`, one process per device, on one node or several): the one seam the
+pipeline uses to split work, gather results and keep one writer per file.
+
+- `map_shards(n, work)`: work is cut in `n` shards whose size never depends on the number of processes;
+  shard i is done by process i mod N (`owner`), and every process gets every result, in shard order. A shard
+  carries its own seed, so what it produces does not depend on which process made it, nor on how many there are.
+- `write_once(path, write)`: one writer per file. The main process writes; a node whose filesystem does not
+  see that file (each node its own cache, as `TMPDIR` and node-local disks are) writes it once, from its
+  local main process.
+- `in_turn()`: a block that builds a cache entry without collective calls (the embedded model, tokenized
+  data) runs on the main process first, so the others find the entry built.
+- `everywhere(flag)`: decisions that lead into collective work ("is this cached?") are taken together, so no
+  process skips a step the others enter.
+- `receive_weights(model)`: every process holds rank 0's weights before it generates, scores or caches
+  anything, and their fingerprints are compared (a mismatch is one line naming the processes).
+
+With one process (or no process group) every function is the plain single-process version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from prefrun.errors import PrefrunError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ProcessMismatch(PrefrunError, RuntimeError):
+    """Processes of one job disagree on something they must share (weights, a setting)."""
+
+
+def start(timeout_s: float) -> None:
+    """Join the job's process group when launched with several processes (`accelerate launch`, torchrun) and
+    nothing has yet: `prefrun generate` has no Accelerator. accelerate's PartialState picks the backend
+    (gloo on CPUs, NCCL on GPUs) and this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _active():
+        import datetime
+
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if _active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def owner(shard: int) -> int:
+    """The process that does shard `shard` of any `map_shards` call."""
+    return shard % world_size()
+
+
+def gather(value: T) -> list[T]:
+    """Every process's `value` (picklable), in rank order, on every process."""
+    if not _active():
+        return [value]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast(value: T) -> T:
+    """The main process's `value`, on every process."""
+    if not _active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def everywhere(flag: bool) -> bool:
+    """True when `flag` holds on every process."""
+    return all(gather(bool(flag)))
+
+
+def map_shards(num_shards: int, work: Callable[[int], T]) -> list[T]:
+    """`[work(0), ..., work(num_shards - 1)]` on every process, each shard computed once, by `owner(shard)`."""
+    mine = {shard: work(shard) for shard in range(rank(), num_shards, world_size())}
+    if not _active():
+        return [mine[shard] for shard in range(num_shards)]
+    done: dict[int, T] = {}
+    for part in gather(mine):
+        done.update(part)
+    return [done[shard] for shard in range(num_shards)]
+
+
+def num_shards(num_items: int, shard_size: int) -> int:
+    return -(-num_items // shard_size)
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """The sampling seed of shard `shard` of a job seeded with `seed`: fixed by the shard's position, so the
+    shard samples the same whichever process makes it, and a resumed job samples what an uninterrupted one would."""
+    return seed + 7919 * shard
+
+
+def write_once(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(path)` by one process per filesystem: the main process, then the local main process of a node
+    that does not see the file the main process wrote (a node-local disk). Every process returns after the
+    file exists where it can see it."""
+    path = Path(path)
+    if is_main():
+        write(path)
+    barrier()
+    if not is_main() and local_rank() == 0 and not path.exists():
+        write(path)
+    barrier()
+
+
+@contextmanager
+def in_turn() -> Iterator[None]:
+    """The block runs on the main process first, then on the local main process of every other node, then on
+    the rest: a cache entry the block builds (the embedded model, a tokenized data set) has one writer per
+    filesystem, and the others find it built. No collective call may happen inside the block."""
+    turn = 0 if is_main() else 1 if local_rank() == 0 else 2
+    for _ in range(turn):
+        barrier()
+    try:
+        yield
+    finally:  # an error in the block still lets the others take their turn (and meet the same error)
+        for _ in range(turn, 2):
+            barrier()
+
+
+def receive_weights(model: torch.nn.Module, what: str = "policy") -> str | None:
+    """Give every process rank 0's parameters and buffers (in place), then check that all processes hold the
+    same weights. Under FSDP with `fsdp_cpu_ram_efficient_loading` transformers loads real weights on local
+    rank 0 only and zeros elsewhere; `prepare()` would broadcast them, but generation, scoring and caches come
+    before training. Returns the weights' fingerprint (None with one process)."""
+    if not _active():
+        return None
+    from prefrun.model import fingerprint
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "meta":
+                raise ProcessMismatch(f"process {rank()}: the {what}'s weights are on the meta device (not loaded); "
+                                      "load them on every process (fsdp_cpu_ram_efficient_loading keeps zeros, "
+                                      "which is fine)")
+            dist.broadcast(tensor.data, src=0)
+    prints = gather(fingerprint(model))
+    if len(set(prints)) > 1:
+        odd = [i for i, p in enumerate(prints) if p != prints[0]]
+        raise ProcessMismatch(f"the {what}'s weights differ between processes (process 0 vs {odd}) after they were "
+                              "sent from process 0: stop, and report it with the accelerate config")
+    return prints[0]
+
+
+def check_same(value: Any, what: str) -> None:
+    """Stop with one line when processes disagree on `value` (a setting, a data size)."""
+    values = gather(value)
+    if any(v != values[0] for v in values):
+        raise ProcessMismatch(f"processes disagree on {what}: {values} (one per process): every process must see "
+                              "the same data and config")
+
+
+def quiet_other_processes() -> None:
+    """Only the main process prints and writes the run's log: the others keep errors on the console and
+    write nothing into the run directory (Hydra's file handler would give train.log one writer per process)."""
+    if is_main():
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+        else:
+            handler.setLevel(logging.ERROR)

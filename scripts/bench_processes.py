@@ -1,0 +1,83 @@
+"""Online rounds on 1 process against N processes (`accelerate launch`) at the same global batch: the prompts
+each process generates (its share must fall to about 1/N), the time per part of a round and the round's wall
+time, and the ratios N-process / 1-process, in one run. The same fold, the same seed: the pools must come out
+byte-identical (checked and printed).
+
+Runs `prefrun train experiment=iterdpo_tiny generator=hf` as a user would and reads `rounds/<t>/round.json`.
+On a CPU the processes share the machine's cores (each gets OMP_NUM_THREADS = cores / N), so the wall time
+says how well the split uses them; on GPUs each process has its own device.
+
+    python scripts/bench_processes.py
+    python scripts/bench_processes.py --processes 2 --rounds 2 --prompts 512 -- trainer.max_steps=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PARTS = ("generate_s", "judge_s", "reference_s", "train_s", "eval_s")
+
+
+def run(processes: int, args, out: Path) -> dict:
+    run_dir = out / f"processes-{processes}"
+    batch = args.global_batch // processes
+    overrides = ["experiment=iterdpo_tiny", "generator=hf", f"online.rounds={args.rounds}",
+                 f"online.prompts_per_round={args.prompts}", f"data.num_prompts={args.rounds * args.prompts}",
+                 "eval.num_prompts=256", "eval.batch_size=64", "trainer.epochs=1", f"trainer.batch_size={batch}",
+                 "trainer.save_final=false", f"hydra.run.dir={run_dir}", *args.overrides]
+    prefix = [sys.executable, "-m", "prefrun"] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--num_machines", "1", "--num_processes", str(processes), "-m", "prefrun"]
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PREFRUN_CACHE": str(out / "cache")}
+    start = time.perf_counter()
+    subprocess.run([*prefix, "train", *overrides], check=True, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    rounds = [json.loads((run_dir / "rounds" / str(t) / "round.json").read_text()) for t in range(1, args.rounds + 1)]
+    return {"rounds": rounds, "command_s": time.perf_counter() - start, "dir": run_dir}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=512, help="prompts per round")
+    parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-processes-"))
+    run(1, args, out / "warm")  # builds the embedded model into the shared cache: neither side pays for it
+    results = {n: run(n, args, out) for n in (1, args.processes)}
+
+    print(f"iterative DPO, {args.rounds} rounds x {args.prompts} prompts x 4 candidates (HF), global batch "
+          f"{args.global_batch}, 1 epoch per round; seconds per round, mean over the rounds\n")
+    print("| processes | prompts per process | largest share | " + " | ".join(p.removesuffix("_s") for p in PARTS)
+          + " | round | whole command |")
+    print("|---" * (len(PARTS) + 5) + "|")
+    means = {}
+    for n, result in results.items():
+        rounds = result["rounds"]
+        means[n] = {p: statistics.fmean(r[f"round/time/{p}"] for r in rounds) for p in PARTS}
+        means[n]["round"] = sum(means[n][p] for p in PARTS)
+        shares = [max(r["generate/prompts_per_process"]) / sum(r["generate/prompts_per_process"]) for r in rounds]
+        print(f"| {n} | {rounds[0]['generate/prompts_per_process']} | {max(shares):.2f} | "
+              + " | ".join(f"{means[n][p]:.2f}" for p in PARTS) + f" | {means[n]['round']:.1f} | {result['command_s']:.0f} |")
+    n = args.processes
+    print(f"| ratio {n}/1 | | | " + " | ".join(f"{means[n][p] / max(means[1][p], 1e-9):.2f}" for p in PARTS)
+          + f" | {means[n]['round'] / means[1]['round']:.2f} | {results[n]['command_s'] / results[1]['command_s']:.2f} |")
+    same = all((results[1]["dir"] / "rounds" / str(t) / "pools.jsonl").read_bytes()
+               == (results[n]["dir"] / "rounds" / str(t) / "pools.jsonl").read_bytes() for t in range(1, args.rounds + 1))
+    print(f"\npools identical on 1 and {n} processes: {same}\nrun directories: {out}")
+
+
+if __name__ == "__main__":
+    main()
