@@ -54,6 +54,7 @@ from prefrun.online import (
     restore_round,
     round_row,
 )
+from prefrun.plan import plan
 from prefrun.pools import make_pools, write_pools
 from prefrun.runlog import RunLog
 from prefrun.samplers import bias_warning
@@ -65,6 +66,9 @@ log = logging.getLogger("prefrun")
 def run(cfg: DictConfig) -> float | None:
     """Run one job; return what sweepers optimise: the held-out judged score after training, or the
     held-out pairs' reward accuracy when there is no judged task."""
+    if cfg.get("plan"):  # what the run would do and whether it fits; nothing is loaded
+        plan(cfg, instantiate(cfg.task) if cfg.get("task") else None)
+        return None
     accelerator = make_accelerator(cfg.trainer)
     distributed.quiet_other_processes()  # one console, one train.log: the main process's
     hydra_cfg = HydraConfig.get()

@@ -83,7 +83,12 @@ class TinyLlama:
 
     def _init_model(self, tokenizer) -> LlamaForCausalLM:
         torch.manual_seed(self.seed)
-        config = LlamaConfig(
+        return LlamaForCausalLM(self.config(tokenizer))
+
+    def config(self, tokenizer=None) -> LlamaConfig:
+        """The model's config (what `prefrun train plan=true` sizes without building anything)."""
+        tokenizer = tokenizer or char_tokenizer()
+        return LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -97,7 +102,6 @@ class TinyLlama:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        return LlamaForCausalLM(config)
 
     def _warm_up(self, model, tokenizer, task) -> LlamaForCausalLM:
         """Supervised fine-tuning on the task's noisy teacher (completion tokens only)."""

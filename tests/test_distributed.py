@@ -25,7 +25,7 @@ JOB = [*TINY_JOB, "eval.num_prompts=16", "trainer.max_steps=6", "trainer.log_eve
 # APO, 3 rounds of 200 prompts: 4 shards of 64 per round (128 + 72 prompts on two processes); the third round
 # reads the momentum θ̂_{t-1} that the second carried over.
 ONLINE = [*TINY_JOB, "experiment=apo_tiny", "generator=hf", "data.num_prompts=600", "online.rounds=3",
-          "trainer.max_steps=6", "trainer.log_every=2", "eval.num_prompts=16"]
+          "trainer.max_steps=6", "trainer.log_every=1", "eval.num_prompts=16"]
 ENV = {"OMP_NUM_THREADS": "1"}  # both sides the same threads: sampling then sees the very same probabilities
 
 
@@ -111,6 +111,14 @@ def test_online_rounds_on_two_processes_split_the_work_and_equal_one_process(onl
             for decoding, result in single["eval"].get(which, {}).items():
                 assert double["eval"][which][decoding]["per_prompt"] == result["per_prompt"], (t, which, decoding)
     _same_rows(_rows(one), _rows(two), ROUND_KEYS)
+    # Each round starts from the weights the last one left (θ_t, extrapolated) and uses them as its reference
+    # (ref=previous): its first step's rewards are 0; round 1 starts at the initial policy (KL 0).
+    for t in (1, 2, 3):
+        first = next(r for r in _rows(two) if r.get("round") == t and r.get("round_step") == 1)
+        assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4, first
+        assert first["loss"] == pytest.approx(0.693147, abs=1e-4)
+    kl = [json.loads((two / "rounds" / str(t) / "round.json").read_text())["round/kl_to_initial"] for t in (1, 2, 3)]
+    assert abs(kl[0]) < 1e-5 and kl[1] > 1e-4 and kl[2] > 1e-4, kl
     for t in (1, 2, 3):
         assert (out.stdout + out.stderr).count(f"round {t}/3:") == 1, "each round printed once"
     assert (two / "train.log").read_text().count("round 2/3:") == 1

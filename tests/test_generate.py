@@ -205,3 +205,16 @@ def test_lora_policy_is_saved_merged_for_the_engine(tmp_path, bpe, bpe_model_dir
         plain = model(ids).logits
     assert torch.equal(before, after)  # the policy is untouched
     assert (merged - before).abs().max() < 1e-5 and (plain - before).abs().max() > 1e-3
+
+
+def test_the_engine_child_does_not_inherit_the_launchers_job(monkeypatch):
+    """Under `accelerate launch` each training process starts its own engine child; vLLM must not see the
+    trainers' RANK / WORLD_SIZE / MASTER_* (it would try to join their process group)."""
+    from prefrun.generate.worker_process import LAUNCHER_VARIABLES, _worker_env
+
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x", "ACCELERATE_MIXED_PRECISION": "no"}.items():
+        monkeypatch.setenv(name, value)
+    env = _worker_env()
+    assert not set(env) & {*LAUNCHER_VARIABLES, "ACCELERATE_MIXED_PRECISION"}
+    assert "PYTHONPATH" in env

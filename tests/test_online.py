@@ -244,3 +244,17 @@ def test_generated_pools_pair_the_best_with_the_first_of_equal_worst_and_skip_ti
     pools = GeneratedPreferences().examples(records, tokenizer, pools=True, where="pools.jsonl")
     assert [[tokenizer.decode(c, skip_special_tokens=True) for c in ex.completion_ids] for ex in pools] == [["c", "a", "b", "d"], ["h", "g", "i"]]
     assert pools[0].scores == [0.9, 0.5, 0.1, 0.1]
+
+
+@pytest.mark.slow
+def test_the_beta_schedule_reaches_each_rounds_loss(tmp_path, cache_dir):
+    """Round 2 trains with β = 1e-6: its rewards β·log-ratio stay ≈ 0, so every step's loss stays ln 2, while
+    round 1 (β = 0.5) moves away from it."""
+    run = tmp_path / "run"
+    run_cli(["train", *ROUNDS, "online=iterative", "online.beta_schedule=[0.5,1e-6]", "trainer.log_every=1",
+             f"hydra.run.dir={run}"], tmp_path)
+    rows = [r for r in _rows(run) if "loss" in r]
+    first, second = [r["loss"] for r in rows if r["round"] == 1], [r["loss"] for r in rows if r["round"] == 2]
+    assert max(abs(x - 0.693147) for x in first[1:]) > 1e-2, first
+    assert max(abs(x - 0.693147) for x in second) < 1e-5, second
+    assert [json.loads((run / "rounds" / str(t) / "round.json").read_text())["round/beta"] for t in (1, 2)] == [0.5, 1e-6]

@@ -29,8 +29,21 @@ UNINSTALL_TORCHVISION = ("`import vllm` failed with \"operator torchvision::nms 
                          "`pip uninstall -y torchvision torchaudio torchcodec`")
 
 
+# What `accelerate launch` / torchrun tell a training process about its job. The engine child is a job of its own
+# (one engine per training process): with these, vLLM's own process group would try to join the trainers'.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
+                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                      "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
 def _worker_env() -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("ACCELERATE_")}
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # Under several training processes each engine runs on its own process's GPU (vLLM counts from 0).
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = devices[torch.cuda.current_device()]
     package_root = str(Path(__file__).resolve().parents[2])  # the child imports this prefrun, installed or not
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # errors and progress bars; set it to INFO to see everything

@@ -1,0 +1,173 @@
+"""`prefrun train ... plan=true`: what a run will do and whether it fits, without loading any weights.
+
+It reads the model's config (config.json, or the embedded recipe), counts its parameters on the meta device,
+and sets per device, for each phase of a run, what lives there: the policy's weights, gradients and optimiser
+state (sharded under FSDP / ZeRO as accelerate's launch says), a separate reference or judge while they
+score, and a colocated vLLM engine (its share of the GPU, or its weights and KV cache on a CPU). Activations
+are left out (they depend on the batch; `model.gradient_checkpointing` bounds them). A run that cannot fit
+stops with one line that names the phase and what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from prefrun.errors import InputError
+
+log = logging.getLogger("prefrun")
+
+GIB = 1024**3
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMISER_STATES = {"AdamW": 2, "Adam": 2, "RMSprop": 1, "SGD": 0}  # tensors of the parameters' size each
+
+
+@dataclass
+class Launch:
+    """How the job was launched: processes and the sharding accelerate was told about."""
+
+    processes: int
+    sharding: str  # none (DDP) | fsdp | zero1 | zero2 | zero3
+
+    @classmethod
+    def from_env(cls) -> Launch:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            return cls(processes, "fsdp")
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            return cls(processes, f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}")
+        return cls(processes, "none")
+
+    def share(self, what: str) -> int:
+        """By how much `what` (weights | grads | optimiser) is divided over the processes."""
+        stage = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}[self.sharding]
+        return self.processes if stage >= {"optimiser": 1, "grads": 2, "weights": 3}[what] else 1
+
+
+def model_config(cfg: DictConfig, task):
+    """The policy's config, read without its weights: config.json of a directory or hub id, or the recipe."""
+    if cfg.model.name_or_path is None:
+        return instantiate(cfg.model.build).config()
+    return _read_config(cfg.model.name_or_path, cfg.model, key="model.name_or_path")
+
+
+def _read_config(name_or_path: str, model_cfg: DictConfig, *, key: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=bool(model_cfg.trust_remote_code))
+    except (OSError, ValueError) as err:
+        raise InputError(f"plan: {key}={name_or_path!r}: cannot read its config.json "
+                         f"({str(err).splitlines()[0]}); the plan needs only that file: give a local directory "
+                         "holding it") from None
+
+
+def parameters(config, lora: DictConfig | None = None) -> tuple[int, int]:
+    """(all parameters, trainable parameters) of a causal LM built from `config` on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    if not lora:
+        return total, total
+    from prefrun.model import add_lora
+
+    model = add_lora(model, lora)
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _dtype(cfg: DictConfig, config) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+def _devices(processes: int) -> tuple[str, float]:
+    """(what each process runs on, the bytes it may use): its GPU, or its share of the host's memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory
+    import psutil
+
+    return f"CPU (host memory shared by {processes} process(es))", psutil.virtual_memory().total / processes
+
+
+def plan(cfg: DictConfig, task) -> dict:
+    """Print the plan (on the main process) and return it; InputError when a phase does not fit."""
+    launch = Launch.from_env()
+    config = model_config(cfg, task)
+    lora = cfg.model.get("lora")
+    total, trainable = parameters(config, lora)
+    size = BYTES.get(_dtype(cfg, config), 4)
+    optimiser = cfg.optim._target_.rsplit(".", 1)[-1]
+    states = OPTIMISER_STATES.get(optimiser, 2)
+    device, memory = _devices(launch.processes)
+    trainer = {
+        "policy weights": total * size / launch.share("weights"),
+        "gradients": trainable * size / launch.share("grads"),
+        f"optimiser state ({optimiser}: {states} per parameter)": states * trainable * size / launch.share("optimiser"),
+    }
+    phases = {"train": dict(trainer)}
+    # Pools, reference log-probs and the judged evaluation come before training: the full model on every
+    # process (weights sent from rank 0), whatever the sharding.
+    phases["before training"] = {"policy weights (whole, every process)": total * size}
+    if cfg.model.get("reference"):
+        reference = _read_config(cfg.model.reference, cfg.model, key="model.reference")
+        phases["before training"]["reference (scoring only)"] = parameters(reference)[0] * size
+    engine = _engine(cfg, memory)
+    if engine:
+        phases["generate"] = {**trainer, **engine}
+        phases["before training"].update(engine)
+        if torch.cuda.is_available() and cfg.generator.get("sleep_mode", "auto") in ("auto", True):
+            phases["train"]["engine (asleep: weights in host memory)"] = 0.0
+        else:
+            phases["train"].update(engine)
+    rows = {name: sum(parts.values()) for name, parts in phases.items()}
+    result = {"processes": launch.processes, "sharding": launch.sharding, "device": device, "device_bytes": memory,
+              "parameters": total, "trainable": trainable, "dtype_bytes": size, "phases": phases, "peak": rows}
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print(result, cfg)
+    worst = max(rows, key=rows.get)
+    if rows[worst] > memory:
+        raise InputError(f"plan: the {worst} phase needs {_size(rows[worst])} per process and a process has "
+                         f"{_size(memory)} ({device}); shard the model (accelerate launch --config_file "
+                         "docs/accelerate/fsdp.yaml or deepspeed_zero3.yaml), use LoRA (+model/lora=default), more "
+                         "processes, or a smaller generator.gpu_memory_utilization")
+    return result
+
+
+def _engine(cfg: DictConfig, memory: float) -> dict[str, float]:
+    target = str(cfg.generator.get("_target_", ""))
+    if "VLLM" not in target and not (target.endswith("auto_generator") and torch.cuda.is_available()):
+        return {}
+    if torch.cuda.is_available():
+        if cfg.generator.get("kv_cache_memory_bytes"):
+            return {"vLLM engine (weights + KV cache)": float(cfg.generator.kv_cache_memory_bytes)}
+        return {f"vLLM engine (gpu_memory_utilization {cfg.generator.gpu_memory_utilization})":
+                cfg.generator.gpu_memory_utilization * memory}
+    return {"vLLM engine KV cache": float(cfg.generator.get("kv_cache_memory_bytes") or 256 * 1024**2)}
+
+
+def _print(result: dict, cfg: DictConfig) -> None:
+    lines = [f"plan: {result['processes']} process(es), sharding {result['sharding']}, each on {result['device']} "
+             f"({_size(result['device_bytes'])})",
+             f"plan: policy {result['parameters'] / 1e6:.1f}M parameters ({result['trainable'] / 1e6:.1f}M trainable), "
+             f"{result['dtype_bytes']} bytes each; generator {cfg.generator.get('_target_', '?').rsplit('.', 1)[-1]}; "
+             f"judge {cfg.judge.get('_target_', '?').rsplit('.', 1)[-1]}"]
+    for phase, parts in result["phases"].items():
+        what = ", ".join(f"{name} {_size(value)}" for name, value in parts.items())
+        fits = "fits" if result["peak"][phase] <= result["device_bytes"] else "DOES NOT FIT"
+        lines.append(f"plan: {phase}: {_size(result['peak'][phase])} per process ({what}) -> {fits}")
+    lines.append("plan: activations are not included (batch-dependent; model.gradient_checkpointing bounds them)")
+    for line in lines:
+        log.info("%s", line)
+
+
+def _size(value: float) -> str:
+    return f"{value / GIB:.1f} GiB" if value >= GIB / 10 else f"{value / 1024**2:.1f} MiB"

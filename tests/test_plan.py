@@ -1,0 +1,41 @@
+"""`prefrun train ... plan=true`: the preflight reads configs only (no weights, nothing built), prints the memory
+per device of each phase, and stops in one line when a phase cannot fit."""
+
+import pytest
+from transformers import MistralConfig
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _said(proc) -> str:
+    return proc.stdout + proc.stderr
+
+
+def test_the_embedded_job_plans_without_building_anything(tmp_path, cache_dir):
+    out = _said(run_cli(["train", "plan=true"], tmp_path))
+    assert "plan: 1 process(es), sharding none" in out and "0.5M parameters" in out
+    assert "train:" in out and "-> fits" in out and "DOES NOT FIT" not in out
+    assert not (cache_dir / "models").exists()  # nothing built, nothing generated
+
+
+@pytest.fixture(scope="module")
+def mistral_7b(tmp_path_factory):
+    """Mistral-7B's config.json alone (the plan needs nothing else)."""
+    path = tmp_path_factory.mktemp("mistral-7b")
+    MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768).save_pretrained(path)
+    return path
+
+
+def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(tmp_path, mistral_7b):
+    job = ["train", "experiment=apo_paper", f"model.name_or_path={mistral_7b}", "judge.name_or_path=none",
+           "plan=true"]
+    full = run_cli(job, tmp_path, check=False)
+    assert full.returncode == 2
+    assert "7241.7M parameters" in _said(full) and "RMSprop: 1 per parameter" in _said(full)
+    [line] = [x for x in _said(full).splitlines() if "[ERROR]" in x]
+    assert "phase needs" in line and "use LoRA" in line  # one line: what does not fit and what to change
+    lora = _said(run_cli([*job, "+model/lora=default"], tmp_path))
+    assert "DOES NOT FIT" not in lora and "policy weights 13.6 GiB, gradients 80.0 MiB" in lora  # bf16; adapters only train
