@@ -122,7 +122,8 @@ def plan(cfg: DictConfig, task) -> dict:
         phases["before training"]["reference (scoring only)"] = parameters(reference)[0] * size
     engine = _engine(cfg, memory)
     if engine:
-        phases["generate"] = {**trainer, **engine}
+        # Between training steps the gradients are freed (zero_grad(set_to_none)); weights and optimiser state stay.
+        phases["generate"] = {**{k: v for k, v in trainer.items() if k != "gradients"}, **engine}
         phases["before training"].update(engine)
         if torch.cuda.is_available() and cfg.generator.get("sleep_mode", "auto") in ("auto", True):
             phases["train"]["engine (asleep: weights in host memory)"] = 0.0

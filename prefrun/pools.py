@@ -128,8 +128,8 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
                timings: dict | None = None) -> list[dict]:
     """Generate `generator.num_candidates` completions per prompt, judge them, and write
     `{prompt, candidates, scores}` records in shards `out_dir/shard-00000.jsonl` ... (`shard_size` prompts each;
-    None: the generator's `shard_size`: 64 with HF, 256 with a persistent vLLM engine, 4096 when every call
-    starts an engine). Each shard is written
+    None: the generator's `prompts_per_shard`: generator.shard_size, else 256, or 4096 when every call starts
+    an engine). Each shard is written
     whole (write, then rename) after its prompts are done, so a killed run loses at most the shard in flight
     and the same call continues after the last complete shard. Under several processes each shard is made by
     one process (`distributed.owner`) and every process returns every record; a shard's seed comes from its
@@ -141,7 +141,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     Returns every record, in prompt order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if shard_size is None:
-        shard_size = generator.shard_size
+        shard_size = generator.prompts_per_shard
     if shard_size < 1:
         raise InputError(f"shard_size={shard_size}: give a positive number of prompts per shard, or null")
     manifest = {"num_prompts": len(prompts), "shard_size": shard_size, **(job or {})}

@@ -24,7 +24,8 @@ JOB = [*TINY_JOB, "eval.num_prompts=16", "trainer.max_steps=6", "trainer.log_eve
        "trainer.save_every=3"]
 # APO, 3 rounds of 200 prompts: 4 shards of 64 per round (128 + 72 prompts on two processes); the third round
 # reads the momentum θ̂_{t-1} that the second carried over.
-ONLINE = [*TINY_JOB, "experiment=apo_tiny", "generator=hf", "data.num_prompts=600", "online.rounds=3",
+ONLINE = [*TINY_JOB, "experiment=apo_tiny", "generator=hf", "generator.shard_size=64", "data.num_prompts=600",
+          "online.rounds=3",
           "trainer.max_steps=6", "trainer.log_every=1", "eval.num_prompts=16"]
 ENV = {"OMP_NUM_THREADS": "1"}  # both sides the same threads: sampling then sees the very same probabilities
 

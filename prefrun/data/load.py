@@ -508,7 +508,7 @@ class GeneratedPreferences(PreferenceData):
 
         prompts = self.train_prompts(task, tokenizer, generator)
         # Shards sample with their own seeds: their size is part of what the pools are.
-        key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge), generator.shard_size)
+        key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge), generator.prompts_per_shard)
         out_dir = Path(cache_dir).expanduser() / "pools" / key
         done = out_dir / "pools.jsonl"
         if distributed.everywhere(done.exists()):

@@ -77,6 +77,7 @@ class Sampling:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     chat_template: str | bool = "auto"
+    shard_size: int | None = None  # prompts per shard of pools (each its own seed, one process); None: the backend's
     # What the last generate() call measured: prompts, tokens, seconds (and the vLLM worker's pid and status).
     last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # What the last sync() measured: {"sync/max_abs_logp_diff", "sync/probe_change", "sync/weight_version",
@@ -93,6 +94,8 @@ class Sampling:
             ("min_new_tokens", isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
              "an integer in [0, max_new_tokens]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            ("shard_size", self.shard_size is None or (isinstance(self.shard_size, int) and self.shard_size >= 1),
+             "an integer >= 1, or null"),
         ]
         for key, ok, want in checks:
             if not ok:
@@ -105,10 +108,11 @@ class Sampling:
         return self.num_candidates if self.temperature > 0 else 1
 
     @property
-    def shard_size(self) -> int:
-        """Prompts per shard of pools (`make_pools`): small enough that several processes each get several
-        shards of a round's fold, large enough that a shard is one efficient call (HF: one generate batch)."""
-        return 64
+    def prompts_per_shard(self) -> int:
+        """Prompts per shard of pools (`make_pools`): `shard_size`, else 256. Under N processes a fold of P prompts
+        is split in P / shard_size shards, so smaller shards share a small fold better; the size is part of what
+        the pools are (each shard samples with its own seed)."""
+        return self.shard_size or 256
 
     def sync(self, model, tokenizer, *, probe_prompts: list, version: int) -> None:
         """Bring the generator to `model`'s current weights (`version`: a number the caller raises every round)

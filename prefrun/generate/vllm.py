@@ -174,9 +174,9 @@ class VLLMGenerator(Sampling):
         return self.mode == "fresh"
 
     @property
-    def shard_size(self) -> int:
-        """A fresh engine starts per call (~30 s): few large shards; a persistent one serves 256-prompt shards."""
-        return 4096 if self.mode == "fresh" else 256
+    def prompts_per_shard(self) -> int:
+        """A fresh engine starts per call (~30 s): few large shards by default; a persistent one serves 256."""
+        return self.shard_size or (4096 if self.mode == "fresh" else 256)
 
     @property
     def worker_pid(self) -> int | None:
