@@ -17,11 +17,16 @@ from omegaconf.errors import MissingMandatoryValue
 def run_dir(resume: str | None, fresh: str) -> str:
     """`hydra.run.dir`: the directory being resumed, if any, else a fresh timestamped one, the same
     for every process of an `accelerate launch` job (rank 0 picks it; the others read it from a
-    file keyed by the job's rendezvous port; on several machines set hydra.run.dir yourself)."""
+    file keyed by the job's rendezvous port; a job on several machines must name it: hydra.run.dir=...)."""
     if resume:
         return resume
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
         return fresh
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:  # several machines: no common temporary directory
+        sys.exit(f"prefrun: this job spans several machines ({world} processes, "
+                 f"{os.environ.get('LOCAL_WORLD_SIZE')} here): give every machine the same run directory on a "
+                 "shared filesystem, hydra.run.dir=<path> (or resume=<path>)")
     note = Path(tempfile.gettempdir()) / f"prefrun-run-dir-{os.environ.get('MASTER_PORT', '0')}"
     if int(os.environ.get("RANK", "0")) == 0:
         tmp = note.with_suffix(".tmp")

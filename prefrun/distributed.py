@@ -105,9 +105,29 @@ def everywhere(flag: bool) -> bool:
     return all(gather(bool(flag)))
 
 
+def together(work: Callable[..., T], *args, **kwargs) -> T:
+    """`work(*args, **kwargs)` on every process; a PrefrunError on any of them (a one-line error: bad input, a stale engine)
+    is raised on all of them, naming the process, instead of leaving the others waiting in the next collective."""
+    if not _active():
+        return work(*args, **kwargs)
+    try:
+        result, error = work(*args, **kwargs), None
+    except PrefrunError as err:
+        result, error = None, err
+    errors = gather(None if error is None else (type(error).__name__, str(error)))
+    failed = [(i, e) for i, e in enumerate(errors) if e is not None]
+    if error is not None and len(failed) == 1:
+        raise error
+    if failed:
+        i, (_, message) = failed[0]
+        raise ProcessMismatch(f"process {i}: {message}" if i != rank() else message)
+    return result
+
+
 def map_shards(num_shards: int, work: Callable[[int], T]) -> list[T]:
-    """`[work(0), ..., work(num_shards - 1)]` on every process, each shard computed once, by `owner(shard)`."""
-    mine = {shard: work(shard) for shard in range(rank(), num_shards, world_size())}
+    """`[work(0), ..., work(num_shards - 1)]` on every process, each shard computed once, by `owner(shard)`; a
+    one-line error in any shard stops every process with it (`together`)."""
+    mine = together(lambda: {shard: work(shard) for shard in range(rank(), num_shards, world_size())})
     if not _active():
         return [mine[shard] for shard in range(num_shards)]
     done: dict[int, T] = {}
@@ -154,15 +174,15 @@ def in_turn() -> Iterator[None]:
             barrier()
 
 
-def receive_weights(model: torch.nn.Module, what: str = "policy") -> str | None:
+def receive_weights(model: torch.nn.Module, fingerprint: Callable[[torch.nn.Module], str],
+                    what: str = "policy") -> str | None:
     """Give every process rank 0's parameters and buffers (in place), then check that all processes hold the
     same weights. Under FSDP with `fsdp_cpu_ram_efficient_loading` transformers loads real weights on local
     rank 0 only and zeros elsewhere; `prepare()` would broadcast them, but generation, scoring and caches come
-    before training. Returns the weights' fingerprint (None with one process)."""
+    before training. `fingerprint` hashes a model's weights (prefrun.model.fingerprint). Returns the weights'
+    fingerprint (None with one process)."""
     if not _active():
         return None
-    from prefrun.model import fingerprint
-
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.device.type == "meta":
@@ -184,6 +204,21 @@ def check_same(value: Any, what: str) -> None:
     if any(v != values[0] for v in values):
         raise ProcessMismatch(f"processes disagree on {what}: {values} (one per process): every process must see "
                               "the same data and config")
+
+
+def save_pretrained(model, path, **kwargs) -> None:
+    """`model.save_pretrained(path, ...)` from whichever process prefrun chose to write it. transformers >= 5
+    silently writes nothing from a process whose torch.distributed rank is not 0 (it would leave a directory
+    without config.json: a node's own cache, or the weights a process pushes into its own engine); here the
+    caller has already picked the writer, so that check is lifted for this call."""
+    if not hasattr(type(model), "should_save_on_this_rank"):
+        model.save_pretrained(path, **kwargs)
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        model.save_pretrained(path, **kwargs)
+    finally:
+        del model.should_save_on_this_rank
 
 
 def quiet_other_processes() -> None:

@@ -114,8 +114,52 @@ def save_policy(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: d
     `state_dict`: the full weights gathered by accelerate (sharded training), if any."""
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(path, state_dict=state_dict)
+    distributed.save_pretrained(model, path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
+
+
+def full_weights(model, *, tied: bool = False, buffers: bool = False, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """The policy's full weights as a plain checkpoint names them (the base model's HF names): the one function
+    behind the engine push and APO's extrapolation. LoRA adapters are merged in (W + B·A, the adapters'
+    function, never the factors: anything linear done to the weights must act on B·A); sharded parameters
+    (FSDP2 DTensors) are gathered one tensor at a time with `full_tensor()`, a collective, so every process
+    calls this, in the same order. `tied`: a tied weight under each of its names (the engine push), else once
+    (the first name, as save_pretrained keeps it). `buffers`: persistent buffers too (all a checkpoint holds),
+    else parameters only. `to_cpu`: copies on the CPU (a round's weights, kept), else tensors on the model's
+    device (written out at once)."""
+    from torch.distributed.tensor import DTensor
+
+    def whole(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        return tensor.to("cpu", copy=True) if to_cpu else tensor
+
+    peft = hasattr(model, "peft_config")
+    base = model.get_base_model() if peft else model
+    weights, gathered = {}, {}
+    parameters = {id(p) for p in base.parameters()}
+    for name, tensor in base.state_dict(keep_vars=True).items():
+        if not buffers and id(tensor) not in parameters:
+            continue
+        if "modules_to_save" in name or "original_module" in name:
+            raise InputError("LoRA with modules_to_save: its weights cannot be merged into a plain checkpoint (engine "
+                             "push, online rounds); adapt linear layers only (model.lora.target_modules)")
+        if "lora_" in name or (not tied and id(tensor) in gathered):
+            continue
+        if id(tensor) not in gathered:  # a tied weight is gathered once
+            gathered[id(tensor)] = whole(tensor)
+        weights[name.replace(".base_layer.", ".")] = gathered[id(tensor)]
+    if peft:
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer) and not module.merged:
+                key = f"{name}.weight"
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        delta = whole(module.get_delta_weight(adapter))
+                        weights[key] = weights[key] + delta.to(weights[key].device, weights[key].dtype)
+    return weights
 
 
 def fingerprint(model) -> str:

@@ -34,6 +34,7 @@ from prefrun import distributed
 from prefrun.data import split_candidate_logps
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
+from prefrun.model import full_weights
 
 log = logging.getLogger(__name__)
 
@@ -163,28 +164,9 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
-def policy_weights(model) -> dict[str, Tensor]:
-    """The policy's weights as plain model parameters (HF names, tied ones once), copied to the CPU. With LoRA
-    each adapted weight is the merged W + B·A: the adapters' function, never the factors A and B (B·A is
-    bilinear, so anything linear done to the weights, like APO's extrapolation, must be done to B·A)."""
-    lora = _lora_layers(model)
-    weights = {}
-    for name, param in _base(model).named_parameters():
-        if "lora_" in name:
-            continue
-        weights[name.replace(".base_layer.", ".")] = param.detach().to("cpu", copy=True)
-    for name, module in lora.items():
-        if "modules_to_save" in name:
-            raise InputError("online rounds with LoRA: modules_to_save is not supported; adapt linear layers only")
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A and not module.merged:
-                weights[f"{name}.weight"] += module.get_delta_weight(adapter).detach().cpu().to(weights[f"{name}.weight"].dtype)
-    return weights
-
-
 @torch.no_grad()
 def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
-    """Write `weights` (as `policy_weights` returns them) into the model. With LoRA they go into the base
+    """Write `weights` (as `prefrun.model.full_weights` returns them) into the model. With LoRA they go into the base
     layers and the adapters restart (B = 0, A drawn from `seed`): the policy's function is exactly `weights`,
     and "adapters off" is now this policy, the next round's reference."""
     params = {name.replace(".base_layer.", "."): param for name, param in _base(model).named_parameters()
@@ -209,7 +191,7 @@ def save_weights(model, tokenizer, weights: dict[str, Tensor], path: Path) -> No
     """`weights` as a model directory (config, safetensors, tokenizer), written whole then renamed."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _base(model).save_pretrained(tmp, state_dict=dict(weights))
+    distributed.save_pretrained(_base(model), tmp, state_dict=dict(weights))
     tokenizer.save_pretrained(tmp)
     _remove(path)
     os.replace(tmp, path)
@@ -337,7 +319,7 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
     needs it next round, and the evaluations (with their time, `eval_s`)."""
     where, last_round = rounds.dir(t), t == online.rounds
     needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled
-    hat = policy_weights(policy) if needs_weights else None
+    hat = full_weights(policy) if needs_weights else None
     if rounds.enabled:
         save_weights(policy, tokenizer, hat, where / "policy_hat")
         if lora and not merges_adapters(online, lora):

@@ -33,6 +33,7 @@ from prefrun.judges import RuleJudge
 from prefrun.logprobs import use_packed_attention
 from prefrun.model import (
     fingerprint,
+    full_weights,
     load_policy,
     load_reference,
     load_tokenizer,
@@ -49,7 +50,6 @@ from prefrun.online import (
     finish_weights,
     load_weights,
     log_round,
-    policy_weights,
     prompt_folds,
     restore_round,
     round_row,
@@ -139,7 +139,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
     # Kept only where a round needs them: the starting weights (reference / KL) and θ̂_{t-1} (APO's momentum).
     initial = cpu_state(policy) if online.ref == "initial" or online.kl_estimate else None
-    previous_hat = policy_weights(policy) if online.extrapolates else None
+    previous_hat = full_weights(policy) if online.extrapolates else None
     before = evaluate_start(rounds, evaluate, policy)
     done = rounds.completed(online.rounds)
     if done:
@@ -162,7 +162,9 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
             record.truncate_metrics(steps_before + (int(resume_at.name.split("-")[1]) if resume_at else 0))
             # (a) the generator serves the current policy: pushed, then verified by the probe
             clock = time.perf_counter()
-            generator.sync(accelerator.unwrap_model(policy), tokenizer, probe_prompts=folds[0], version=t - 1)
+            # Every process syncs its own engine; a stale one on any process stops them all, naming it.
+            distributed.together(generator.sync, accelerator.unwrap_model(policy), tokenizer, probe_prompts=folds[0],
+                                 version=t - 1)
             times["sync_s"] = time.perf_counter() - clock
             # (b, c) K candidates per prompt of this round's fold, judged; kept in shards (resumable)
             clock, counts = time.perf_counter(), {}
@@ -290,7 +292,7 @@ def _load_policy(cfg, task, cache_dir: Path, accelerator):
     policy.to(accelerator.device)
     # Every process generates and scores with rank 0's weights (FSDP's RAM-efficient loading leaves zeros on the
     # others until prepare()), checked by fingerprint.
-    distributed.receive_weights(policy)
+    distributed.receive_weights(policy, fingerprint)
     if cfg.trainer.get("padding_free"):
         use_packed_attention(policy)  # scoring packs rows too: reference and training compute the same numbers
     return policy, tokenizer, name_or_path
@@ -305,7 +307,7 @@ def _attach_reference(cfg, accelerator, policy, tokenizer, parts, cache_dir: Pat
     reference = load_reference(cfg.model)
     if reference is not None:
         reference.to(accelerator.device)
-        distributed.receive_weights(reference, "reference")
+        distributed.receive_weights(reference, fingerprint, "reference")
         if cfg.trainer.get("padding_free"):
             use_packed_attention(reference)
     reference = reference or policy
@@ -378,7 +380,7 @@ def generate_pools(cfg: DictConfig) -> Path:
     else:
         policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
         policy.to(_device())
-        distributed.receive_weights(policy)
+        distributed.receive_weights(policy, fingerprint)
     prompts = as_chat(prompts, tokenizer, generator.chat_template)
     output = Path(cfg.output).expanduser()
     job = {"model": name_or_path, "lora": bool(cfg.model.get("lora")), "generator": repr(generator),

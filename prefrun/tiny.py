@@ -20,6 +20,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from prefrun import distributed
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -71,7 +73,7 @@ class TinyLlama:
         model = self._warm_up(self._init_model(tokenizer), tokenizer, task)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        distributed.save_pretrained(model, tmp)  # also on a node's local main process (its own cache)
         tokenizer.save_pretrained(tmp)
         (tmp / "prefrun_recipe.json").write_text(json.dumps({"recipe": asdict(self), "task": repr(task)}, indent=2))
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,9 +79,23 @@ def pairs_jsonl(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_job_model(tmp_path_factory) -> Path:
+    """The embedded model of TINY_JOB's recipe, built once per session: CLI tests start from a cache holding it
+    (the build is the same every time; pools, reference log-probs and tokenized data are still computed anew)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[a for a in TINY_JOB if a.startswith("model.build.")])
+    # The task as the CLI instantiates it (its repr is part of the model's cache key).
+    return instantiate(cfg.model.build).materialize(tmp_path_factory.mktemp("tiny-job-cache"), instantiate(cfg.task))
+
+
 @pytest.fixture()
-def cache_dir(tmp_path, monkeypatch) -> Path:
+def cache_dir(tmp_path, monkeypatch, tiny_job_model) -> Path:
     path = tmp_path / "cache"
+    shutil.copytree(tiny_job_model, path / "models" / tiny_job_model.name)
     monkeypatch.setenv("PREFRUN_CACHE", str(path))
     return path
 

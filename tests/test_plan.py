@@ -17,7 +17,8 @@ def test_the_embedded_job_plans_without_building_anything(tmp_path, cache_dir):
     out = _said(run_cli(["train", "plan=true"], tmp_path))
     assert "plan: 1 process(es), sharding none" in out and "0.5M parameters" in out
     assert "train:" in out and "-> fits" in out and "DOES NOT FIT" not in out
-    assert not (cache_dir / "models").exists()  # nothing built, nothing generated
+    # nothing built (the cache holds only the tests' shared small model), nothing generated or scored
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["models"] and len(list((cache_dir / "models").iterdir())) == 1
 
 
 @pytest.fixture(scope="module")

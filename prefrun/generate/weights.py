@@ -6,7 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from prefrun import distributed
 from prefrun.errors import InputError, PrefrunError
+from prefrun.model import full_weights
 
 
 def _configs(model, model_dir):
@@ -27,34 +29,17 @@ def _configs(model, model_dir):
 
 
 def _engine_state(model) -> dict:
-    """The policy's state dict as a plain checkpoint holds it: LoRA adapters merged in (the policy untouched)."""
-    if not hasattr(model, "peft_config"):
-        return model.state_dict()
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    state = {}
-    for name, tensor in base.state_dict().items():
-        if "modules_to_save" in name or "original_module" in name:
-            raise InputError("generator=vllm: LoRA with modules_to_save cannot be merged here; save the merged policy "
-                             "and pass its directory as model_path")
-        if "lora_" not in name:
-            state[name.replace(".base_layer.", ".")] = tensor
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and not module.merged:
-            key = f"{name}.weight"
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
-    return state
+    """The policy's state dict as a plain checkpoint holds it, tied weights under each name: LoRA adapters merged in
+    (the policy untouched), sharded parameters gathered (`prefrun.model.full_weights`)."""
+    return full_weights(model, tied=True, buffers=True, to_cpu=False)
 
 
 def _save_for_engine(model, path: Path) -> None:
     """The policy as a checkpoint vLLM loads: LoRA adapters merged in, the policy itself left untouched."""
     if not hasattr(model, "peft_config"):
-        model.save_pretrained(path)
+        distributed.save_pretrained(model, path)  # every process feeds its own engine
         return
-    model.get_base_model().save_pretrained(path, state_dict=_engine_state(model))
+    distributed.save_pretrained(model.get_base_model(), path, state_dict=_engine_state(model))
 
 
 def _check_push(state: dict, reference: dict | None) -> None:

@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""The GPU acceptance check: run it once whenever a GPU is at hand (under 8 minutes on one GPU), and it writes
+its table into docs/benchmarks.md (between the `gpu_check` markers). Nothing is downloaded: every model is
+built here with random weights (a ~100M Llama by default), so it runs on a machine with no network.
+
+    python scripts/gpu_check.py                  # on a GPU machine: every check, table into docs/benchmarks.md
+    python scripts/gpu_check.py --smoke          # the same code paths on a CPU in a minute (CI runs this)
+    python scripts/gpu_check.py --only dpo,fsdp  # some checks; --out FILE writes the table elsewhere
+
+The checks, each run as a user would run prefrun (its CLI or its benchmark scripts), each allowed to fail
+on its own (its row then says why) so that one failure does not cost the others:
+- generate: vLLM against HF `generate`, generated tokens/s on the same prompts (scripts/bench_generate.py);
+- online: 2 rounds of iterative DPO with the vLLM engine and the trainer on one GPU (sleep mode between
+  generation and training), the weight push + probe time and the probe's largest difference (16-bit);
+- dpo: an offline DPO run, tokens/s and model FLOPs utilisation (6·N·tokens/s over the GPU's bf16 peak);
+- fsdp: the same DPO run under `accelerate launch --config_file docs/accelerate/fsdp.yaml --num_processes 1`
+  (FSDP2 for real on a GPU): step 1's loss must be ln 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CHECKS = ("generate", "online", "dpo", "fsdp")
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense, per GPU
+MARKERS = ("<!-- gpu_check: begin -->", "<!-- gpu_check: end -->")
+
+
+def build_model(path: Path, *, hidden: int, layers: int) -> Path:
+    """A random Llama over the embedded character tokenizer (head_dim 64: vLLM serves it on CPUs and GPUs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefrun.tiny import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         head_dim=64, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run(command: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+        raise RuntimeError(f"exit {proc.returncode}: {lines[-1][:300] if lines else ''}")
+    return proc
+
+
+def prefrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prefrun", *args]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_generate(ctx) -> dict:
+    out = ctx.work / "generate.json"
+    sizes = ["--num-prompts", "8", "--max-new-tokens", "8", "--repeats", "1", "--num-candidates", "2"] if ctx.smoke \
+        else ["--num-prompts", "256", "--max-new-tokens", "128", "--repeats", "2", "--num-candidates", "8",
+              "--hf-batch-size", "32", "--dtype", "bfloat16"]
+    run([sys.executable, str(REPO / "scripts" / "bench_generate.py"), "--model", str(ctx.model), *sizes,
+         "--json", str(out)], ctx.work, ctx.env, 300)
+    result = json.loads(out.read_text())
+    first = result[0] if isinstance(result, list) else result
+    return {"HF tokens/s": first["hf_tokens_per_s"], "vLLM tokens/s": first["vllm_tokens_per_s"],
+            "vLLM / HF": first["ratio_vllm_over_hf"], "vLLM engine start s": first.get("vllm_engine_start_s", "?")}
+
+
+def check_online(ctx) -> dict:
+    """The embedded recipe (warmed up on the task, so pools do not all tie), scaled up on a GPU."""
+    run_dir = ctx.work / "online"
+    size = ["model.build.sft_steps=20", "model.build.hidden_size=64", "model.build.num_heads=1"] if ctx.smoke else [
+        "model.build.hidden_size=768", "model.build.num_heads=12", "model.build.num_layers=12",
+        "model.build.intermediate_size=3072", "generator.dtype=bfloat16"]
+    job = ["train", "experiment=iterdpo_tiny", *size, "online.rounds=2",
+           "trainer.max_steps=4" if ctx.smoke else "trainer.max_steps=20", "eval.num_prompts=16",
+           f"online.prompts_per_round={16 if ctx.smoke else 256}", f"data.num_prompts={32 if ctx.smoke else 512}",
+           "trainer.save_final=false", f"hydra.run.dir={run_dir}"]
+    if ctx.smoke:
+        job.append("generator=hf")  # an engine start per CI run would cost ~40 s; the GPU run uses vLLM
+    run(prefrun(*job), ctx.work, ctx.env, 600)
+    rounds = [json.loads((run_dir / "rounds" / str(t) / "round.json").read_text()) for t in (1, 2)]
+    return {"push + probe s (round 2)": round(rounds[1]["sync/time_s"], 3),
+            "probe max diff": max(r["sync/max_abs_logp_diff"] for r in rounds),
+            "generate s (round 2)": round(rounds[1]["round/time/generate_s"], 2),
+            "train s (round 2)": round(rounds[1]["round/time/train_s"], 2),
+            "round s (round 2)": round(sum(v for k, v in rounds[1].items() if k.startswith("round/time/")), 1)}
+
+
+def _dpo_job(ctx, run_dir: Path) -> list[str]:
+    """Offline DPO on synthetic pairs of fixed length (a random model's own samples would mostly tie)."""
+    pairs = ctx.work / "pairs.jsonl"
+    if not pairs.exists():
+        import random
+
+        rng, length = random.Random(0), 16 if ctx.smoke else 256
+        text = lambda n: "".join(rng.choice("0123456789 abcdef") for _ in range(n))  # noqa: E731
+        pairs.write_text("".join(json.dumps({"prompt": f"sort {text(8)}:", "chosen": text(length),
+                                             "rejected": text(length)}) + "\n" for _ in range(512)))
+    steps = 4 if ctx.smoke else 30
+    return ["train", "model=hf", f"model.name_or_path={ctx.model}", "data=jsonl", f"data.path={pairs}", "~task",
+            f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.save_final=false", "trainer.save_every=0",
+            f"trainer.batch_size={8 if ctx.smoke else 16}", f"hydra.run.dir={run_dir}"]
+
+
+def check_dpo(ctx) -> dict:
+    run_dir = ctx.work / "dpo"
+    run(prefrun(*_dpo_job(ctx, run_dir)), ctx.work, ctx.env, 600)
+    metrics = rows(run_dir)
+    steady = metrics[len(metrics) // 2 :]  # after the warm-up steps
+    tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
+    out = {"step-1 loss": round(metrics[0]["loss"], 6), "tokens/s": round(tokens_per_s)}
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in ctx.device), None)
+    if peak:
+        # forward + backward ≈ 6 FLOPs per parameter per token (the reference is precomputed, not re-run)
+        out["MFU"] = f"{100 * 6 * ctx.parameters * tokens_per_s / (peak * 1e12):.1f}%"
+    return out
+
+
+def check_fsdp(ctx) -> dict:
+    run_dir = ctx.work / "fsdp"
+    config = ctx.work / "fsdp.yaml"
+    text = (REPO / "docs" / "accelerate" / "fsdp.yaml").read_text().replace("num_processes: 8", "num_processes: 1")
+    if not torch.cuda.is_available():
+        text = text.replace("use_cpu: false", "use_cpu: true").replace("mixed_precision: bf16", "mixed_precision: 'no'")
+    config.write_text(text)
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefrun",
+         *_dpo_job(ctx, run_dir)], ctx.work, ctx.env, 600)
+    metrics = rows(run_dir)
+    loss = metrics[0]["loss"]
+    if abs(loss - math.log(2)) > 1e-3:
+        raise RuntimeError(f"step-1 loss {loss:.6f}, not ln 2")
+    return {"step-1 loss": round(loss, 6), "steps": len(metrics)}
+
+
+def table(results: dict, ctx) -> str:
+    lines = [MARKERS[0], "", f"`python scripts/gpu_check.py{' --smoke' if ctx.smoke else ''}` on {ctx.device}, "
+             f"{time.strftime('%Y-%m-%d')}, commit {ctx.commit}, model {ctx.parameters / 1e6:.1f}M parameters "
+             f"(random weights), torch {torch.__version__}; whole check {ctx.elapsed:.0f} s.", "",
+             "| check | result |", "|---|---|"]
+    for name, result in results.items():
+        shown = result if isinstance(result, str) else ", ".join(f"{k} {v}" for k, v in result.items())
+        lines.append(f"| {name} | {shown} |")
+    return "\n".join([*lines, "", MARKERS[1]])
+
+
+def write_table(text: str, path: Path) -> None:
+    old = path.read_text() if path.exists() else ""
+    if MARKERS[0] in old and MARKERS[1] in old:
+        head, rest = old.split(MARKERS[0], 1)
+        new = head + text + rest.split(MARKERS[1], 1)[1]
+    else:
+        new = old + ("\n" if old else "") + text + "\n"
+    path.write_text(new)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and HF generation: the code paths on a CPU")
+    parser.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--work", type=Path, default=None, help="where models and runs go (default: a temporary dir)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    ctx = argparse.Namespace(smoke=args.smoke, work=args.work or Path(tempfile.mkdtemp(prefix="gpu-check-")))
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    ctx.env = {"PREFRUN_CACHE": str(ctx.work / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    ctx.device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    ctx.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip() or "?"
+    hidden, layers = (128, 2) if args.smoke else (768, 12)
+    ctx.model = build_model(ctx.work / "model", hidden=hidden, layers=layers)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ctx.model)
+    ctx.parameters = 12 * layers * hidden**2 + 2 * config.vocab_size * hidden  # ≈ weights of the blocks + embeddings
+    results, failed = {}, 0
+    for name in [c for c in args.only.split(",") if c]:
+        if name not in CHECKS:
+            parser.error(f"--only: unknown check {name!r}; choose from {', '.join(CHECKS)}")
+        began = time.perf_counter()
+        try:
+            results[name] = {**globals()[f"check_{name}"](ctx), "s": round(time.perf_counter() - began)}
+        except Exception as err:  # noqa: BLE001 - a failed check is a row of the table, not the end of the run
+            failed += 1
+            results[name] = f"FAILED ({type(err).__name__}: {str(err)[:300]})"
+        print(f"{name}: {results[name]}", flush=True)
+    ctx.elapsed = time.perf_counter() - start
+    text = table(results, ctx)
+    write_table(text, args.out)
+    print(f"\n{text}\n\nwritten to {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

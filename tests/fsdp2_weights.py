@@ -1,0 +1,56 @@
+"""Run by tests/test_fsdp2.py under torchrun (2 CPU processes, gloo): a tiny Llama sharded with torch's
+FSDP2 (`fully_shard` per decoder layer and on the root) trains one AdamW step; then `full_weights` gathers
+it on every process, tensor by tensor, and APO's extrapolation runs on what it gathered. Each process writes
+what it saw next to the output path for the test to compare with the same step on the unsharded model."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefrun.extrapolate import extrapolate_parameters
+from prefrun.model import full_weights
+
+
+def tiny() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def step(model, batch) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    batch = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    initial = full_weights(tiny())
+    model = tiny()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sharded = {n: type(p).__name__ for n, p in model.named_parameters()}
+    step(model, batch)  # every process the same batch: the averaged gradient is the single-process one
+    gathered = full_weights(model)
+    extrapolated = extrapolate_parameters(gathered, initial, 0.3)
+    torch.save({"sharded": sharded, "gathered": gathered, "extrapolated": extrapolated,
+                "engine": {n: tuple(t.shape) for n, t in full_weights(model, tied=True, buffers=True, to_cpu=False).items()}},
+               f"{out}.{rank}")
+    if rank == 0:
+        reference = tiny()
+        step(reference, batch)
+        torch.save({"gathered": full_weights(reference), "initial": initial}, f"{out}.reference")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

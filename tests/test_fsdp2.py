@@ -1,0 +1,38 @@
+"""`full_weights` (the engine push's and APO's extrapolation's weights) on FSDP2-sharded parameters: torch's
+`fully_shard` on a CPU mesh with gloo (torchrun, 2 processes), forward, backward and an AdamW step, then the
+weights gathered tensor by tensor on every process equal the same step on the unsharded model."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prefrun.extrapolate import extrapolate_parameters
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_full_weights_gathers_fsdp2_shards_on_every_process(tmp_path):
+    out = tmp_path / "weights.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests" / "fsdp2_weights.py"), str(out)]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", **os.environ})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = torch.load(f"{out}.reference")
+    for rank in (0, 1):
+        seen = torch.load(f"{out}.{rank}")
+        assert set(seen["sharded"].values()) == {"DTensor"}  # really sharded: every parameter a DTensor
+        assert set(seen["gathered"]) == set(reference["gathered"])
+        for name, value in reference["gathered"].items():
+            assert type(seen["gathered"][name]) is torch.Tensor and seen["gathered"][name].shape == value.shape
+            torch.testing.assert_close(seen["gathered"][name], value, atol=1e-6, rtol=1e-5)
+        expected = extrapolate_parameters(reference["gathered"], reference["initial"], 0.3)
+        for name, value in expected.items():
+            torch.testing.assert_close(seen["extrapolated"][name], value, atol=1e-6, rtol=1e-5)
+        # the push's view: tied weights under both names, full shapes
+        assert seen["engine"]["lm_head.weight"] == seen["engine"]["model.embed_tokens.weight"] == (64, 32)
