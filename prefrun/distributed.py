@@ -124,9 +124,24 @@ def together(work: Callable[..., T], *args, **kwargs) -> T:
     return result
 
 
-def map_shards(num_shards: int, work: Callable[[int], T]) -> list[T]:
+def is_sharded(model) -> bool:
+    """True when `model`'s parameters are sharded over the processes (FSDP2 DTensors, DeepSpeed ZeRO-3): its
+    forward is then a collective, which every process must run the same number of times."""
+    if model is None:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True) -> list[T]:
     """`[work(0), ..., work(num_shards - 1)]` on every process, each shard computed once, by `owner(shard)`; a
-    one-line error in any shard stops every process with it (`together`)."""
+    one-line error in any shard stops every process with it (`together`). `split=False` (the work runs a
+    sharded model, `is_sharded`): every process does every shard, in order, so that the model's collective
+    forwards line up; the results are the same, the work is not divided. `work` must then write files only on
+    the shard's owner."""
+    if not split:
+        return together(lambda: [work(shard) for shard in range(num_shards)])
     mine = together(lambda: {shard: work(shard) for shard in range(rank(), num_shards, world_size())})
     if not _active():
         return [mine[shard] for shard in range(num_shards)]

@@ -32,7 +32,8 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
             completions = [c.texts for c in generator.generate(chunk, model=model, tokenizer=tokenizer)]
             return completions, judge.score(chunk, completions)
 
-        shards = distributed.map_shards(distributed.num_shards(len(prompts), size), complete_and_judge)
+        shards = distributed.map_shards(distributed.num_shards(len(prompts), size), complete_and_judge,
+                                        split=not distributed.is_sharded(model))
         completions = [row for part, _ in shards for row in part]
         scores = [row for _, part in shards for row in part]
         per_prompt = [statistics.fmean(row) for row in scores]

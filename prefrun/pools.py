@@ -149,11 +149,16 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     num_shards = distributed.num_shards(len(prompts), shard_size)
     start, progress = time.perf_counter(), {"prompts": 0, "tokens": 0}
     mine = len(range(distributed.rank(), num_shards, distributed.world_size()))
+    # HF generation runs the policy: sharded (FSDP2, ZeRO-3), every process must make every shard (see map_shards).
+    split = not generator.uses_model or not distributed.is_sharded(model)
+    # Which shards are on disk is decided together: a process must not read a shard that another generates.
+    finished = distributed.gather([(out_dir / f"shard-{i:05d}.jsonl").exists() for i in range(num_shards)])
+    finished = [all(flags) for flags in zip(*finished)] if num_shards else []
 
     def make_shard(shard: int) -> tuple[list[dict], dict]:
         path = out_dir / f"shard-{shard:05d}.jsonl"
         lo, hi = shard * shard_size, min(len(prompts), (shard + 1) * shard_size)
-        if path.exists():
+        if finished[shard]:
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], {"resumed": hi - lo}
         chunk = prompts[lo:hi]
         shard_generator = dataclasses.replace(generator, seed=distributed.shard_seed(
@@ -167,7 +172,8 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
                 "generated_tokens": sum(len(ids) for c in candidates for ids in c.token_ids),
                 "completions": sum(len(c.token_ids) for c in candidates), "prompts": hi - lo}
         rows = [{"prompt": p, "candidates": t, "scores": s} for p, t, s in zip(chunk, texts, scores)]
-        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        if distributed.owner(shard) == distributed.rank():  # one writer per shard, split or not
+            _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         progress["prompts"] += hi - lo
         progress["tokens"] += work["generated_tokens"]
         elapsed = time.perf_counter() - start
@@ -177,7 +183,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
                  progress["tokens"] / elapsed)
         return rows, work
 
-    shards = distributed.map_shards(num_shards, make_shard)
+    shards = distributed.map_shards(num_shards, make_shard, split=split)
     records = [row for rows, _ in shards for row in rows]
     resumed = sum(work.get("resumed", 0) for _, work in shards)
     if resumed:
@@ -192,7 +198,8 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
             timings[key] = timings.get(key, 0) + max(p.get(key, 0.0) for p in per_process)
         for key in ("generated_tokens", "completions"):
             timings[key] = timings.get(key, 0) + sum(p.get(key, 0) for p in per_process)
-        timings["prompts_per_process"] = [p.get("prompts", 0) for p in per_process]
+        generated = [p.get("prompts", 0) for p in per_process]
+        timings["prompts_per_process"] = generated if split else [sum(generated)] * len(generated)
     return records
 
 

@@ -208,3 +208,16 @@ def test_two_simulated_nodes_with_their_own_tmpdir_and_cache_equal_one_process(o
             root / "one" / "rounds" / str(t) / "pools.jsonl").read_text()
     # Each node built the embedded model into its own cache, once.
     assert all(len(list((root / f"node{r}" / "cache" / "models").glob("tiny-llama-*"))) == 1 for r in (0, 1))
+
+
+def test_a_multirun_grid_of_two_process_jobs_writes_one_directory_per_job(tmp_path):
+    """`accelerate launch ... -m prefrun train -m seed=0,1`: both processes run the grid, job by job, into the
+    same sweep directory (rank 0 picks it), so each job's checkpoints hold both processes' state."""
+    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
+    launch(["train", "-m", "seed=0,1", *JOB, "trainer.batch_size=4", "eval.num_prompts=0"], tmp_path, env)
+    [sweep] = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    for job in ("0", "1"):
+        assert [r["step"] for r in _rows(sweep / job)] == list(range(1, 7))
+        assert sorted(p.name for p in (sweep / job / "checkpoints" / "step-3").glob("random_states_*")) == [
+            "random_states_0.pkl", "random_states_1.pkl"]
+    assert _rows(sweep / "0")[-1]["loss"] != _rows(sweep / "1")[-1]["loss"]  # two seeds, two runs

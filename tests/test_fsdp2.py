@@ -36,3 +36,18 @@ def test_full_weights_gathers_fsdp2_shards_on_every_process(tmp_path):
             torch.testing.assert_close(seen["extrapolated"][name], value, atol=1e-6, rtol=1e-5)
         # the push's view: tied weights under both names, full shapes
         assert seen["engine"]["lm_head.weight"] == seen["engine"]["model.embed_tokens.weight"] == (64, 32)
+
+
+def test_split_work_with_a_sharded_policy_does_every_shard_on_every_process_and_does_not_hang(tmp_path):
+    out = tmp_path / "work.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests" / "fsdp2_work.py"), str(out)]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={"OMP_NUM_THREADS": "1", **os.environ})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        seen = torch.load(f"{out}.{rank}")
+        torch.testing.assert_close(seen["sharded"]["logps"], seen["single"]["logps"], atol=1e-5, rtol=1e-5)
+        assert seen["sharded"]["pools"] == seen["single"]["pools"]  # same candidates, same scores
+    assert sorted(p.name for p in (tmp_path / "sharded-shards").glob("shard-*")) == [
+        "shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]

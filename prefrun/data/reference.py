@@ -62,10 +62,12 @@ SCORING_SHARD = 256  # examples per shard when scoring is split over processes (
 
 def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: int) -> tuple[Tensor, Tensor]:
     """`candidate_logps` of every example, the examples cut in shards of SCORING_SHARD that the processes
-    share (each scores its own, all get all). One process scores the same shards one after the other."""
+    share (each scores its own, all get all). One process scores the same shards one after the other; a sharded
+    model (FSDP2, ZeRO-3) has every process score every shard (its forwards are collectives)."""
     size = SCORING_SHARD
     parts = distributed.map_shards(distributed.num_shards(len(examples), size), lambda shard: candidate_logps(
-        model, examples[shard * size : (shard + 1) * size], pad_id, batch_size=batch_size))
+        model, examples[shard * size : (shard + 1) * size], pad_id, batch_size=batch_size),
+        split=not distributed.is_sharded(model))
     width = max(len(ex.completion_ids) for ex in examples)
     logps = torch.zeros(len(examples), width)
     lengths = torch.zeros(len(examples), width, dtype=torch.long)

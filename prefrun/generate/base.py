@@ -108,6 +108,11 @@ class Sampling:
         return self.num_candidates if self.temperature > 0 else 1
 
     @property
+    def uses_model(self) -> bool:
+        """Whether generate() runs the in-memory policy (HF) rather than an engine of its own (vLLM)."""
+        return True
+
+    @property
     def prompts_per_shard(self) -> int:
         """Prompts per shard of pools (`make_pools`): `shard_size`, else 256. Under N processes a fold of P prompts
         is split in P / shard_size shards, so smaller shards share a small fold better; the size is part of what

@@ -174,6 +174,10 @@ class VLLMGenerator(Sampling):
         return self.mode == "fresh"
 
     @property
+    def uses_model(self) -> bool:
+        return False  # the engine child holds its own copy of the weights
+
+    @property
     def prompts_per_shard(self) -> int:
         """A fresh engine starts per call (~30 s): few large shards by default; a persistent one serves 256."""
         return self.shard_size or (4096 if self.mode == "fresh" else 256)

@@ -1,0 +1,61 @@
+"""Run by tests/test_fsdp2.py under torchrun (2 CPU processes, gloo): with an FSDP2-sharded policy (its forwards
+are collectives) the split work — reference scoring and HF generation of pools, here 3 shards over 2 processes —
+must not leave the processes running different numbers of forwards (a hang): every process does every shard,
+with the same results as one process with the unsharded model; each shard file has one writer."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import prefrun.data.reference as reference
+from prefrun.data import Example, split_candidate_logps
+from prefrun.generate import HFGenerator
+from prefrun.pools import make_pools
+from prefrun.tasks import SortDigits
+from prefrun.tiny import char_tokenizer
+
+
+def tiny(tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def work(model, tokenizer, out_dir: Path):
+    task = SortDigits()
+    prompts = task.prompts("train", 5)
+    examples = [Example(tokenizer(p).input_ids, [tokenizer(" 123").input_ids[1:], tokenizer(" 42").input_ids[1:]])
+                for p in prompts]
+    logps, _ = split_candidate_logps(model, examples, tokenizer.pad_token_id, batch_size=4)
+    generator = HFGenerator(num_candidates=2, max_new_tokens=6, seed=3, batch_size=2)
+    judge = lambda: None  # noqa: E731
+    judge.score = lambda chunk, texts: [[task.score(p, t) for t in row] for p, row in zip(chunk, texts)]
+    pools = make_pools(prompts, generator=generator, judge=judge, model=model, tokenizer=tokenizer,
+                       out_dir=out_dir, shard_size=2)
+    return {"logps": logps, "pools": pools}
+
+
+def main(out: str) -> None:
+    reference.SCORING_SHARD = 2  # 5 examples: 3 shards over 2 processes
+    tokenizer = char_tokenizer()
+    single = work(tiny(tokenizer), tokenizer, Path(out).with_name("single-shards"))  # before the process group
+    dist.init_process_group("gloo")
+    model = tiny(tokenizer)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sharded = work(model, tokenizer, Path(out).with_name("sharded-shards"))
+    torch.save({"single": single, "sharded": sharded}, f"{out}.{dist.get_rank()}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
