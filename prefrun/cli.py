@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"prefrun: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
     command, _ = COMMANDS[argv[0]]
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from prefrun.distributed import env_from_job
+
+    env_from_job()  # `srun` tasks as ranks, before Hydra picks the run directory (the same one for all of them)
     sys.argv = [f"prefrun {argv[0]}", *argv[1:]]
     command()
 

@@ -40,6 +40,45 @@ class ProcessMismatch(PrefrunError, RuntimeError):
     """Processes of one job disagree on something they must share (weights, a setting)."""
 
 
+def env_from_job() -> bool:
+    """The tasks of a cluster job as torch's ranks, without torchrun: Hydra's submitit launcher with
+    `tasks_per_node` > 1 (submitit's own job environment, local or SLURM), or `srun` starting one task per GPU
+    (SLURM's step variables). Sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the first node)
+    and MASTER_PORT (from the job id) unless a launcher (accelerate, torchrun) already did. Returns whether it
+    set them. (A failed task then stops the others through the process group; with srun add
+    `--kill-on-bad-exit=1` so that SLURM ends the step at once.)"""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return False
+    if "SUBMITIT_EXECUTOR" in env:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if JobEnvironment().num_tasks <= 1:
+            return False
+        # accelerate picks each process's GPU by LOCAL_RANK: every task keeps seeing all of the node's GPUs.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return True
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))  # the step's tasks (srun), not the allocation's
+    if tasks <= 1 or "SLURM_PROCID" not in env:
+        return False
+    per_node = int(env.get("SLURM_STEP_TASKS_PER_NODE", str(tasks)).split("(")[0].split(",")[0])
+    env.update({"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+                "LOCAL_WORLD_SIZE": str(per_node)})
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")))
+    env.setdefault("MASTER_PORT", str(20_000 + int(env.get("SLURM_JOB_ID", "0")) % 40_000))
+    return True
+
+
+def first_host(node_list: str) -> str:
+    """The first host of a SLURM node list: `gpu[07-09,12],cpu3` -> `gpu07`; `node5` -> `node5`."""
+    name = node_list.split(",")[0] if "[" not in node_list.split(",")[0] else node_list[: node_list.index("]") + 1]
+    if "[" not in name:
+        return name or "127.0.0.1"
+    prefix, ranges = name.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
 def start(timeout_s: float) -> None:
     """Join the job's process group when launched with several processes (`accelerate launch`, torchrun) and
     nothing has yet: `prefrun generate` has no Accelerator. accelerate's PartialState picks the backend

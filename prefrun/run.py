@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.get("plan"):  # what the run would do and whether it fits; nothing is loaded
         plan(cfg, instantiate(cfg.task) if cfg.get("task") else None)
         return None
+    distributed.env_from_job()  # the submitit launcher's tasks (tasks_per_node > 1) as ranks
     accelerator = make_accelerator(cfg.trainer)
     distributed.quiet_other_processes()  # one console, one train.log: the main process's
     hydra_cfg = HydraConfig.get()
@@ -362,6 +363,7 @@ def generate_pools(cfg: DictConfig) -> Path:
     Work is kept in shards beside the output: the same command, killed anywhere, continues where it stopped.
     Under `accelerate launch` the processes share the shards (each makes its own) and one writes the output."""
     cache_dir = Path(cfg.cache_dir).expanduser()
+    distributed.env_from_job()
     distributed.start(cfg.get("dist_timeout_s") or 1800)
     distributed.quiet_other_processes()
     set_seed(cfg.seed)

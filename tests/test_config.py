@@ -98,3 +98,24 @@ def test_online_presets_choose_their_algorithm(name, algorithm, loss, generator)
     if name == "apo_paper":
         assert list(cfg.online.beta_schedule) == [0.01, 0.1, 1.0] and cfg.online.alpha == 0.3
         assert cfg.generator.num_candidates == 5 and cfg.generator.temperature == 0.7 and cfg.optim.lr == 5e-7
+
+
+def test_slurm_step_variables_become_torch_ranks(monkeypatch):
+    from prefrun.distributed import env_from_job, first_host
+
+    assert first_host("gpu[07-09,12],cpu3") == "gpu07" and first_host("node5,node6") == "node5"
+    import os
+
+    # A copy of the environment for this test: what env_from_job sets must not reach the next tests' subprocesses.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in (
+        "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR")})
+    monkeypatch.setenv("SLURM_NTASKS", "16")  # the allocation's tasks alone (a batch script) change nothing
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert not env_from_job()
+    for name, value in {"SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_PROCID": "9",
+                        "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123"}.items():
+        monkeypatch.setenv(name, value)
+    assert env_from_job()
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")] == [
+        "9", "16", "1", "8", "gpu07"]
+    assert not env_from_job()  # a launcher (or this) has set WORLD_SIZE: nothing more to do

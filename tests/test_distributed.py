@@ -221,3 +221,33 @@ def test_a_multirun_grid_of_two_process_jobs_writes_one_directory_per_job(tmp_pa
         assert sorted(p.name for p in (sweep / job / "checkpoints" / "step-3").glob("random_states_*")) == [
             "random_states_0.pkl", "random_states_1.pkl"]
     assert _rows(sweep / "0")[-1]["loss"] != _rows(sweep / "1")[-1]["loss"]  # two seeds, two runs
+
+
+def test_srun_tasks_become_ranks_without_torchrun(tmp_path):
+    """`srun --ntasks-per-node=2 python -m prefrun train ...`: two tasks of one SLURM step (SLURM's variables,
+    faked here on one machine) train as 2 processes, with no torchrun or accelerate launch in between."""
+    run = tmp_path / "run"
+    common = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache"), "SLURM_JOB_ID": "4242", "SLURM_STEP_NUM_TASKS": "2",
+              "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "prefrun", "train", *JOB, "trainer.batch_size=4",
+                               f"hydra.run.dir={run}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, **common, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+             for r in (0, 1)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "accelerate: 2 process(es)" in (run / "train.log").read_text()
+    assert _rows(run)[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert sorted(p.name for p in (run / "checkpoints" / "step-3").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_the_submitit_launcher_runs_each_job_as_two_processes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
+    run_cli(["train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+             "hydra.launcher.timeout_min=10", *JOB, "trainer.batch_size=4", "eval.num_prompts=0", "seed=0,1"],
+            tmp_path, env)
+    [sweep] = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    for job in ("0", "1"):
+        assert "accelerate: 2 process(es)" in (sweep / job / "train.log").read_text()
+        assert [r["step"] for r in _rows(sweep / job)] == list(range(1, 7))
