@@ -1,7 +1,9 @@
 """Online rounds through the CLI with a real vLLM engine kept alive across rounds (generator=vllm,
 mode=persistent): the probe after every weight push, a deliberately stale engine stopping the run, and a
-SIGKILL in the middle of round 2 resumed to the uninterrupted run's result."""
+two-process run (an engine per process) SIGKILLed in the middle of round 2 and resumed to the one-process run's
+result."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,7 +30,10 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_rounds_with_vllm_verify_every_sync_and_resume_after_a_kill_in_round_2(tmp_path, cache_dir):
+def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_round_2_resumes(tmp_path, cache_dir):
+    """One process, then two (batch 4 each: the same global batch; one engine child each, every engine pushed and
+    probed, each generating its own shard), killed with their engines in the middle of round 2 and resumed by
+    the same command: the rounds equal the one-process run's."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_cli(["train", *JOB, f"hydra.run.dir={whole}"], tmp_path)
     rounds = json.loads((whole / "summary.json").read_text())["rounds"]
@@ -36,49 +42,42 @@ def test_rounds_with_vllm_verify_every_sync_and_resume_after_a_kill_in_round_2(t
     assert rounds[1]["sync/probe_change"] > 1e-3  # round 2's engine serves the trained weights, not the start's
     assert rounds[1]["round/kl_to_initial"] > 0
 
-    command = [sys.executable, "-m", "prefrun", "train", *JOB, f"hydra.run.dir={broken}"]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 400
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefrun", "train",
+               *JOB, "trainer.batch_size=4", f"hydra.run.dir={broken}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
     mid_round_2 = broken / "rounds" / "2" / "checkpoints" / "step-4"
     while not mid_round_2.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its engine, as a node failure would
+    # The whole job, engines included, as a node failure would (they live in process groups of their own).
+    for pid in [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
 
-    run_cli(["train", *JOB, f"hydra.run.dir={broken}"], tmp_path)
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     log = (broken / "train.log").read_text()
     assert "rounds 1-1 of 2 are done" in log and "resuming from" in log
-    resumed, expected = _rows(broken), _rows(whole)
-    assert [(r["round"], r["step"]) for r in resumed] == [(r["round"], r["step"]) for r in expected]
-    for a, b in zip(resumed, expected):
+    # Round 1: each process generated its shard; round 2's pools were on disk before the kill: none regenerated.
+    for t, generated in ((1, [16, 16]), (2, [0, 0])):
+        done = json.loads((broken / "rounds" / str(t) / "round.json").read_text())
+        assert done["generate/prompts_per_process"] == generated and done["sync/max_abs_logp_diff"] < 1e-3
+        assert (broken / "rounds" / str(t) / "pools.jsonl").read_text() == (whole / "rounds" / str(t) / "pools.jsonl").read_text()
+    # The resumed engines got θ_1 and passed the probe before round 2 went on.
+    assert json.loads((broken / "summary.json").read_text())["rounds"][1]["sync/max_abs_logp_diff"] < 1e-3
+    expected = _rows(whole)
+    assert [(r["round"], r["step"]) for r in _rows(broken)] == [(r["round"], r["step"]) for r in expected]
+    for a, b in zip(_rows(broken), expected):
         for key in ("loss", "rewards/margin", "grad_norm", "round/judge_score", "round/eval/policy_hat/sampled/mean"):
             if key in b:
-                assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+                assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (a["step"], key)
     final_a = load_file(broken / "checkpoint-final" / "model.safetensors")
     final_b = load_file(whole / "checkpoint-final" / "model.safetensors")
-    for name in final_b:
-        torch.testing.assert_close(final_a[name], final_b[name], atol=1e-6, rtol=0)
-    # The resumed engine got θ_1 and passed the probe before round 2 went on.
-    assert json.loads((broken / "summary.json").read_text())["rounds"][1]["sync/max_abs_logp_diff"] < 1e-3
-
-    # Two processes (batch 4 each: the same global batch), one engine child each: every engine is pushed and
-    # probed, each generates its shard, and the rounds equal one process's.
-    two = tmp_path / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefrun", "train",
-              *JOB, "trainer.batch_size=4", f"hydra.run.dir={two}"]
-    proc = subprocess.run(launch, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for t in (1, 2):
-        done = json.loads((two / "rounds" / str(t) / "round.json").read_text())
-        assert done["generate/prompts_per_process"] == [16, 16] and done["sync/max_abs_logp_diff"] < 1e-3
-        assert (two / "rounds" / str(t) / "pools.jsonl").read_text() == (whole / "rounds" / str(t) / "pools.jsonl").read_text()
-    for a, b in zip(_rows(two), expected, strict=True):
-        for key in ("loss", "rewards/margin", "round/judge_score", "round/eval/policy_hat/sampled/mean"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    for name in final_b:  # 16 steps apart from one process by the order of DDP's gradient sums
+        torch.testing.assert_close(final_a[name], final_b[name], atol=1e-4, rtol=1e-3)
 
 
 def test_an_engine_that_did_not_take_the_new_weights_stops_the_run(tmp_path, cache_dir):
