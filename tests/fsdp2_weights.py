@@ -49,6 +49,7 @@ def main(out: str) -> None:
         reference = tiny()
         step(reference, batch)
         torch.save({"gathered": full_weights(reference), "initial": initial}, f"{out}.reference")
+    dist.barrier()  # both done before either tears the group down (a peer gone mid-teardown aborts gloo)
     dist.destroy_process_group()
 
 

@@ -54,6 +54,7 @@ def main(out: str) -> None:
     fully_shard(model, mesh=mesh)
     sharded = work(model, tokenizer, Path(out).with_name("sharded-shards"))
     torch.save({"single": single, "sharded": sharded}, f"{out}.{dist.get_rank()}")
+    dist.barrier()  # both done before either tears the group down (a peer gone mid-teardown aborts gloo)
     dist.destroy_process_group()
 
 
