@@ -130,15 +130,6 @@ def gather(value: T) -> list[T]:
     return out
 
 
-def broadcast(value: T) -> T:
-    """The main process's `value`, on every process."""
-    if not _active():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def everywhere(flag: bool) -> bool:
     """True when `flag` holds on every process."""
     return all(gather(bool(flag)))
@@ -250,14 +241,6 @@ def receive_weights(model: torch.nn.Module, fingerprint: Callable[[torch.nn.Modu
         raise ProcessMismatch(f"the {what}'s weights differ between processes (process 0 vs {odd}) after they were "
                               "sent from process 0: stop, and report it with the accelerate config")
     return prints[0]
-
-
-def check_same(value: Any, what: str) -> None:
-    """Stop with one line when processes disagree on `value` (a setting, a data size)."""
-    values = gather(value)
-    if any(v != values[0] for v in values):
-        raise ProcessMismatch(f"processes disagree on {what}: {values} (one per process): every process must see "
-                              "the same data and config")
 
 
 def save_pretrained(model, path, **kwargs) -> None:
