@@ -138,11 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"prefrun: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
     command, _ = COMMANDS[argv[0]]
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from prefrun.distributed import env_from_job
+    from prefrun.distributed import env_from_job, finish
 
     env_from_job()  # `srun` tasks as ranks, before Hydra picks the run directory (the same one for all of them)
     sys.argv = [f"prefrun {argv[0]}", *argv[1:]]
-    command()
+    command()  # errors leave through sys.exit, without waiting for the other processes
+    finish()
 
 
 if __name__ == "__main__":

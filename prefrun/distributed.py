@@ -91,6 +91,15 @@ def start(timeout_s: float) -> None:
         PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def finish() -> None:
+    """Leave the process group together at the end of a command. Left to the interpreter's exit, gloo's threads
+    are torn down while a peer may still be closing its connections, and a process that did all its work ends
+    in `terminate called without an active exception` (SIGABRT)."""
+    if _active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
