@@ -16,6 +16,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from prefrun import faults
 from prefrun.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,22 @@ class Checkpoints:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step}"
+
     def latest(self) -> Path | None:
         done = [p for p in self.root.glob("step-*") if p.suffix != ".tmp" and (p / STATE_FILE).exists()]
         return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
     def save(self, accelerator: Accelerator, state: dict) -> None:
-        final = self.root / f"step-{state['step']}"
+        final = self.path(state["step"])
         tmp = final.with_name(final.name + ".tmp")
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         with _quiet_accelerate():
             accelerator.save_state(str(tmp))
+        faults.inject("checkpoint", state["step"], path=tmp)
         # The state file marks the checkpoint complete: only once every process has written its part.
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

@@ -61,11 +61,17 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
 
     from hydra.errors import InstantiationException
 
+    from prefrun import preemption
     from prefrun.errors import PrefrunError
 
     module, function = pipeline.rsplit(".", 1)
     try:  # heavy imports after Hydra has parsed the command line (fast --help)
+        preemption.listen(cfg.get("stop_signals"))
         return getattr(importlib.import_module(module), function)(cfg)
+    except preemption.Preempted as err:
+        logging.getLogger("prefrun").warning("%s; %s", err, _how_to_continue(cfg))
+        preemption.hand_over(err)  # inside a submitit job: its handler requeues the job
+        sys.exit(preemption.EXIT_CODE)
     except (PrefrunError, InstantiationException) as err:
         # A component that refuses its settings in its constructor reaches us wrapped by Hydra.
         cause = err.__cause__ if isinstance(err, InstantiationException) else err
@@ -77,6 +83,20 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
         logging.getLogger("prefrun").error("%s is not set: give it on the command line (%s=...)", err.full_key,
                                            err.full_key)
         sys.exit(2)
+
+
+def _how_to_continue(cfg: DictConfig) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode.name == "MULTIRUN":
+        return (f"the same command with hydra.sweep.dir={hydra_cfg.sweep.dir} continues every job of the grid from "
+                "its own checkpoints")
+    if "output" in cfg and "trainer" not in cfg:  # prefrun generate: the output's shards are its checkpoint
+        return "the same command continues from the finished shards"
+    named = cfg.get("resume") or any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
+    return ("the same command continues" if named else
+            f"the same command with resume={hydra_cfg.runtime.output_dir} continues")
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")

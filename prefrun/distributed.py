@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from prefrun.errors import PrefrunError
+from prefrun.preemption import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +154,15 @@ def together(work: Callable[..., T], *args, **kwargs) -> T:
         result, error = work(*args, **kwargs), None
     except PrefrunError as err:
         result, error = None, err
-    errors = gather(None if error is None else (type(error).__name__, str(error)))
+    errors = gather(None if error is None else (str(error), getattr(error, "signum", None)))
     failed = [(i, e) for i, e in enumerate(errors) if e is not None]
-    if error is not None and len(failed) == 1:
+    stopped = [signum for _, (_, signum) in failed if signum]
+    if error is not None and (len(failed) == 1 or getattr(error, "signum", None)):
         raise error
+    if stopped:  # a stop signal on another process stops this one too, as one (preemption.py)
+        raise Preempted(stopped[0], "with another process")
     if failed:
-        i, (_, message) = failed[0]
+        i, (message, _) = failed[0]
         raise ProcessMismatch(f"process {i}: {message}" if i != rank() else message)
     return result
 

@@ -8,7 +8,7 @@ import statistics
 import torch
 from omegaconf import DictConfig
 
-from prefrun import distributed
+from prefrun import distributed, faults
 from prefrun.data import Example, split_candidate_logps
 from prefrun.generate import HFGenerator
 from prefrun.losses import pool_log_softmax_loss
@@ -25,6 +25,7 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
     size = cfg.batch_size
     for name, decoding in cfg.decodings.items():
         def complete_and_judge(shard: int, decoding=decoding) -> tuple[list, list]:
+            faults.inject("evaluate")
             chunk = prompts[shard * size : (shard + 1) * size]
             generator = HFGenerator(num_candidates=decoding.num_samples, temperature=decoding.temperature,
                                     top_p=decoding.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=size,

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prefrun import distributed
+from prefrun import distributed, faults
 from prefrun.data import split_candidate_logps
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
@@ -328,6 +328,7 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
     evaluated = {"policy_hat": evaluate(policy, before)}
     eval_s = time.perf_counter() - clock
     if online.extrapolates and not last_round:
+        faults.inject("extrapolate", t)
         extrapolated = extrapolate_parameters(hat, previous_hat, online.alpha)
         set_policy_weights(policy, extrapolated, seed=seed * 1_000 + t + 1)
         if rounds.enabled:

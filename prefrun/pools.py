@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefrun import distributed
+from prefrun import distributed, faults
 from prefrun.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,11 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
         shard_generator = dataclasses.replace(generator, seed=distributed.shard_seed(
             generator.seed if seed is None else seed, shard))
         began = time.perf_counter()
+        faults.inject("generate")
         candidates = shard_generator.generate(chunk, model=model, tokenizer=tokenizer, model_path=model_path)
         generated = time.perf_counter()
         texts = [c.texts for c in candidates]
+        faults.inject("judge")
         scores = judge.score(chunk, texts)
         work = {"generate_s": generated - began, "judge_s": time.perf_counter() - generated,
                 "generated_tokens": sum(len(ids) for c in candidates for ids in c.token_ids),

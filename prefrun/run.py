@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from prefrun import distributed
+from prefrun import distributed, faults
 from prefrun.checkpoint import Checkpoints
 from prefrun.data import GeneratedPreferences, attach_reference_logps
 from prefrun.errors import InputError
@@ -156,6 +156,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     try:
         for t in range(len(done) + 1, online.rounds + 1):
             set_seed(cfg.seed * 1_000 + t)  # a round depends on (seed, round, weights): resumable by round
+            faults.inject("round", t)
             where, times = rounds.dir(t), {}
             checkpoints = Checkpoints(where / "checkpoints", cfg.trainer.save_every, cfg.trainer.keep_last)
             resume_at = checkpoints.latest()

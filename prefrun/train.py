@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from prefrun import faults, preemption
 from prefrun.checkpoint import Checkpoints
 from prefrun.data import Example, candidate_logps, collate, to_device
 from prefrun.errors import InputError, PrefrunError
@@ -79,57 +80,69 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     if resume_from:
         state = checkpoints.load(accelerator, resume_from)
         window.restore(state.pop("window"), accelerator.device)
+        last = state.pop("last", {})  # a run stopped at its last step resumes with nothing left to do
         log.info("resuming from %s (step %d of %d)", resume_from, state["step"], total_steps)
         if on_resume:
             on_resume(state["step"])
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
-    while state["step"] < total_steps:
-        epoch, offset = divmod(state["micro_batches"], batches_per_epoch)
-        loader = accelerator.prepare(_epoch_loader(lengths, cfg, seed, epoch))
-        for indices in accelerator.skip_first_batches(loader, offset) if offset else loader:
-            state["micro_batches"] += 1
-            chunk = [examples[i] for i in indices.tolist()]
-            pool_metrics = {}
-            if draws:
-                # The prepared model (not unwrapped): sharded weights (FSDP) and autocast work as in training.
-                columns, pool_metrics = draws(model, indices.tolist(), state)
-            batch = collate(chunk, pad_id, columns, packed=packed)
-            tokens = int(batch["sequence_lengths"].sum())
-            batch = to_device(batch, accelerator.device)
-            if packed and not packing_checked(model):  # once per model (reference scoring may have done it)
-                padded = to_device(collate(chunk, pad_id, columns), accelerator.device)
-                if not check_packing(model, batch, padded, logits_budget_mb=budget):
-                    packed, batch = False, padded
-            with accelerator.accumulate(model):
-                row_logps = sequence_logps(model, batch, logits_budget_mb=budget)
-                policy_logps = row_logps[batch["row_index"]]
-                losses, rewards = loss_fn(policy_logps, batch["reference_logps"], batch["completion_lengths"])
-                loss = losses.mean()
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss is {loss.item()} at step {state['step'] + 1}: lower optim.lr or check "
-                                        "the data; the run directory keeps the last good checkpoint")
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.add(_step_metrics(loss, policy_logps.detach(), rewards.detach(), batch, beta, pool_metrics),
-                       tokens, grad_norm, accelerator.device)
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            bar.update(1)
-            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-                last = {"step": state["step"], **window.flush(accelerator), "lr": scheduler.get_last_lr()[0]}
-                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
-                on_log(last)
-            if checkpoints and checkpoints.due(state["step"]) and state["step"] < total_steps:
-                checkpoints.save(accelerator, {**state, "window": window.state()})
-            if state["step"] >= total_steps:
-                break
+    with preemption.at_step_boundaries():  # a stop signal waits for the step boundary in the loop
+        while state["step"] < total_steps:
+            epoch, offset = divmod(state["micro_batches"], batches_per_epoch)
+            loader = accelerator.prepare(_epoch_loader(lengths, cfg, seed, epoch))
+            for indices in accelerator.skip_first_batches(loader, offset) if offset else loader:
+                state["micro_batches"] += 1
+                chunk = [examples[i] for i in indices.tolist()]
+                pool_metrics = {}
+                if draws:
+                    # The prepared model (not unwrapped): sharded weights (FSDP) and autocast work as in training.
+                    columns, pool_metrics = draws(model, indices.tolist(), state)
+                batch = collate(chunk, pad_id, columns, packed=packed)
+                tokens = int(batch["sequence_lengths"].sum())
+                batch = to_device(batch, accelerator.device)
+                if packed and not packing_checked(model):  # once per model (reference scoring may have done it)
+                    padded = to_device(collate(chunk, pad_id, columns), accelerator.device)
+                    if not check_packing(model, batch, padded, logits_budget_mb=budget):
+                        packed, batch = False, padded
+                with accelerator.accumulate(model):
+                    row_logps = sequence_logps(model, batch, logits_budget_mb=budget)
+                    policy_logps = row_logps[batch["row_index"]]
+                    losses, rewards = loss_fn(policy_logps, batch["reference_logps"], batch["completion_lengths"])
+                    loss = losses.mean()
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"loss is {loss.item()} at step {state['step'] + 1}: lower optim.lr or check "
+                                            "the data; the run directory keeps the last good checkpoint")
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window.add(_step_metrics(loss, policy_logps.detach(), rewards.detach(), batch, beta, pool_metrics),
+                           tokens, grad_norm, accelerator.device)
+                if not accelerator.sync_gradients:
+                    continue
+                state["step"] += 1
+                bar.update(1)
+                if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                    last = {"step": state["step"], **window.flush(accelerator), "lr": scheduler.get_last_lr()[0]}
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
+                    on_log(last)
+                saved = checkpoints and checkpoints.due(state["step"]) and state["step"] < total_steps
+                if saved:
+                    checkpoints.save(accelerator, {**state, "window": window.state(), "last": last})
+                faults.inject("train")
+                signum = preemption.requested(accelerator)
+                if signum:
+                    where = f"at step {state['step']} of {total_steps}"
+                    if checkpoints:
+                        if not saved:
+                            checkpoints.save(accelerator, {**state, "window": window.state(), "last": last})
+                        where += f" (checkpoint {checkpoints.path(state['step'])})"
+                    raise preemption.Preempted(signum, where)
+                if state["step"] >= total_steps:
+                    break
     bar.close()
     return last
 

@@ -6,17 +6,15 @@ its number of processes at a round boundary."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from .conftest import REPO, TINY_JOB, run_cli
+from .test_faults import signal_at_fault
 
 pytestmark = pytest.mark.slow
 
@@ -128,24 +126,18 @@ def test_online_rounds_on_two_processes_split_the_work_and_equal_one_process(onl
         torch.testing.assert_close(final_two[name], final_one[name], atol=1e-5, rtol=1e-5)
 
 
-def test_a_two_process_run_killed_in_round_2_resumes_and_changes_processes_only_at_a_round_boundary(online_runs):
+def test_a_two_process_run_stopped_by_sigterm_in_round_2_resumes_and_changes_processes_only_at_a_round_boundary(online_runs):
     root, env, _ = online_runs
     broken = root / "broken"
     job = [*ONLINE, "trainer.save_every=2", f"hydra.run.dir={broken}"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1", "-m", "prefrun", "train", *job,
                "trainer.batch_size=4"]
-    proc = subprocess.Popen(command, cwd=root, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    mid_round_2, deadline = broken / "rounds" / "2" / "checkpoints" / "step-4", time.time() + 300
-    while not mid_round_2.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    # The whole job dies at once, as when the node goes or SLURM kills the job's cgroup (torchrun's workers
-    # live in their own process groups and would outlive a SIGKILL of the launcher alone).
-    job_processes = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
-    for pid in job_processes:
-        os.kill(pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    # SIGTERM to the whole job (as SLURM preempts) while process 0 waits at round 2's step 3 (its 9th step): both
+    # stop at that step boundary and save (test_faults.py has the rest of the stop signal's drill).
+    code, said = signal_at_fault(command, {**env, "PREFRUN_FAULT": "train:9:hang@0"}, root)
+    assert code != 0 and "stopped by SIGTERM at step 3 of 6" in said, said[-3000:]
+    assert (broken / "rounds" / "2" / "checkpoints" / "step-3").is_dir()
     assert not (broken / "rounds" / "2" / "round.json").exists()
 
     # Mid-round, the checkpoint holds two processes' state: one process (same global batch) is refused in one line.

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prefrun import distributed
+from prefrun import distributed, faults
 from prefrun.data.batches import Example, pad_rows, to_device
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,12 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
     share (each scores its own, all get all). One process scores the same shards one after the other; a sharded
     model (FSDP2, ZeRO-3) has every process score every shard (its forwards are collectives)."""
     size = SCORING_SHARD
-    parts = distributed.map_shards(distributed.num_shards(len(examples), size), lambda shard: candidate_logps(
-        model, examples[shard * size : (shard + 1) * size], pad_id, batch_size=batch_size),
-        split=not distributed.is_sharded(model))
+    def score(shard: int) -> tuple[Tensor, Tensor]:
+        faults.inject("reference")
+        return candidate_logps(model, examples[shard * size : (shard + 1) * size], pad_id, batch_size=batch_size)
+
+    parts = distributed.map_shards(distributed.num_shards(len(examples), size), score,
+                                   split=not distributed.is_sharded(model))
     width = max(len(ex.completion_ids) for ex in examples)
     logps = torch.zeros(len(examples), width)
     lengths = torch.zeros(len(examples), width, dtype=torch.long)
