@@ -8,8 +8,9 @@ from its start over all rounds (6 steps a round: `train:10` is round 2's step 4;
 `generate:3` is round 2's first).
 Kinds: `kill` (SIGKILL to this process: a crash or an OOM kill), `term` (SIGTERM to this process), `hang` (wait
 until a signal arrives, 300 s at most: what a test needs to signal the launcher at a known point), `enospc` (the
-disk is full: OSError ENOSPC), `engine` (SIGKILL to the vLLM engine's process group). docs/reliability.md lists
-the faults tried and the tests that show them.
+disk is full: OSError ENOSPC), `engine` (SIGKILL to the vLLM engine's process group). Each planned fault happens
+once per run directory (noted in <run dir>/.faults/), so the same command, environment and all, then continues
+as a user's retry would. docs/reliability.md lists the faults tried and the tests that show them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,12 @@ def inject(phase: str, n: int | None = None, path=None) -> None:
     for planned_phase, planned_n, kind, only in _planned():
         if planned_phase != phase or planned_n != n or (only is not None and only != rank):
             continue
+        marker = _marker(f"{phase}-{n}-{kind}-{rank}")
+        if marker is not None:
+            if marker.exists():
+                continue
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
         log.warning("fault injected: %s %d: %s (PREFRUN_FAULT)", phase, n, kind)
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -71,6 +79,15 @@ def inject(phase: str, n: int | None = None, path=None) -> None:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def _marker(name: str) -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir) / ".faults" / name
+    except ValueError:  # not inside a Hydra job
+        return None
 
 
 def engine_started(pid: int) -> None:

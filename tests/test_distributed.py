@@ -1,14 +1,17 @@
 """Several processes through `accelerate launch` (gloo on the CPU): the repository's FSDP config with an empty
 cache, and online rounds, each equal to one process at the same global batch, with the work split (each
-shard made once) and one writer per file; a 2-process online run killed in round 2 resumes, and a run changes
-its number of processes at a round boundary."""
+shard made once) and one writer per file; a 2-process online run stopped by SIGTERM in round 2 resumes, a run
+changes its number of processes at a round boundary, and a preempted submitit job requeues itself."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -233,13 +236,31 @@ def test_srun_tasks_become_ranks_without_torchrun(tmp_path):
         "random_states_0.pkl", "random_states_1.pkl"]
 
 
-def test_the_submitit_launcher_runs_each_job_as_two_processes(tmp_path):
+def test_the_submitit_launcher_runs_each_job_as_two_processes_and_a_preempted_job_requeues_itself(tmp_path):
+    """A grid of two jobs of 2 tasks each; both are preempted at step 4 (submitit's signal, SIGUSR2, to every
+    task, as SLURM sends it), save there, requeue through submitit's checkpoint protocol and finish."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
-    run_cli(["train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-             "hydra.launcher.timeout_min=10", *JOB, "trainer.batch_size=4", "eval.num_prompts=0", "seed=0,1"],
-            tmp_path, env)
-    [sweep] = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    env = {**os.environ, **ENV, "PREFRUN_CACHE": str(tmp_path / "cache"), "PREFRUN_FAULT": "train:4:hang@0"}
+    command = [sys.executable, "-m", "prefrun", "train", "-m", "hydra/launcher=submitit_local",
+               "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10", *JOB, "trainer.batch_size=4",
+               "eval.num_prompts=0", "seed=0,1"]
+    sweep_root = tmp_path / "outputs" / "multirun"
+    grid = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and grid.poll() is None:
+        logs = list(sweep_root.glob("*/*/*/train.log"))
+        if len(logs) == 2 and all("fault injected" in log.read_text() for log in logs):
+            break
+        time.sleep(0.2)
+    tasks = [p for p in psutil.Process(grid.pid).children(recursive=True) if "submitit.core._submit" in " ".join(p.cmdline())]
+    assert len(tasks) == 4, [p.cmdline() for p in tasks]
+    for task in tasks:
+        task.send_signal(signal.SIGUSR2)
+    out = grid.communicate(timeout=600)[0]
+    assert grid.returncode == 0, out[-3000:]
+    [sweep] = list(sweep_root.glob("*/*"))
     for job in ("0", "1"):
-        assert "accelerate: 2 process(es)" in (sweep / job / "train.log").read_text()
+        log = (sweep / job / "train.log").read_text()
+        assert "accelerate: 2 process(es)" in log
+        assert "stopped by SIGUSR2 at step 4 of 6" in log and "resuming from" in log, log[-3000:]
         assert [r["step"] for r in _rows(sweep / job)] == list(range(1, 7))
