@@ -1,8 +1,12 @@
 """Resumable checkpoints: model, optimiser, scheduler, RNG (accelerate's save_state) plus the
-loop's own position, written atomically, the last `keep` kept.
+loop's own position, written atomically, checked on resume, the last `keep` kept.
 
-A checkpoint directory is written as `step-N.tmp` and renamed to `step-N` only when complete, so
-a kill or a full disk mid-save never damages the previous checkpoint.
+A checkpoint directory is written as `step-N.tmp`; once every process has written its part, a manifest of
+every file's size and SHA-256 is written last, and the directory is renamed to `step-N`. Resume takes the
+newest checkpoint whose files match their manifest; a damaged one (cut short, bit-flipped, a file missing) is
+named in one line, set aside as `step-N.damaged`, and the one before it is used. The free space is checked
+before each save (a checkpoint is about as big as the one before it), and a full disk mid-save removes the
+partial directory and ends in one line; the previous checkpoint is untouched either way.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
 
-from prefrun import faults
+from prefrun import distributed, faults, storage
 from prefrun.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,8 @@ def _quiet_accelerate():
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 
-STATE_FILE = "prefrun_state.json"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"step-(\d+)")
 
 
 class Checkpoints:
@@ -50,30 +56,52 @@ class Checkpoints:
         return self.root / f"step-{step}"
 
     def latest(self) -> Path | None:
-        done = [p for p in self.root.glob("step-*") if p.suffix != ".tmp" and (p / STATE_FILE).exists()]
-        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+        """The newest checkpoint that passes its manifest, the same on every process (the main one checks)."""
+        return distributed.from_main(self._newest_good)
 
     def save(self, accelerator: Accelerator, state: dict) -> None:
         final = self.path(state["step"])
         tmp = final.with_name(final.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        with _quiet_accelerate():
-            accelerator.save_state(str(tmp))
-        faults.inject("checkpoint", state["step"], path=tmp)
-        # The state file marks the checkpoint complete: only once every process has written its part.
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps({**state, "num_processes": accelerator.num_processes}))
+        needed = self._needed(accelerator)
+        main = accelerator.is_main_process
+
+        def clear() -> None:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                storage.ensure_space(self.root, needed, f"checkpoint {final.name}")
+
+        def write() -> None:
+            try:
+                with _quiet_accelerate():
+                    accelerator.save_state(str(tmp))
+                faults.inject("checkpoint", state["step"], path=tmp)
+            except OSError as err:
+                if storage.is_full(err):
+                    raise storage.disk_full(tmp, needed, err) from None
+                raise
+
+        def seal() -> None:  # once every process has written its part: the manifest, last, then the name
+            if not main:
+                return
             _fsync_dir(tmp)
+            files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": storage.file_digest(f)}
+                     for f in sorted(tmp.rglob("*")) if f.is_file()}
+            storage.write_atomic(tmp / MANIFEST, json.dumps(
+                {"state": {**state, "num_processes": accelerator.num_processes}, "files": files}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             self._prune()
-        accelerator.wait_for_everyone()
+
+        try:
+            for part in (clear, write, seal):
+                distributed.together(part)
+        except storage.DiskFull:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def load(self, accelerator: Accelerator, path: Path) -> dict:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = json.loads((path / MANIFEST).read_text())["state"]
         written_by = state.pop("num_processes", accelerator.num_processes)
         if written_by != accelerator.num_processes:
             raise InputError(f"{path} was written by {written_by} process(es), and this run has "
@@ -84,12 +112,61 @@ class Checkpoints:
             accelerator.load_state(str(path))
         return state
 
+    def _done(self) -> list[Path]:
+        """Checkpoint directories by step, oldest first (not the .tmp being written, nor those set aside)."""
+        found = [p for p in self.root.glob("step-*") if _NAME.fullmatch(p.name)]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def _newest_good(self) -> Path | None:
+        for path in reversed(self._done()):
+            damage = _damage(path)
+            if damage is None:
+                return path
+            aside = path.with_name(f"{path.name}.damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            log.warning("checkpoint %s is damaged (%s): set aside as %s; trying the one before it", path, damage,
+                        aside.name)
+        return None
+
+    def _needed(self, accelerator: Accelerator) -> int:
+        """What the next checkpoint will take: the last one's size, else the model and optimiser state (each
+        process's share, times the processes when the weights are sharded) plus 5%."""
+        done = self._done()
+        if done:
+            return sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
+        tensors = [t for model in accelerator._models for t in model.state_dict().values()]
+        for optimizer in accelerator._optimizers:
+            tensors += [t for slot in optimizer.state_dict()["state"].values() for t in slot.values()
+                        if hasattr(t, "nbytes")]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        if any(distributed.is_sharded(model) for model in accelerator._models):
+            total *= accelerator.num_processes
+        return int(total * 1.05)
+
     def _prune(self) -> None:
         if not self.keep:
             return
-        done = sorted((p for p in self.root.glob("step-*") if p.suffix != ".tmp"), key=lambda p: int(p.name[5:]))
-        for old in done[: -self.keep]:
+        for old in self._done()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _damage(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None when every file matches its manifest."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return f"no readable {MANIFEST}"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes of {expected['size']}"
+        if storage.file_digest(file) != expected["sha256"]:
+            return f"{name} differs from what was written (SHA-256)"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -79,6 +79,13 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
             raise
         logging.getLogger("prefrun").error("%s", cause)
         sys.exit(2)
+    except OSError as err:  # a full disk where no part of prefrun expected one (W&B, a library's own files)
+        from prefrun.storage import disk_full, is_full
+
+        if not is_full(err):
+            raise
+        logging.getLogger("prefrun").error("%s", disk_full(Path(err.filename or os.getcwd()), None, err))
+        sys.exit(2)
     except MissingMandatoryValue as err:
         logging.getLogger("prefrun").error("%s is not set: give it on the command line (%s=...)", err.full_key,
                                            err.full_key)

@@ -167,6 +167,12 @@ def together(work: Callable[..., T], *args, **kwargs) -> T:
     return result
 
 
+def from_main(work: Callable[[], T]) -> T:
+    """`work()` on the main process only; every process gets its result (a one-line error there stops all)."""
+    result = together(lambda: work() if is_main() else None)
+    return gather(result)[0] if _active() else result
+
+
 def is_sharded(model) -> bool:
     """True when `model`'s parameters are sharded over the processes (FSDP2 DTensors, DeepSpeed ZeRO-3): its
     forward is then a collective, which every process must run the same number of times."""
@@ -209,12 +215,8 @@ def write_once(path: Path, write: Callable[[Path], None]) -> None:
     that does not see the file the main process wrote (a node-local disk). Every process returns after the
     file exists where it can see it."""
     path = Path(path)
-    if is_main():
-        write(path)
-    barrier()
-    if not is_main() and local_rank() == 0 and not path.exists():
-        write(path)
-    barrier()
+    together(lambda: write(path) if is_main() else None)  # a full disk there is one line everywhere
+    together(lambda: write(path) if not is_main() and local_rank() == 0 and not path.exists() else None)
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prefrun import distributed, faults
+from prefrun import distributed, faults, storage
 from prefrun.data import split_candidate_logps
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
@@ -133,9 +133,7 @@ class Rounds:
         if not self.enabled:
             return
         path = self.dir(t) / "round.json"
-        tmp = path.with_name(f".round.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, path)
+        storage.write_atomic(path, json.dumps(metrics, indent=2) + "\n")
         shutil.rmtree(self.dir(t) / "checkpoints", ignore_errors=True)
         if not keep_weights and t > 1:
             for name in ("policy", "policy_hat"):
@@ -191,8 +189,16 @@ def save_weights(model, tokenizer, weights: dict[str, Tensor], path: Path) -> No
     """`weights` as a model directory (config, safetensors, tokenizer), written whole then renamed."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    distributed.save_pretrained(_base(model), tmp, state_dict=dict(weights))
-    tokenizer.save_pretrained(tmp)
+    needed = int(sum(t.numel() * t.element_size() for t in weights.values()) * 1.05)
+    storage.ensure_space(path.parent, needed, f"the round's weights ({path.name})")
+    try:
+        distributed.save_pretrained(_base(model), tmp, state_dict=dict(weights))
+        tokenizer.save_pretrained(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if storage.is_full(err):
+            raise storage.disk_full(path, needed, err) from None
+        raise
     _remove(path)
     os.replace(tmp, path)
 
@@ -320,10 +326,13 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
     where, last_round = rounds.dir(t), t == online.rounds
     needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled
     hat = full_weights(policy) if needs_weights else None
-    if rounds.enabled:
-        save_weights(policy, tokenizer, hat, where / "policy_hat")
-        if lora and not merges_adapters(online, lora):
-            policy.save_pretrained(where / "adapter")  # what resume restores: the adapters keep training
+    def keep_hat() -> None:  # one writer; a full disk there stops every process with its line
+        if rounds.enabled:
+            save_weights(policy, tokenizer, hat, where / "policy_hat")
+            if lora and not merges_adapters(online, lora):
+                policy.save_pretrained(where / "adapter")  # what resume restores: the adapters keep training
+
+    distributed.together(keep_hat)
     clock = time.perf_counter()
     evaluated = {"policy_hat": evaluate(policy, before)}
     eval_s = time.perf_counter() - clock
@@ -331,8 +340,8 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
         faults.inject("extrapolate", t)
         extrapolated = extrapolate_parameters(hat, previous_hat, online.alpha)
         set_policy_weights(policy, extrapolated, seed=seed * 1_000 + t + 1)
-        if rounds.enabled:
-            save_weights(policy, tokenizer, extrapolated, where / "policy")
+        distributed.together(lambda: save_weights(policy, tokenizer, extrapolated, where / "policy")
+                             if rounds.enabled else None)
         clock = time.perf_counter()
         evaluated["policy"] = evaluate(policy, before)
         eval_s += time.perf_counter() - clock

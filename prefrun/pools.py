@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefrun import distributed, faults
+from prefrun import distributed, faults, storage
 from prefrun.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,9 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     def make_shard(shard: int) -> tuple[list[dict], dict]:
         path = out_dir / f"shard-{shard:05d}.jsonl"
         lo, hi = shard * shard_size, min(len(prompts), (shard + 1) * shard_size)
-        if finished[shard]:
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], {"resumed": hi - lo}
+        done = storage.read_checked(path) if finished[shard] else None  # a damaged shard is made again
+        if done is not None:
+            return [json.loads(line) for line in done.decode().splitlines() if line.strip()], {"resumed": hi - lo}
         chunk = prompts[lo:hi]
         shard_generator = dataclasses.replace(generator, seed=distributed.shard_seed(
             generator.seed if seed is None else seed, shard))
@@ -175,7 +176,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
                 "completions": sum(len(c.token_ids) for c in candidates), "prompts": hi - lo}
         rows = [{"prompt": p, "candidates": t, "scores": s} for p, t, s in zip(chunk, texts, scores)]
         if distributed.owner(shard) == distributed.rank():  # one writer per shard, split or not
-            _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+            storage.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows), checked=True)
         progress["prompts"] += hi - lo
         progress["tokens"] += work["generated_tokens"]
         elapsed = time.perf_counter() - start
@@ -215,7 +216,7 @@ def _check_manifest(out_dir: Path, manifest: dict) -> None:
                              "directory or delete it")
     distributed.barrier()  # every process has read the old manifest before one writes the new
     if not distributed.everywhere(path.exists()):
-        distributed.write_once(path, lambda p: _atomic_write_text(p, json.dumps(manifest)))
+        distributed.write_once(path, lambda p: storage.write_atomic(p, json.dumps(manifest)))
 
 
 def write_pools(records: list[dict], path: Path) -> None:
@@ -225,15 +226,16 @@ def write_pools(records: list[dict], path: Path) -> None:
         from datasets import Dataset
 
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        Dataset.from_list(records).to_parquet(str(tmp))
-        os.replace(tmp, path)
+        try:
+            Dataset.from_list(records).to_parquet(str(tmp))
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if storage.is_full(err):
+                raise storage.disk_full(path, None, err) from None
+            raise
     elif path.suffix == ".jsonl":
-        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        storage.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     else:
         raise InputError(f"output={str(path)!r}: write pools as .jsonl or .parquet")
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import platform
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from prefrun.storage import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,9 @@ class RunLog:
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.dir, job_key())  # one live run per directory (released at exit)
+        self.lock.acquire()
+        atexit.register(self.lock.release)
         config_file = self.dir / "config.yaml"
         if config_file.exists():  # a resumed run: say what changed since it started
             changed = _changed_keys(OmegaConf.load(config_file), OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))
@@ -90,6 +98,7 @@ class RunLog:
             if self.wandb:
                 self._wandb_eval(summary)
                 self.wandb.finish()
+            self.lock.release()
         return summary
 
 
@@ -106,6 +115,16 @@ class RunLog:
                     table.add_data(when, decoding, example["prompt"], example["completion"], example["score"])
         if table.data:
             self.wandb.log({"eval/samples": table})
+
+
+def job_key() -> str:
+    """What the processes of one job, and every attempt of a requeued job, have in common."""
+    for variable, kind in (("SLURM_JOB_ID", "slurm"), ("SUBMITIT_LOCAL_JOB_ID", "submitit"),
+                           ("TORCHELASTIC_RUN_ID", "torchrun")):
+        value = os.environ.get(variable)
+        if value and value != "none":
+            return f"{kind}-{value}"
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _changed_keys(old: DictConfig, new: DictConfig, prefix: str = "") -> list[str]:

@@ -76,3 +76,77 @@ def test_stop_signals_are_checked(tmp_path):
     proc = run_cli(["train", *OFFLINE, "stop_signals=[TERM,KILL]"], tmp_path,
                    {"PREFRUN_CACHE": str(tmp_path / "cache")}, check=False)
     assert proc.returncode == 2 and "stop_signals: 'KILL' is not a signal prefrun can catch" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_live_run_directory_refuses_and_takes_over_once_the_first_is_killed(tmp_path):
+    env = {**os.environ, **ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
+    run = tmp_path / "run"
+    job = [sys.executable, "-m", "prefrun", "train", *OFFLINE, "trainer.save_every=2", f"hydra.run.dir={run}"]
+    first = subprocess.Popen(job, cwd=tmp_path, env={**env, "PREFRUN_FAULT": "train:2:hang"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    for line in first.stdout:  # the first run waits at step 2, its checkpoint saved, its lock held
+        if "fault injected" in line:
+            break
+    second = subprocess.run(job, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    said = second.stdout + second.stderr
+    assert second.returncode == 2 and f"pid {first.pid}" in said and "is in use by a live run" in said, said[-3000:]
+    assert "Traceback" not in said
+    first.kill()
+    first.wait()
+    third = subprocess.run(job, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    said = third.stdout + third.stderr
+    assert third.returncode == 0, said[-3000:]
+    assert "taking over the lock of a run that is gone" in said and "resuming from" in said
+    assert [r["step"] for r in _rows(run)] == list(range(1, 9))
+    assert not (run / ".lock").exists()  # released at the end
+
+
+def test_the_lock_is_shared_by_one_job_and_a_stale_one_from_another_host_is_taken_over(tmp_path, caplog):
+    from prefrun.storage import RunLock
+
+    held = [RunLock(tmp_path, "slurm-7"), RunLock(tmp_path, "slurm-7")]  # a job's attempts (or its processes)
+    for lock in held:
+        lock.acquire()
+    lock = json.loads((tmp_path / ".lock").read_text())
+    with pytest.raises(Exception, match=r"in use by a live run \(host .*, job slurm-7"):
+        RunLock(tmp_path, "slurm-8").acquire()
+    (tmp_path / ".lock").write_text(json.dumps({**lock, "host": "node-elsewhere", "heartbeat": time.time() - 600}))
+    held.append(RunLock(tmp_path, "slurm-8"))
+    held[-1].acquire()
+    assert "taking over the lock of a run that is gone (host node-elsewhere" in caplog.text
+    for lock in held:
+        lock.release()
+
+
+@pytest.mark.slow
+def test_a_run_directory_on_a_disk_that_fills_stops_before_the_checkpoint_and_continues_once_there_is_space(tmp_path):
+    """The run directory on a real small filesystem (tmpfs) with room for one checkpoint: the second save is
+    refused before it writes anything, in one line; with space again the same command ends where an
+    uninterrupted run ends."""
+    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
+    job = ["train", *OFFLINE, "trainer.save_every=2", "trainer.keep_last=1"]
+    whole = tmp_path / "whole"
+    run_cli([*job, f"hydra.run.dir={whole}"], tmp_path, env)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (tests/test_checkpoint.py covers a full disk with the fault switch)")
+    try:
+        checkpoint = sum(f.stat().st_size for f in (whole / "checkpoints").rglob("*") if f.is_file())
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * (os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - int(1.5 * checkpoint)))
+        run = disk / "run"
+        full = run_cli([*job, f"hydra.run.dir={run}"], tmp_path, env, check=False)
+        said = full.stdout + full.stderr
+        assert full.returncode == 2 and "Traceback" not in said, said[-3000:]
+        assert "checkpoint step-4 needs" in said and "nothing was written" in said, said[-3000:]
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+        ballast.unlink()
+        run_cli([*job, f"hydra.run.dir={run}"], tmp_path, env)
+        assert "resuming from" in (run / "train.log").read_text()
+        for a, b in zip(_rows(run), _rows(whole), strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefrun import distributed
+from prefrun import distributed, storage
 from prefrun.data.batches import Example
 from prefrun.data.formats import (
     COLUMNS,
@@ -32,7 +32,7 @@ from prefrun.data.formats import (
     token_ids,
     tokenize_record,
 )
-from prefrun.data.reference import _atomic_write, _hash
+from prefrun.data.reference import _hash
 from prefrun.errors import InputError
 from prefrun.pools import POOL_COLUMNS, read_pool
 
@@ -511,14 +511,15 @@ class GeneratedPreferences(PreferenceData):
         key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge), generator.prompts_per_shard)
         out_dir = Path(cache_dir).expanduser() / "pools" / key
         done = out_dir / "pools.jsonl"
-        if distributed.everywhere(done.exists()):
+        cached = storage.read_checked(done)
+        if distributed.everywhere(cached is not None):
             log.info("data: %s (cached pools)", done)
-            records = [json.loads(line) for line in done.read_text().splitlines()]
+            records = [json.loads(line) for line in cached.decode().splitlines()]
         else:  # split over the processes, shard by shard; one writer for the cached file
             records = make_pools(prompts, generator=generator, judge=judge, model=policy, tokenizer=tokenizer,
                                  out_dir=out_dir / "shards")
             text = "".join(json.dumps(r) + "\n" for r in records).encode()
-            distributed.write_once(done, lambda path: _atomic_write(path, text))
+            distributed.write_once(done, lambda path: storage.write_atomic(path, text, checked=True))
         return self.examples(records, tokenizer, pools=pools, where=str(done))
 
     def examples(self, records: list[dict], tokenizer, *, pools: bool, where: str) -> list[Example]:

@@ -1,6 +1,6 @@
 """Reference log-probs: `candidate_logps` (no-grad log-probs of every candidate) and
-`attach_reference_logps` (the same, cached on disk per weights and token ids), plus the cache helpers
-`_hash` and `_atomic_write` that the data sources use too."""
+`attach_reference_logps` (the same, cached on disk per weights and token ids), plus the cache key
+`_hash` that the data sources use too. Cache entries carry a digest (storage.py): a damaged one is computed again."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import hashlib
 import io
 import json
 import logging
-import os
 import statistics
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from prefrun import distributed, faults
+from prefrun import distributed, faults, storage
 from prefrun.data.batches import Example, pad_rows, to_device
 
 log = logging.getLogger(__name__)
@@ -87,8 +86,9 @@ def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cac
     pair was seen. `batch_size` counts prompts; each carries its candidates."""
     key = _hash(weights_key, [(ex.prompt_ids, ex.completion_ids) for ex in examples])
     path = Path(cache_dir).expanduser() / "reference_logps" / f"{key}.pt"
-    if distributed.everywhere(path.exists()):
-        logps = torch.load(path)
+    cached = storage.read_checked(path)
+    if distributed.everywhere(cached is not None):
+        logps = torch.load(io.BytesIO(cached))
         log.info("reference log-probs: cache hit %s -> 0 reference forwards", path)
     else:
         # Any id pads: padded positions are masked. A tokenizer without a pad token pads with eos.
@@ -97,7 +97,7 @@ def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cac
         logps, _ = split_candidate_logps(reference, examples, pad_id, batch_size=rows_per_forward)
         buffer = io.BytesIO()
         torch.save(logps, buffer)
-        distributed.write_once(path, lambda where: _atomic_write(where, buffer.getvalue()))
+        distributed.write_once(path, lambda where: storage.write_atomic(where, buffer.getvalue(), checked=True))
         log.info("reference log-probs: computed %d reference forwards (%d sequences), cached at %s",
                  -(-sum(len(ex.completion_ids) for ex in examples) // rows_per_forward),
                  sum(len(ex.completion_ids) for ex in examples), path)
@@ -109,9 +109,3 @@ def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cac
 def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
