@@ -1,7 +1,7 @@
 """Online rounds through the CLI with a real vLLM engine kept alive across rounds (generator=vllm,
-mode=persistent): the probe after every weight push, a deliberately stale engine stopping the run, and a
-two-process run (an engine per process) SIGKILLed in the middle of round 2 and resumed to the one-process run's
-result."""
+mode=persistent): the probe after every weight push, an engine killed in round 2 and restarted by the watchdog, a
+deliberately stale engine stopping the run, and a two-process run (an engine per process) SIGKILLed in the middle
+of round 2 and resumed to the one-process run's result."""
 
 import contextlib
 import json
@@ -31,15 +31,18 @@ def _rows(run_dir):
 
 
 def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_round_2_resumes(tmp_path, cache_dir):
-    """One process, then two (batch 4 each: the same global batch; one engine child each, every engine pushed and
-    probed, each generating its own shard), killed with their engines in the middle of round 2 and resumed by
-    the same command: the rounds equal the one-process run's."""
+    """One process, whose engine is killed before round 2's second shard (the watchdog restarts it); then two
+    (batch 4 each: the same global batch; one engine child each, every engine pushed and probed, each generating
+    its own shard), killed with their engines in the middle of round 2 and resumed by the same command: the
+    rounds of the two runs are equal (pools byte for byte)."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run_cli(["train", *JOB, f"hydra.run.dir={whole}"], tmp_path)
+    run_cli(["train", *JOB, f"hydra.run.dir={whole}"], tmp_path, {"PREFRUN_FAULT": "generate:4:engine"})
+    assert "the watchdog restarts the engine" in (whole / "train.log").read_text()
     rounds = json.loads((whole / "summary.json").read_text())["rounds"]
     assert [r["sync/weight_version"] for r in rounds] == [0, 1]
     assert all(r["sync/max_abs_logp_diff"] < 1e-3 for r in rounds), [r["sync/max_abs_logp_diff"] for r in rounds]
     assert rounds[1]["sync/probe_change"] > 1e-3  # round 2's engine serves the trained weights, not the start's
+    assert [r["sync/engine_restarts"] for r in rounds] == [0, 1]
     assert rounds[1]["round/kl_to_initial"] > 0
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from prefrun import faults
 from prefrun.errors import InputError, PrefrunError
 from prefrun.generate.base import Candidates, Sampling, _candidates, _eos_ids, _log_rate, _tokenize
 from prefrun.generate.probe import _build_probe, _max_diff, _Probe, _trainer_logprobs
@@ -30,7 +31,14 @@ from prefrun.generate.weights import (
     _save_for_engine,
     _write_push,
 )
-from prefrun.generate.worker_process import INSTALL_VLLM, _run_worker, _Worker, _worker_env, _worker_error
+from prefrun.generate.worker_process import (
+    INSTALL_VLLM,
+    EngineLost,
+    _run_worker,
+    _Worker,
+    _worker_env,
+    _worker_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,14 @@ class _EngineSession:
         self.fresh_dir: Path | None = None  # fresh: the synced weights every later child loads
         self.pending: dict | None = None  # fresh: the trainer's probe numbers the next child checks
         self.cleanups: list[weakref.finalize] = []
+        self.restarts = 0  # persistent: engine restarts since the last sync (the watchdog's budget)
+
+    def drop_engine(self) -> None:
+        """Forget a lost engine (reaped, its failure cleared) but keep what a restart needs: the weight version
+        it served, the probe, the sync stats."""
+        if self.worker is not None:
+            self.worker.kill()
+        self.worker, self.failure, self.asleep = None, None, False
 
     def __copy__(self) -> _EngineSession:
         return self
@@ -137,6 +153,7 @@ class VLLMGenerator(Sampling):
     probe_size: int = 4
     probe_tokens: int = 8
     debug_break_sync: str | None = None  # skip_push | skip_prefix_reset: break the sync on purpose
+    max_restarts: int = 1  # persistent: engine restarts after its death or a timeout, per round (per sync)
     _session: _EngineSession = field(default_factory=_EngineSession, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -162,6 +179,7 @@ class VLLMGenerator(Sampling):
             ("probe_size", isinstance(self.probe_size, int) and self.probe_size >= 1, "an integer >= 1"),
             ("probe_tokens", isinstance(self.probe_tokens, int) and self.probe_tokens >= 1, "an integer >= 1"),
             ("debug_break_sync", self.debug_break_sync in _BREAKS, "null, skip_push or skip_prefix_reset"),
+            ("max_restarts", isinstance(self.max_restarts, int) and self.max_restarts >= 0, "an integer >= 0"),
         ]
         for key, ok, want in checks:
             if not ok:
@@ -271,6 +289,36 @@ class VLLMGenerator(Sampling):
         return result, eos_ids, {"import_s": result["import_s"], "engine_start_s": result["engine_start_s"], **worker}
 
     def _generate_persistent(self, settings, ids_sets, *, model, tokenizer, model_path, max_new_tokens):
+        resync = False
+        while True:
+            try:
+                if resync:  # the lost engine served synced weights: its successor gets the same ones, verified
+                    kept = dict(self.sync_stats)  # the round's sync; the restart adds its probe's agreement
+                    self._sync_on_engine(model, tokenizer, None, self._session.version)
+                    self.sync_stats.update({**kept, "sync/engine_restarts": self._session.restarts,
+                                            "sync/max_abs_logp_diff": max(kept.get("sync/max_abs_logp_diff", 0.0),
+                                                                          self.sync_stats["sync/max_abs_logp_diff"])})
+                    resync = False
+                return self._generate_on_engine(settings, ids_sets, model=model, tokenizer=tokenizer,
+                                                model_path=model_path, max_new_tokens=max_new_tokens)
+            except EngineLost as lost:
+                self._restart(lost, "generation")
+                resync = self._session.probe is not None
+
+    def _restart(self, lost: EngineLost, during: str) -> None:
+        """The watchdog: after the engine's death or a timeout, start another (the caller loads it with the same
+        weights and probes it), at most `max_restarts` times per round; beyond that the loss is the one line."""
+        session = self._session
+        if session.restarts >= self.max_restarts:
+            raise PrefrunError(f"{lost} (after {session.restarts} restart(s) this round, generator.max_restarts="
+                               f"{self.max_restarts}); the run is resumable: run the same command again") from None
+        session.restarts += 1
+        log.warning("%s; the watchdog restarts the engine (restart %d of generator.max_restarts=%d this round), "
+                    "loads the same weights, probes them and redoes the %s", lost, session.restarts,
+                    self.max_restarts, during)
+        session.drop_engine()
+
+    def _generate_on_engine(self, settings, ids_sets, *, model, tokenizer, model_path, max_new_tokens):
         session = self._session
         extra = self._ensure_engine(model, tokenizer, model_path, version=0)
         longest = max(len(ids) for ids_set in ids_sets for ids in ids_set)
@@ -314,6 +362,7 @@ class VLLMGenerator(Sampling):
             engine["enable_sleep_mode"] = True
         reference = _checkpoint_shapes(Path(model_dir))
         session.worker = _Worker(_worker_env())
+        faults.engine_started(session.worker.proc.pid)  # PREFRUN_FAULT=...:engine kills its process group
         session.work = work
         reply = session.call("start", what="engine start", timeout_s=self.timeout_s, engine=engine)
         if model_path is None:
@@ -372,9 +421,16 @@ class VLLMGenerator(Sampling):
         if self.mode == "fresh":
             self._sync_fresh(model, tokenizer, probe_prompts, version)
         else:
-            self._sync_persistent(model, tokenizer, probe_prompts, version)
+            self._session.restarts = 0  # a new round: the watchdog's budget again
+            while True:
+                try:
+                    return self._sync_on_engine(model, tokenizer, probe_prompts, version)
+                except EngineLost as lost:
+                    self._restart(lost, "sync")
 
-    def _sync_persistent(self, model, tokenizer, probe_prompts, version: int) -> None:
+    def _sync_on_engine(self, model, tokenizer, probe_prompts, version: int) -> None:
+        """Push (to a live engine) or start one from `model`'s weights, then probe; `probe_prompts` may be None
+        once the session's probe is built."""
         session, timeout = self._session, self.call_timeout_s
         started = self._ensure_engine(model, tokenizer, None, version=version)  # from these very weights
         start = time.perf_counter()
@@ -510,7 +566,8 @@ class VLLMGenerator(Sampling):
         probe.trainer, probe.engine, probe.version = trainer, engine, version
         self.sync_stats.clear()
         self.sync_stats.update({"sync/max_abs_logp_diff": float(diff), "sync/probe_change": float(change),
-                                "sync/weight_version": int(version), "sync/time_s": float(seconds)})
+                                "sync/weight_version": int(version), "sync/time_s": float(seconds),
+                                "sync/engine_restarts": self._session.restarts})
         log.info("generator=vllm: weight version %d verified in %.2f s: max |engine - trainer| log-prob %.2g, "
                  "engine probe change %.2g", version, seconds, diff, change)
 

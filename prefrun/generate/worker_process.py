@@ -124,6 +124,10 @@ def _stop_worker(proc: subprocess.Popen, conn: Connection, graceful: list[bool],
         conn.close()
 
 
+class EngineLost(PrefrunError):
+    """The engine child died or stopped answering (not: it answered wrongly). The generator may restart it."""
+
+
 class _Worker:
     """The persistent engine child (`python -m prefrun.vllm_worker --serve FD`), in its own process group, with a
     private socketpair for commands (vLLM's logs go to stderr, never onto it). Stopped by stop(), when garbage
@@ -167,7 +171,7 @@ class _Worker:
                 if time.monotonic() - start > timeout_s:
                     self.kill()
                     limit = "timeout_s" if op == "start" else "call_timeout_s"
-                    raise PrefrunError(f"generator=vllm: the {what} got no answer from the vLLM engine worker (pid "
+                    raise EngineLost(f"generator=vllm: the {what} got no answer from the vLLM engine worker (pid "
                                        f"{self.proc.pid}) within generator.{limit}={timeout_s:g} s; the engine was "
                                        f"stopped: raise generator.{limit} or give the call less work")
             reply = self.conn.recv()
@@ -178,7 +182,7 @@ class _Worker:
                 pass
             status = _exit_status(self.proc.poll())
             self.kill()
-            raise PrefrunError(f"generator=vllm: the vLLM engine worker (pid {self.proc.pid}) {status} during the "
+            raise EngineLost(f"generator=vllm: the vLLM engine worker (pid {self.proc.pid}) {status} during the "
                                f"{what} ({time.monotonic() - start:.1f} s in); its output is above") from None
         if "error" in reply:
             self.kill()
