@@ -60,6 +60,14 @@ class Judge:
     def close(self) -> None:
         """Free the judge's model (a later score() loads it again); nothing to free for a rule."""
 
+    def __repr__(self) -> str:
+        """Stable across runs (it keys caches and the pool shards a resumed round reuses): the class and its plain
+        settings, never an object's address."""
+        plain = (str, int, float, bool, type(None), list, tuple, dict)
+        settings = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items())
+                             if not k.startswith("_") and isinstance(v, plain))
+        return f"{type(self).__module__}.{type(self).__qualname__}({settings})"
+
 
 def check_scores(judge_name: str, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
                  scores) -> list[list[float]]:

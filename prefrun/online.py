@@ -104,6 +104,18 @@ def prompt_folds(prompts: list, rounds: int, per_round: int | None, *, source: s
     return [prompts[t * per_round : (t + 1) * per_round] for t in range(rounds)]
 
 
+def fitting_prompts(prompts: list, tokenizer, *, limit: int, why: str, source: str) -> list:
+    """The prompts of at most `limit` tokens (as training and generation tokenize them); the others are skipped
+    before anything is generated for them, counted in one line saying `why` the limit is what it is."""
+    from prefrun.generate.base import prompt_ids
+
+    kept = [p for p in prompts if len(prompt_ids(tokenizer, p)) <= limit]
+    if len(kept) < len(prompts):
+        log.warning("online: skipped %d of %d prompts of %s longer than %d tokens (%s)", len(prompts) - len(kept),
+                    len(prompts), source, limit, why)
+    return kept
+
+
 class Rounds:
     """The `rounds/` directory of a run: which rounds are done, and where each keeps its parts."""
 
@@ -319,10 +331,12 @@ def attach_round_reference(online: OnlineConfig, policy, tokenizer, examples, in
 
 
 def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConfig, lora: bool, previous_hat, seed: int,
-                 evaluate, before) -> tuple[dict | None, dict]:
+                 evaluate, before, carried: dict | None = None) -> tuple[dict | None, dict]:
     """Keep θ̂_t (rounds/<t>/policy_hat), evaluate it, and leave in `policy` θ_t, what round t + 1 starts from:
     APO's extrapolation (evaluated too), else θ̂_t itself (LoRA: merged, fresh adapters). Returns θ̂_t when APO
-    needs it next round, and the evaluations (with their time, `eval_s`)."""
+    needs it next round, and the evaluations (with their time, `eval_s`). `carried`: the round trained nothing
+    (no usable pools), so θ_t = θ̂_t = θ_{t-1}, kept on disk like a trained round's, never extrapolated (APO's
+    next momentum starts from θ_{t-1}), and its evaluation is `carried`, θ_{t-1}'s."""
     where, last_round = rounds.dir(t), t == online.rounds
     needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled
     hat = full_weights(policy) if needs_weights else None
@@ -334,9 +348,9 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
 
     distributed.together(keep_hat)
     clock = time.perf_counter()
-    evaluated = {"policy_hat": evaluate(policy, before)}
+    evaluated = {"policy_hat": evaluate(policy, before) if carried is None else carried}
     eval_s = time.perf_counter() - clock
-    if online.extrapolates and not last_round:
+    if online.extrapolates and not last_round and carried is None:
         faults.inject("extrapolate", t)
         extrapolated = extrapolate_parameters(hat, previous_hat, online.alpha)
         set_policy_weights(policy, extrapolated, seed=seed * 1_000 + t + 1)
@@ -355,9 +369,12 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
 
 def round_row(t: int, step: int, beta: float, records: list[dict], examples, tokenizer, kl, times: dict,
                sync: dict, evaluated: dict, skipped: dict) -> dict:
-    lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for r in records for text in r["candidates"]]
+    texts = [text for r in records for text in r["candidates"]]
+    lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
     row = {"round": t, "step": step, "round/beta": beta, "round/num_prompts": len(records),
            "round/num_examples": len(examples), "round/skipped": sum(skipped.values()),
+           "round/trained": int(bool(examples)),
+           "round/empty_completions": sum(not text.strip() for text in texts) / max(1, len(texts)),
            "round/response_length": sum(lengths) / max(1, len(lengths)),
            "round/judge_score": sum(sum(r["scores"]) / len(r["scores"]) for r in records) / max(1, len(records))}
     if kl is not None:
@@ -369,6 +386,17 @@ def round_row(t: int, step: int, beta: float, records: list[dict], examples, tok
     row.update({f"round/time/{k}": v for k, v in times.items()})
     row.update(sync)
     return row
+
+
+def warn_untrained(t: int, total: int, records: list[dict], skipped: dict) -> None:
+    """The line of a round whose pools were all skipped: it trains nothing and the policy carries over."""
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    empty = all(not text.strip() for r in records for text in r["candidates"])
+    hint = ("; every completion the generator returned is empty: check generator.max_new_tokens, generator.stop "
+            "and the end-of-turn token of the chat template") if empty else ""
+    log.warning("round %d/%d: no usable pools (%d prompts: %s): the round trains nothing and the policy carries "
+                "over%s (round/trained=0)%s", t, total, len(records), reasons or "none", f" to round {t + 1}"
+                if t < total else "", hint)
 
 
 def log_round(row: dict, total: int) -> None:

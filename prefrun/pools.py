@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from prefrun import distributed, faults, storage
-from prefrun.errors import InputError
+from prefrun.errors import InputError, PrefrunError
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,11 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
         generated = time.perf_counter()
         texts = [c.texts for c in candidates]
         faults.inject("judge")
-        scores = judge.score(chunk, texts)
+        try:
+            scores = judge.score(chunk, texts)
+        except PrefrunError as err:  # a judge's wrong answer, named where it happened; finished shards stay
+            raise type(err)(f"{err} (judging shard {shard + 1} of {num_shards}, prompts {lo + 1}-{hi}, for "
+                            f"{out_dir}; the finished shards are kept)") from None
         work = {"generate_s": generated - began, "judge_s": time.perf_counter() - generated,
                 "generated_tokens": sum(len(ids) for c in candidates for ids in c.token_ids),
                 "completions": sum(len(c.token_ids) for c in candidates), "prompts": hi - lo}

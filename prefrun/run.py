@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -48,11 +49,13 @@ from prefrun.online import (
     cpu_state,
     evaluate_start,
     finish_weights,
+    fitting_prompts,
     load_weights,
     log_round,
     prompt_folds,
     restore_round,
     round_row,
+    warn_untrained,
 )
 from prefrun.plan import plan
 from prefrun.pools import make_pools, write_pools
@@ -132,8 +135,10 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     cache_dir = Path(cfg.cache_dir).expanduser()
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
     generator, judge = instantiate(cfg.generator), _judge(cfg, task)
-    folds = prompt_folds(data.train_prompts(task, tokenizer, generator), online.rounds, online.prompts_per_round,
-                         source=data.prompt_source)
+    limit, why = _prompt_limit(data, generator, policy)
+    prompts = fitting_prompts(data.train_prompts(task, tokenizer, generator), tokenizer, limit=limit, why=why,
+                              source=data.prompt_source)
+    folds = prompt_folds(prompts, online.rounds, online.prompts_per_round, source=data.prompt_source)
     evaluate = _judged_evaluation(cfg, data, task, judge, tokenizer)
     rounds = Rounds(record.dir, enabled=accelerator.is_main_process)
     lora, steps_before = bool(cfg.model.get("lora")), 0
@@ -178,33 +183,40 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
                 write_pools(records, where / "pools.jsonl")
             generator.sleep()  # a persistent engine frees the accelerator while training runs (CUDA sleep mode)
             judge.close()
-            # (d) pairs (best vs worst) or pools; (e) their reference log-probs
-            examples = data.examples(records, tokenizer, pools=sampler.uses_pools, where=str(where / "pools.jsonl"))
+            # (d) pairs (best vs worst) or pools; (e) their reference log-probs. No usable pool (every one tied,
+            # or only empty completions): the round trains nothing, θ_{t-1} carries over and is not re-evaluated.
+            examples = data.examples(records, tokenizer, pools=sampler.uses_pools, where=str(where / "pools.jsonl"),
+                                     allow_none=True)
+            beta, kl, trained, carried = online.beta(t, cfg.loss.beta), None, {}, None
             clock = time.perf_counter()
-            with accelerator.autocast():  # the training's precision (see _attach_reference)
-                kl = attach_round_reference(online, policy, tokenizer, examples, initial, lora,
-                                            batch_size=_scoring_batch(cfg))
+            if examples:
+                with accelerator.autocast():  # the training's precision (see _attach_reference)
+                    kl = attach_round_reference(online, policy, tokenizer, examples, initial, lora,
+                                                batch_size=_scoring_batch(cfg))
+            else:
+                warn_untrained(t, online.rounds, records, data.skipped.get("train", {}))
+                carried = before if t == 1 else results[-1]["eval"].get("policy", results[-1]["eval"]["policy_hat"])
             times["reference_s"] = time.perf_counter() - clock
             # (f) train from θ_{t-1} with the one training loop; rows carry the round and a run-wide step
-            beta = online.beta(t, cfg.loss.beta)
             clock = time.perf_counter()
             accelerator.free_memory()  # forget the previous round's prepared objects: a checkpoint holds this round's
-            last = train(policy, tokenizer, examples, loss_fn=instantiate(cfg.loss, beta=beta), beta=beta,
-                         sampler=sampler, optimizer_factory=instantiate(cfg.optim), cfg=cfg.trainer,
-                         accelerator=accelerator, seed=cfg.seed * 1_000 + t,
-                         on_log=lambda row, t=t, s=steps_before: record.metrics(
-                             {**row, "round": t, "round_step": row["step"], "step": s + row["step"]}),
-                         checkpoints=checkpoints)
-            policy = accelerator.unwrap_model(policy)
+            if examples:
+                trained = train(policy, tokenizer, examples, loss_fn=instantiate(cfg.loss, beta=beta), beta=beta,
+                                sampler=sampler, optimizer_factory=instantiate(cfg.optim), cfg=cfg.trainer,
+                                accelerator=accelerator, seed=cfg.seed * 1_000 + t,
+                                on_log=lambda row, t=t, s=steps_before: record.metrics(
+                                    {**row, "round": t, "round_step": row["step"], "step": s + row["step"]}),
+                                checkpoints=checkpoints)
+                policy, last = accelerator.unwrap_model(policy), trained
             times["train_s"] = time.perf_counter() - clock
             # (g) keep θ̂_t; APO: θ_t = θ̂_t + α(θ̂_t − θ̂_{t-1}) is what round t + 1 generates from
             clock = time.perf_counter()
             previous_hat, evaluated = finish_weights(policy, tokenizer, rounds, t, online, lora, previous_hat, cfg.seed,
-                                                   evaluate, before)
+                                                   evaluate, before, carried)
             times["eval_s"] = evaluated.pop("eval_s")
             times["extrapolate_s"] = time.perf_counter() - clock - times["eval_s"]
             # (h) the round's row: held-out judged scores, KL, lengths, time split, sync
-            steps_before += last.get("step", 0)
+            steps_before += trained.get("step", 0)
             row = round_row(t, steps_before, beta, records, examples, tokenizer, kl, times, generator.sync_stats,
                              evaluated, data.skipped.get("train", {}))
             samples = [{"prompt": r["prompt"], "completion": r["candidates"][0], "score": r["scores"][0]}
@@ -219,6 +231,9 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
         generator.close()
         judge.close()
 
+    if results and not any(r.get("round/trained", 1) for r in results):
+        log.warning("online: none of the %d rounds trained (every pool was skipped, lines above): the final policy "
+                    "is the starting one", len(results))
     _save_final(cfg, accelerator, policy, tokenizer, record.dir)  # θ̂_T: no extrapolation after the last round
     after = results[-1]["eval"].get("policy_hat", {}) if results else {}
     if accelerator.is_main_process:
@@ -228,6 +243,19 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
         _report(summary, cfg.eval.get("primary"), record.dir)
     primary = cfg.eval.get("primary")
     return after[primary]["mean"] if primary in after else None
+
+
+def _prompt_limit(data, generator, policy) -> tuple[int, str]:
+    """The longest prompt a round can use, and why: it must leave a completion token in data.max_length (unless
+    data.max_prompt_length cuts it for training) and fit the generator's context."""
+    context = getattr(generator, "max_model_len", None) or \
+        getattr(policy.config.get_text_config(), "max_position_embeddings", None)
+    limits = [(context - 1, f"the model's context is {context} tokens: generator.max_model_len or the model's "
+                            "max_position_embeddings")] if context else []
+    if data.max_prompt_length is None:
+        limits.append((data.max_length - 1, f"data.max_length={data.max_length} must leave room for a completion: "
+                                             "raise it, or set data.max_prompt_length to cut long prompts in training"))
+    return min(limits) if limits else (sys.maxsize, "")
 
 
 def _round_seed(generator_seed: int, seed: int, t: int) -> int:

@@ -445,3 +445,15 @@ def test_check_scores_stops_bad_scores_with_one_line():
     with pytest.raises(JudgeError) as err:  # every judge's score() goes through the check
         RuleJudge(NanTask()).score(["sort 21:"], [["12"]])
     assert "judge=rule (task nan) returned [nan] for prompt 'sort 21:'" in one_line(err)
+
+
+def test_a_users_judge_has_a_repr_that_is_the_same_in_every_run():
+    """It keys the pool shards a resumed round reuses: an object's address in it would refuse every resume."""
+    from prefrun.judges import Judge
+
+    class Mine(Judge):
+        def __init__(self, task=None, threshold=0.5):
+            self.threshold, self.model = threshold, object()
+
+    assert repr(Mine()) == repr(Mine()) != repr(Mine(threshold=0.7))
+    assert repr(Mine()).startswith("tests.test_judges.") and repr(Mine()).endswith(".Mine(threshold=0.5)")

@@ -91,6 +91,20 @@ def test_prompt_folds_are_disjoint_and_checked():
     assert prompt_folds(list(range(10)), 2, 4, source="x") == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(InputError, match="need 12 prompts, but x has 10"):
         prompt_folds(list(range(10)), 3, 4, source="x")
+    with pytest.raises(InputError, match="x has 3 prompts, fewer than online.rounds=4"):
+        prompt_folds(list(range(3)), 4, None, source="x")
+
+
+def test_a_prompt_file_with_no_usable_prompt_is_one_line(tmp_path, monkeypatch):
+    import datasets
+
+    from prefrun.data import HFPrompts
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": ""}\n{"prompt": "  "}\n')
+    with pytest.raises(InputError, match=f"prompts.path='{path}': no usable prompts in column 'prompt'"):
+        HFPrompts(path=str(path)).prompts()
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -259,3 +273,66 @@ def test_the_beta_schedule_reaches_each_rounds_loss(tmp_path, cache_dir):
     assert max(abs(x - 0.693147) for x in first[1:]) > 1e-2, first
     assert max(abs(x - 0.693147) for x in second) < 1e-5, second
     assert [json.loads((run / "rounds" / str(t) / "round.json").read_text())["round/beta"] for t in (1, 2)] == [0.5, 1e-6]
+
+
+FLAG_JUDGE = '''
+import os
+from prefrun.judges import RuleJudge
+
+class FlagJudge(RuleJudge):
+    """The task's rule, or a tie on every candidate while the file $TIE_FLAG exists (a judge gone flat)."""
+
+    def _score(self, prompts, candidates):
+        if os.path.exists(os.environ["TIE_FLAG"]):
+            return [[0.5] * len(group) for group in candidates]
+        return super()._score(prompts, candidates)
+'''
+
+
+@pytest.mark.slow
+def test_a_round_whose_pools_all_tie_is_recorded_untrained_the_policy_carries_over_and_the_run_resumes(
+        tmp_path, cache_dir):
+    """Bad input in online rounds through the CLI: 8 of 72 prompts too long for data.max_length (skipped before
+    generation, counted in one line), round 1 judged flat (every pool ties: the round trains nothing, its
+    weights are the starting ones, its row says so), the run killed at round 2's start; the same command,
+    the judge fixed, trains round 2 from the carried-over policy."""
+    prompts = tmp_path / "prompts.jsonl"
+    with prompts.open("w") as out:
+        for i in range(72):
+            digits = "".join(str((i * 7 + k) % 10) for k in range(80 if i % 9 == 0 else 4 + i % 3))
+            out.write(json.dumps({"prompt": f"sort {digits}:"}) + "\n")
+    (tmp_path / "flat_judge.py").write_text(FLAG_JUDGE)
+    flag = tmp_path / "tie"
+    flag.touch()
+    job = ["train", *ROUNDS, "online=iterative", "judge._target_=flat_judge.FlagJudge", f"hydra.run.dir={tmp_path / 'run'}",
+           f"+data.prompts={{_target_:prefrun.data.HFPrompts,path:{prompts},column:prompt}}"]
+    env = {"TIE_FLAG": str(flag), "PREFRUN_FAULT": "round:2:kill"}
+    killed = run_cli(job, tmp_path, env, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "online: skipped 8 of 72 prompts of data.prompts.path=" in log and "longer than 63 tokens" in log
+    assert ("round 1/2: no usable pools (32 prompts: 32 all scores equal): the round trains nothing and the policy "
+            "carries over to round 2 (round/trained=0)") in log
+    round_1 = json.loads((tmp_path / "run" / "rounds" / "1" / "round.json").read_text())
+    assert round_1["round/trained"] == 0 and round_1["round/num_examples"] == 0 and round_1["step"] == 0
+    start = load_file(next((cache_dir / "models").glob("*/model.safetensors")))
+    carried = load_file(tmp_path / "run" / "rounds" / "1" / "policy" / "model.safetensors")
+    assert carried.keys() <= start.keys() and all(torch.equal(carried[k], start[k]) for k in carried)
+
+    flag.unlink()  # the judge fixed; the same command continues with round 2, from the carried-over policy
+    run_cli(job, tmp_path, {"TIE_FLAG": str(flag)})
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "rounds 1-1 of 2 are done" in log
+    rounds = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
+    assert [r["round/trained"] for r in rounds] == [0, 1] and rounds[1]["round/num_examples"] > 0
+    assert {r["round"] for r in _rows(tmp_path / "run") if "loss" in r} == {2}
+    assert rounds[1]["round/kl_to_initial"] == 0  # round 2 started from the starting policy itself
+
+
+def test_a_round_of_only_empty_completions_says_so(caplog):
+    from prefrun.online import warn_untrained
+
+    records = [{"prompt": "p", "candidates": ["", " "], "scores": [0.0, 0.0]}] * 3
+    warn_untrained(2, 3, records, {"all scores equal": 3})
+    assert "round 2/3: no usable pools (3 prompts: 3 all scores equal)" in caplog.text
+    assert "carries over to round 3" in caplog.text and "every completion the generator returned is empty" in caplog.text

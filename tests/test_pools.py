@@ -169,3 +169,29 @@ def test_a_candidate_drawn_twice_is_one_row():
     assert batch["row_index"].tolist() == [[0, 1, 1], [2, 2, 3]]
     assert batch["reference_logps"].tolist() == [[-1.0, -3.0, -3.0], [-1.0, -1.0, -2.0]]
     assert batch["completion_lengths"].tolist() == [[2, 2, 2], [2, 2, 3]]
+
+
+def test_a_judge_that_answers_nan_stops_pools_in_one_line_naming_the_shard_and_keeps_the_finished_ones(tmp_path):
+    from prefrun.generate import HFGenerator
+    from prefrun.judges import Judge, JudgeError
+    from prefrun.pools import make_pools
+
+    from .conftest import char_llama
+
+    class NaNOnSecondShard(Judge):
+        name = "nan-judge"
+        calls = 0
+
+        def _score(self, prompts, candidates):
+            self.calls += 1
+            return [[math.nan if self.calls == 2 else 0.0] * len(group) for group in candidates]
+
+    model, tokenizer = char_llama(hidden=64, heads=1, seed=0)
+    generator = HFGenerator(num_candidates=2, max_new_tokens=4, batch_size=2)
+    with pytest.raises(JudgeError) as caught:
+        make_pools(["sort 12:", "sort 31:", "sort 7:", "sort 98:"], generator=generator, judge=NaNOnSecondShard(),
+                   model=model, tokenizer=tokenizer, out_dir=tmp_path / "shards", shard_size=2)
+    message = str(caught.value)
+    assert message.startswith("nan-judge returned [nan, nan] for prompt 'sort 7:': a score of nan")
+    assert f"(judging shard 2 of 2, prompts 3-4, for {tmp_path / 'shards'}; the finished shards are kept)" in message
+    assert (tmp_path / "shards" / "shard-00000.jsonl").exists() and not (tmp_path / "shards" / "shard-00001.jsonl").exists()

@@ -88,9 +88,11 @@ class PreferenceData:
             return None
         return Example(prompt, [ids[:room] for ids in example.completion_ids], scores=example.scores)
 
-    def finish(self, items: Iterable[Example | str], total: int, source: str, part: str) -> list[Example]:
+    def finish(self, items: Iterable[Example | str], total: int, source: str, part: str,
+               allow_none: bool = False) -> list[Example]:
         """Truncate the examples, count what is skipped and why (an item that is a string is the
-        reason its record was skipped), log the counts, and refuse to go on with nothing."""
+        reason its record was skipped), log the counts, and refuse to go on with nothing (`allow_none`: an
+        online round, whose caller says what happens then)."""
         examples, skipped = [], Counter()
         too_long = f"prompt alone fills data.max_length={self.max_length} (raise it or set data.max_prompt_length)"
         for item in items:
@@ -102,10 +104,10 @@ class PreferenceData:
                 examples.append(item)
         reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
         self.skipped[part] = dict(skipped)
-        if not examples:
+        if not examples and not allow_none:
             raise InputError(f"{source}: no usable {part} records ({total} read{': ' + reasons if reasons else ''}); "
                              "fix those records, or the data.* keys they point to")
-        if skipped:
+        if skipped and examples:
             log.warning("%s: skipped %d of %d %s records: %s", source, total - len(examples), total, part, reasons)
         return examples
 
@@ -522,9 +524,10 @@ class GeneratedPreferences(PreferenceData):
             distributed.write_once(done, lambda path: storage.write_atomic(path, text, checked=True))
         return self.examples(records, tokenizer, pools=pools, where=str(done))
 
-    def examples(self, records: list[dict], tokenizer, *, pools: bool, where: str) -> list[Example]:
+    def examples(self, records: list[dict], tokenizer, *, pools: bool, where: str,
+                 allow_none: bool = False) -> list[Example]:
         """Generated pools -> examples: whole pools (best first), or best vs worst pairs. Pools whose candidates
-        all tie, or with fewer than two, are skipped and counted."""
+        all tie, or with fewer than two, are skipped and counted; none left is an error unless `allow_none`."""
         items = []
         for i, record in enumerate(records):
             pool = read_pool(record, {c: c for c in POOL_COLUMNS}, lambda i=i: f"{where} (record {i})",
@@ -538,7 +541,9 @@ class GeneratedPreferences(PreferenceData):
                 candidates, scores = [candidates[0], candidates[worst]], None
             prompt_ids, completion_ids, _ = token_ids(tokenizer, prompt, candidates)
             items.append(Example(prompt_ids, completion_ids, scores=scores))
-        examples = self.finish(items, len(records), "data (generated pools)", "train")
+        examples = self.finish(items, len(records), "data (generated pools)", "train", allow_none)
+        if not examples:
+            return examples
         log.info("data: %d %s from %d prompts x %d candidates", len(examples), "pools" if pools else "pairs",
                  len(records), len(records[0]["candidates"]) if records else 0)
         return examples
