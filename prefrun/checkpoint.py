@@ -83,9 +83,7 @@ class Checkpoints:
         def seal() -> None:  # once every process has written its part: the manifest, last, then the name
             if not main:
                 return
-            _fsync_dir(tmp)
-            files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": storage.file_digest(f)}
-                     for f in sorted(tmp.rglob("*")) if f.is_file()}
+            files = storage.sealed_digests(tmp)  # on the disk, and what the manifest says of them
             storage.write_atomic(tmp / MANIFEST, json.dumps(
                 {"state": {**state, "num_processes": accelerator.num_processes}, "files": files}))
             shutil.rmtree(final, ignore_errors=True)
@@ -167,10 +165,3 @@ def _damage(path: Path) -> str | None:
         if storage.file_digest(file) != expected["sha256"]:
             return f"{name} differs from what was written (SHA-256)"
     return None
-
-
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())

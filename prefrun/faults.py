@@ -3,7 +3,8 @@
 
 Phases and what `n` is: `checkpoint` (the step being saved, after its files are written), `round` (an online round,
 at its start), `extrapolate` (an online round, before APO's extrapolation); `train` (at an optimiser step's
-boundary), `generate` / `judge` / `reference` / `evaluate` (shards): the n-th of its kind this process does, counted
+boundary), `generate` / `judge` / `reference` / `evaluate` (shards; an online round's reference log-probs are one
+call): the n-th of its kind this process does, counted
 from its start over all rounds (6 steps a round: `train:10` is round 2's step 4; with 2 pool shards a round,
 `generate:3` is round 2's first).
 Kinds: `kill` (SIGKILL to this process: a crash or an OOM kill), `term` (SIGTERM to this process), `hang` (wait

@@ -308,6 +308,7 @@ def attach_round_reference(online: OnlineConfig, policy, tokenizer, examples, in
     the starting weights, LoRA: adapters off, else swapped in from their CPU copy). Returns the estimate
     E_y~π_t[log π_t(y) − log π_0(y)] of KL(π_t ‖ π_0) over the round's candidates (exact in expectation when
     they are sampled at temperature 1, top-p 1), or None with online.kl_estimate=false."""
+    faults.inject("reference")
     batch = batch_size * max(1, max(len(ex.completion_ids) for ex in examples))
     pad_id = tokenizer.pad_token_id
 

@@ -100,12 +100,26 @@ def read_checked(path: Path) -> bytes | None:
     return data
 
 
-def file_digest(path: Path, block: int = 1 << 22) -> str:
+def file_digest(path: Path, block: int = 1 << 22, sync: bool = False) -> str:
+    """The file's SHA-256; `sync`: also make it durable first (fsync), in the same open."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
+        if sync:
+            os.fsync(handle.fileno())
         while chunk := handle.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sealed_digests(directory: Path) -> dict[str, dict]:
+    """Every file under `directory` fsynced, with its size and SHA-256, the files in parallel (fsync waits on the
+    disk and hashlib releases the GIL, so one file's hashing overlaps another's write-back)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted(f for f in Path(directory).rglob("*") if f.is_file())
+    with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
+        digests = list(pool.map(lambda f: file_digest(f, sync=True), files))
+    return {str(f.relative_to(directory)): {"size": f.stat().st_size, "sha256": d} for f, d in zip(files, digests)}
 
 
 def _digest_path(path: Path) -> Path:

@@ -150,3 +150,42 @@ def test_a_run_directory_on_a_disk_that_fills_stops_before_the_checkpoint_and_co
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# One fault in every phase of an APO run (an optimiser step, a checkpoint's write, each round's start, pool
+# generation and judging, the reference log-probs, the extrapolation, the judged evaluation), the kinds in turn:
+# each attempt stops at the next one, and the same command, environment and all, goes on.
+MATRIX = ("generate:2:kill,judge:2:enospc,reference:1:term,train:3:kill,checkpoint:4:enospc,extrapolate:1:term,"
+          "evaluate:2:kill,round:2:term")
+EXITS = {"kill": -signal.SIGKILL, "term": 75, "enospc": 2}
+
+
+@pytest.mark.slow
+def test_a_fault_in_every_phase_then_the_same_command_ends_where_an_uninterrupted_run_ends(tmp_path, cache_dir):
+    job = ["train", *TINY_JOB, "online=apo", "online.alpha=0.3", "online.rounds=2", "trainer.max_steps=6",
+           "trainer.save_every=2", "generator=hf", "generator.shard_size=16", "eval.num_prompts=16"]
+    whole, drilled = tmp_path / "whole", tmp_path / "drilled"
+    run_cli([*job, f"hydra.run.dir={whole}"], tmp_path, ENV)
+    planned = MATRIX.split(",")
+    exits = []
+    for _ in range(len(planned) + 1):
+        proc = run_cli([*job, f"hydra.run.dir={drilled}"], tmp_path, {**ENV, "PREFRUN_FAULT": MATRIX}, check=False)
+        said = proc.stdout + proc.stderr
+        exits.append(proc.returncode)
+        if proc.returncode == 0:
+            break
+        assert "Traceback" not in said, said[-3000:]
+        if proc.returncode == 2:  # a full disk: one line naming the path
+            assert "no space left on the device" in said, said[-3000:]
+    fired = sorted(p.name.rsplit("-", 1)[0] for p in (drilled / ".faults").iterdir())
+    assert fired == sorted(f.replace(":", "-") for f in planned), fired  # every fault happened, once
+    assert sorted(exits[:-1]) == sorted(EXITS[f.rsplit(":", 1)[1]] for f in planned) and exits[-1] == 0, exits
+    assert [(r["round"], r["step"]) for r in _rows(drilled)] == [(r["round"], r["step"]) for r in _rows(whole)]
+    for a, b in zip(_rows(drilled), _rows(whole)):
+        for key in ("loss", "rewards/margin", "round/judge_score", "round/kl_to_initial",
+                    "round/eval/policy/sampled/mean", "round/eval/policy_hat/greedy/mean"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (drilled, whole)]
+    for decoding, result in summaries[1]["eval_after"].items():
+        assert summaries[0]["eval_after"][decoding]["per_prompt"] == pytest.approx(result["per_prompt"], abs=1e-6)
