@@ -194,6 +194,14 @@ _COMMANDS = {
 }
 
 
+def _chain(err: BaseException) -> list[BaseException]:
+    seen = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
 def _answer(state: dict, msg: dict) -> dict:
     op = msg.get("op")
     if op == "start":
@@ -225,6 +233,8 @@ def serve(fd: int) -> int:
             except BaseException as err:  # noqa: BLE001 - every failure becomes one line in the parent
                 traceback.print_exc()
                 reply = {"error": _one_line(err)}
+                # vLLM's engine core (a process of its own in vLLM's layout) died: the engine is lost, not wrong
+                reply["engine_dead"] = any(type(e).__name__ == "EngineDeadError" for e in _chain(err))
                 if msg.get("op") == "start":
                     reply["stage"] = state.get("stage", "engine start")
             if msg.get("op") == "shutdown":

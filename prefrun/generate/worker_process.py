@@ -188,8 +188,9 @@ class _Worker:
             self.kill()
             if op == "start":
                 raise PrefrunError(_worker_error(reply.get("stage", "engine start"), reply["error"]))
-            raise PrefrunError(f"generator=vllm: the {what} failed in the vLLM engine: {reply['error']} (the worker's "
-                               "output is above; the engine was stopped)")
+            kind = EngineLost if reply.get("engine_dead") else PrefrunError  # its engine core died: restartable
+            raise kind(f"generator=vllm: the {what} failed in the vLLM engine: {reply['error']} (the worker's "
+                       "output is above; the engine was stopped)")
         return reply
 
 
