@@ -112,14 +112,10 @@ def file_digest(path: Path, block: int = 1 << 22, sync: bool = False) -> str:
 
 
 def sealed_digests(directory: Path) -> dict[str, dict]:
-    """Every file under `directory` fsynced, with its size and SHA-256, the files in parallel (fsync waits on the
-    disk and hashlib releases the GIL, so one file's hashing overlaps another's write-back)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Every file under `directory` made durable (fsync) and described by its size and SHA-256, in one open each."""
     files = sorted(f for f in Path(directory).rglob("*") if f.is_file())
-    with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
-        digests = list(pool.map(lambda f: file_digest(f, sync=True), files))
-    return {str(f.relative_to(directory)): {"size": f.stat().st_size, "sha256": d} for f, d in zip(files, digests)}
+    return {str(f.relative_to(directory)): {"size": f.stat().st_size, "sha256": file_digest(f, sync=True)}
+            for f in files}
 
 
 def _digest_path(path: Path) -> Path:
