@@ -16,6 +16,7 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in G
 REQUIRED = {"model=hf": ["model.name_or_path=some/model"], "data=jsonl": ["data.path=pairs.jsonl"],
             "data=hf": ["data.path=pairs.jsonl"], "data=pools": ["data.path=pools.jsonl"],
             "judge=reward_model": ["judge.name_or_path=some/rm"], "judge=pairwise": ["judge.name_or_path=some/ranker"],
+            "judge=llm": ["judge.name_or_path=some/llm"],
             "experiment=apo_paper": ["judge.name_or_path=some/ranker"],
             "experiment=onmcpo_paper": ["judge.name_or_path=some/ranker"]}
 

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from prefrun.errors import InputError
-from prefrun.judges import JudgeError, PairwiseJudge, RewardModelJudge, RuleJudge, check_scores
+from prefrun.judges import JudgeError, LLMJudge, PairwiseJudge, RewardModelJudge, RuleJudge, check_scores
 from prefrun.tasks import SortDigits
 
 from .conftest import REPO
@@ -197,13 +197,13 @@ def test_rule_judge_needs_a_task_and_string_prompts():
 def test_configs_instantiate_without_loading_a_model():
     """Every key of conf/judge/*.yaml is a constructor argument; a bad path only fails at score()."""
     judges = {}
-    for name in ("rule", "reward_model", "pairwise"):
+    for name in ("rule", "reward_model", "pairwise", "llm"):
         cfg = OmegaConf.load(REPO / "conf" / "judge" / f"{name}.yaml")
         if name != "rule":
             assert OmegaConf.is_missing(cfg, "name_or_path")
             cfg.name_or_path = "/no/such/model"
         judges[name] = instantiate(cfg, task=TASK)
-    assert [type(j) for j in judges.values()] == [RuleJudge, RewardModelJudge, PairwiseJudge]
+    assert [type(j) for j in judges.values()] == [RuleJudge, RewardModelJudge, PairwiseJudge, LLMJudge]
     assert judges["pairwise"].template == PAIR
     assert repr(judges["pairwise"]) == ("PairwiseJudge(name_or_path='/no/such/model', max_length=1024, dtype='auto', "
                                         "chat_template='none', template='{prompt}\\n<A>{a}\\n<B>{b}')")
