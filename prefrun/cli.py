@@ -101,6 +101,10 @@ def _how_to_continue(cfg: DictConfig) -> str:
                 "its own checkpoints")
     if "output" in cfg and "trainer" not in cfg:  # prefrun generate: the output's shards are its checkpoint
         return "the same command continues from the finished shards"
+    if "judgments_dir" in cfg:  # prefrun eval: the answers' shards in the run directory, verdicts in the cache
+        named = any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
+        return ("the same command continues from the finished shards" if named else
+                f"the same command with hydra.run.dir={hydra_cfg.runtime.output_dir} continues from the finished shards")
     named = cfg.get("resume") or any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
     return ("the same command continues" if named else
             f"the same command with resume={hydra_cfg.runtime.output_dir} continues")
@@ -114,6 +118,11 @@ def train(cfg: DictConfig) -> float | None:
 @hydra.main(config_path=config_dir(), config_name="generate", version_base="1.3")
 def generate(cfg: DictConfig) -> None:
     _one_line_errors("prefrun.run.generate_pools", cfg)
+
+
+@hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
+def evaluate(cfg: DictConfig) -> None:
+    _one_line_errors("prefrun.compare.run", cfg)
 
 
 @hydra.main(config_path=config_dir(), config_name="testbed", version_base="1.3")
@@ -133,6 +142,7 @@ def report() -> None:
 
 COMMANDS = {"train": (train, "preference optimisation: DPO, IPO, MC-PO (pools); online rounds: iterative DPO, OnMC-PO, APO"),
             "generate": (generate, "candidate pools: prompts -> K completions (vLLM or HF) -> judge scores -> jsonl/parquet"),
+            "eval": (evaluate, "a model against a baseline: pairwise win rate, 95% interval, length-controlled win rate"),
             "testbed": (testbed, "exact checks of DPO, MC-PO, APO on a finite bandit; writes docs/testbed.md"),
             "report": (report, "tables and plots of a run or multirun directory: prefrun report <dir>")}
 
@@ -152,6 +162,7 @@ Examples:
   prefrun generate model=hf model.name_or_path=<dir> prompts.path=prompts.jsonl judge=reward_model \
       judge.name_or_path=<reward model> output=pools.jsonl
   prefrun train loss=mcpo_cd sampler=cd data=pools data.path=pools.jsonl model=hf model.name_or_path=<dir> ~task
+  prefrun eval policy=<run dir>                   # win rate of a trained run against its starting model
   prefrun testbed                                 # exact checks on a finite bandit -> docs/testbed.md
 """
 

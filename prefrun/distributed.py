@@ -121,6 +121,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def device() -> torch.device:
+    """This process's device where no Accelerator chose one (`prefrun generate`, `prefrun eval`): the GPU accelerate
+    (or torchrun) assigned it, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

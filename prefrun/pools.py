@@ -126,7 +126,7 @@ def _is_empty(completion) -> bool:
 def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Path, shard_size: int | None = None,
                model_path: str | None = None, job: dict | None = None, seed: int | None = None,
                timings: dict | None = None) -> list[dict]:
-    """Generate `generator.num_candidates` completions per prompt, judge them, and write
+    """Generate `generator.num_candidates` completions per prompt, judge them (unless `judge` is None), and write
     `{prompt, candidates, scores}` records in shards `out_dir/shard-00000.jsonl` ... (`shard_size` prompts each;
     None: the generator's `prompts_per_shard`: generator.shard_size, else 256, or 4096 when every call starts
     an engine). Each shard is written
@@ -169,16 +169,20 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
         candidates = shard_generator.generate(chunk, model=model, tokenizer=tokenizer, model_path=model_path)
         generated = time.perf_counter()
         texts = [c.texts for c in candidates]
-        faults.inject("judge")
+        scores = None  # judge None: completions only (prefrun eval judges pairs, not pools)
         try:
-            scores = judge.score(chunk, texts)
+            if judge is not None:
+                faults.inject("judge")
+                scores = judge.score(chunk, texts)
         except PrefrunError as err:  # a judge's wrong answer, named where it happened; finished shards stay
             raise type(err)(f"{err} (judging shard {shard + 1} of {num_shards}, prompts {lo + 1}-{hi}, for "
                             f"{out_dir}; the finished shards are kept)") from None
         work = {"generate_s": generated - began, "judge_s": time.perf_counter() - generated,
                 "generated_tokens": sum(len(ids) for c in candidates for ids in c.token_ids),
                 "completions": sum(len(c.token_ids) for c in candidates), "prompts": hi - lo}
-        rows = [{"prompt": p, "candidates": t, "scores": s} for p, t, s in zip(chunk, texts, scores)]
+        rows = [{"prompt": p, "candidates": t} for p, t in zip(chunk, texts)]
+        for row, row_scores in zip(rows, scores or []):
+            row["scores"] = row_scores
         if distributed.owner(shard) == distributed.rank():  # one writer per shard, split or not
             storage.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows), checked=True)
         progress["prompts"] += hi - lo

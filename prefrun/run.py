@@ -410,7 +410,7 @@ def generate_pools(cfg: DictConfig) -> Path:
         policy, tokenizer = None, load_tokenizer(name_or_path, cfg.model)
     else:
         policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
-        policy.to(_device())
+        policy.to(distributed.device())
         distributed.receive_weights(policy, fingerprint)
     prompts = as_chat(prompts, tokenizer, generator.chat_template)
     output = Path(cfg.output).expanduser()
@@ -432,9 +432,3 @@ def generate_pools(cfg: DictConfig) -> Path:
              sum(mean) / len(mean), sum(best) / len(best))
     return output
 
-
-def _device():
-    """This process's device for `prefrun generate` (no Accelerator there): its GPU, or the CPU."""
-    import torch
-
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
