@@ -8,17 +8,22 @@ import statistics
 import torch
 from omegaconf import DictConfig
 
-from prefrun import distributed, faults
+from prefrun import distributed, faults, winrate
 from prefrun.data import Example, split_candidate_logps
 from prefrun.generate import HFGenerator
+from prefrun.judgments import JudgmentCache
 from prefrun.losses import pool_log_softmax_loss
 
 
 def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed: int,
-                  baseline: dict | None = None) -> dict:
+                  baseline: dict | None = None, judgments: JudgmentCache | None = None) -> dict:
     """For each decoding in `cfg.decodings`: completions of the held-out `prompts` judged by `judge`, as mean
-    ± stderr over prompts of the per-prompt mean score. With `baseline` (the result before training), also
-    the win rate: the share of prompts whose mean score beats the baseline's (ties count half).
+    ± stderr over prompts of the per-prompt mean score. The start (`baseline` None) also keeps its completions
+    (`completions`, left out of what a run writes to summary.json: `without_completions`). With `baseline`, the
+    start's results, also the pairwise comparison with it, `vs_start`: the i-th sample of each prompt against
+    the start's i-th, through `judge.compare` (and the judgment cache `judgments`): the win rate with its 95%
+    interval over prompts, the hard and the length-controlled win rate (winrate.summary); and
+    `prompts_above_start`, the share of prompts whose mean score beats the start's (ties count half).
     The prompts are cut in shards of `cfg.batch_size`, each sampled with its own seed (shard 0: `seed`) and
     judged by one process: the scores do not depend on the number of processes."""
     results = {}
@@ -48,10 +53,33 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
             "examples": [{"prompt": p, "completion": g[0], "score": row[0]}
                          for p, g, row in zip(prompts[: cfg.num_examples], completions, scores)],
         }
-        if baseline and name in baseline:
-            pairs = list(zip(per_prompt, baseline[name]["per_prompt"]))
-            results[name]["win_rate_vs_before"] = statistics.fmean((a > b) + 0.5 * (a == b) for a, b in pairs)
+        start = (baseline or {}).get(name)
+        if start is None:
+            results[name]["completions"] = completions
+            continue
+        pairs = list(zip(per_prompt, start["per_prompt"]))
+        results[name]["prompts_above_start"] = statistics.fmean((a > b) + 0.5 * (a == b) for a, b in pairs)
+        if "completions" in start:  # (a start evaluated before pairwise comparisons existed has none)
+            results[name]["vs_start"] = compare_with_start(prompts, completions, start["completions"], judge,
+                                                           judgments or JudgmentCache(None), seed,
+                                                           resamples=cfg.get("interval_resamples", 1000))
     return results
+
+
+def compare_with_start(prompts: list, completions: list[list[str]], start: list[list[str]], judge,
+                       judgments: JudgmentCache, seed: int, *, resamples: int) -> dict:
+    """The i-th completion of each prompt against the start's i-th: winrate.summary of the judge's verdicts."""
+    rows = [(n, a, b) for n, (mine, theirs) in enumerate(zip(completions, start)) for a, b in zip(mine, theirs)]
+    verdicts, counts = judgments.compare(judge, [prompts[n] for n, _, _ in rows], [a for _, a, _ in rows],
+                                         [b for _, _, b in rows])
+    pairs = winrate.judged_pairs(verdicts.preference, [len(a) for _, a, _ in rows], [len(b) for _, _, b in rows],
+                                 [n for n, _, _ in rows], forward=verdicts.forward, backward=verdicts.backward)
+    return {**winrate.summary(pairs, resamples=resamples, seed=seed), "judged_pairs": counts["judged"]}
+
+
+def without_completions(results: dict) -> dict:
+    """`judged_scores` results as summary.json keeps them: without the start's completions (which may be large)."""
+    return {name: {k: v for k, v in result.items() if k != "completions"} for name, result in results.items()}
 
 
 @torch.no_grad()

@@ -278,7 +278,7 @@ def evaluate_start(rounds: Rounds, evaluate, policy) -> dict:
     before = evaluate(policy, None)
     if rounds.enabled:
         rounds.root.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(before))
+        storage.write_atomic(path, json.dumps(before))
     return before
 
 
@@ -384,6 +384,12 @@ def round_row(t: int, step: int, beta: float, records: list[dict], examples, tok
         for decoding, result in results.items():
             row[f"round/eval/{which}/{decoding}/mean"] = result["mean"]
             row[f"round/eval/{which}/{decoding}/stderr"] = result["stderr"]
+            pairwise = result.get("vs_start")
+            if pairwise:  # against the starting policy, pairwise (docs/evaluation.md)
+                prefix = f"round/eval/{which}/{decoding}"
+                row[f"{prefix}/win_rate"] = pairwise["win_rate"]
+                row[f"{prefix}/win_rate_low"], row[f"{prefix}/win_rate_high"] = pairwise["win_rate_interval"]
+                row[f"{prefix}/lc_win_rate"] = pairwise["lc_win_rate"]
     row.update({f"round/time/{k}": v for k, v in times.items()})
     row.update(sync)
     return row
@@ -407,9 +413,12 @@ def log_round(row: dict, total: int) -> None:
 
     scores = ", ".join(f"{label(k)} {v:.3f} ± {row[k.replace('/mean', '/stderr')]:.3f}"
                        for k, v in row.items() if k.startswith("round/eval/") and k.endswith("/mean"))
+    wins = ", ".join(f"{label(k.replace('/win_rate', '/mean'))} {v:.3f} [{row[k + '_low']:.3f}, {row[k + '_high']:.3f}]"
+                     for k, v in row.items() if k.startswith("round/eval/") and k.endswith("/win_rate"))
+    wins = f"; win rate against the start: {wins}" if wins else ""
     split = ", ".join(f"{k.removeprefix('round/time/').removesuffix('_s')} {v:.1f} s" for k, v in row.items()
                       if k.startswith("round/time/"))
     kl = f", KL to initial {row['round/kl_to_initial']:.3f}" if "round/kl_to_initial" in row else ""
     sync = f", sync diff {row['sync/max_abs_logp_diff']:.1e}" if "sync/max_abs_logp_diff" in row else ""
-    log.info("round %d/%d: judged %s%s; pool score %.3f, length %.1f%s; time: %s", row["round"], total, scores, kl,
+    log.info("round %d/%d: judged %s%s%s; pool score %.3f, length %.1f%s; time: %s", row["round"], total, scores, wins, kl,
              row["round/judge_score"], row["round/response_length"], sync, split)

@@ -16,7 +16,8 @@ import yaml
 
 from prefrun.errors import InputError
 
-COLUMNS = ("final loss", "final accuracy", "final margin", "before", "after", "after greedy", "wall s")
+COLUMNS = ("final loss", "final accuracy", "final margin", "before", "after", "after greedy", "win rate vs start",
+           "LC win rate", "wall s")
 
 
 def load_jobs(root: Path) -> list[dict]:
@@ -57,6 +58,8 @@ def row(job: dict) -> dict:
         "before": _score(before.get(primary)),
         "after": _score(after.get(primary)),
         "after greedy": _score(after.get("greedy")),
+        "win rate vs start": _win(after.get(primary)),
+        "LC win rate": ((after.get(primary) or {}).get("vs_start") or {}).get("lc_win_rate"),
         "wall s": summary.get("wall_time_s"),
     }
 
@@ -72,7 +75,114 @@ def write_tables(root: Path, jobs: list[dict], keys: list[str]) -> None:
     lines += ["| " + " | ".join(_md(_short(v) if isinstance(v, str) else v) for v in r) + " |" for r in rows]
     primary = _primary(jobs[0]["summary"])
     note = f"Judged scores: held-out mean ± stderr, decoding `{primary}` (before / after training)." if primary else ""
-    (root / "report.md").write_text(f"# Report: {root}\n\n{note}\n\n" + "\n".join(lines) + "\n")
+    if primary:
+        note += (f" Win rate vs start: the `{primary}` samples against the starting policy's, judged pairwise, with the "
+                 "95% bootstrap interval over prompts; LC: length-controlled (docs/evaluation.md).")
+    rounds = round_table(jobs, keys, primary)
+    (root / "report.md").write_text(f"# Report: {root}\n\n{note}\n\n" + "\n".join(lines) + "\n" + rounds)
+
+
+def round_wins(job: dict, primary: str | None) -> list[tuple[int, str, dict]]:
+    """An online job's pairwise win rates against the start: (round, which policy, winrate.summary), for θ̂_t
+    (`policy_hat`) and APO's extrapolated θ_t (`policy`)."""
+    out = []
+    for result in job["summary"].get("rounds") or []:
+        for which in ("policy_hat", "policy"):
+            pairwise = ((result.get("eval") or {}).get(which) or {}).get(primary or "", {}).get("vs_start")
+            if pairwise:
+                out.append((result["round"], which, pairwise))
+    return out
+
+
+def round_table(jobs: list[dict], keys: list[str], primary: str | None) -> str:
+    """Markdown: each online job's win rate against the start per round (θ̂_t; APO's extrapolated θ_t in
+    parentheses), and, over the seeds of each setting, the mean and its standard error."""
+    online = [job for job in jobs if round_wins(job, primary)]
+    if not online:
+        return ""
+    total = max(t for job in online for t, _, _ in round_wins(job, primary))
+    header = ["job", *keys, *(f"round {t}" for t in range(1, total + 1))]
+    lines = ["", f"## Win rate against the starting policy, per round (`{primary}`)", "",
+             "θ̂_t with its 95% interval over prompts; (APO's extrapolated θ_t).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for job in online:
+        cells = {t: "" for t in range(1, total + 1)}
+        for t, which, pairwise in round_wins(job, primary):
+            if which == "policy_hat":
+                low, high = pairwise["win_rate_interval"]
+                cells[t] = f"{pairwise['win_rate']:.3f} [{low:.3f}, {high:.3f}]" + cells[t]
+            else:
+                cells[t] += f" ({pairwise['win_rate']:.3f})"
+        lines.append("| " + " | ".join([job["name"], *(_short(job["overrides"].get(k, "")) for k in keys),
+                                        *cells.values()]) + " |")
+    settings = _over_seeds(online, keys, primary)
+    if any(len(runs) > 1 for runs in settings.values()):
+        lines += ["", "Mean ± standard error over seeds:", "",
+                  "| setting | seeds | " + " | ".join(f"round {t}" for t in range(1, total + 1)) + " |",
+                  "|" + "---|" * (total + 2)]
+        for setting, runs in settings.items():
+            cells = [_mean_error([rates[t]["win_rate"] for rates in runs if t in rates]) for t in range(1, total + 1)]
+            lines.append(f"| {setting or '(all)'} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _over_seeds(jobs: list[dict], keys: list[str], primary: str | None) -> dict[str, list[dict[int, dict]]]:
+    """Each setting (the swept keys but the seed) -> per job, θ̂_t's pairwise summary by round."""
+    settings: dict[str, list[dict[int, dict]]] = defaultdict(list)
+    for job in jobs:
+        setting = ", ".join(f"{k}={_short(job['overrides'].get(k, ''))}" for k in keys if k != "seed")
+        settings[setting].append({t: w for t, which, w in round_wins(job, primary) if which == "policy_hat"})
+    return settings
+
+
+def _mean_error(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
+
+
+def plot_round_wins(root: Path, jobs: list[dict], keys: list[str]) -> list[Path]:
+    """Win rate against the start by round (round 0: the start itself, 0.5): one line per setting, error bars =
+    the standard error over seeds, or the 95% interval over prompts for a single seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    primary = _primary(jobs[0]["summary"])
+    online = [job for job in jobs if round_wins(job, primary)]
+    if not online:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for setting, runs in _over_seeds(online, keys, primary).items():
+        rounds = sorted({t for rates in runs for t in rates})
+        means, below, above = [0.5], [0.0], [0.0]
+        for t in rounds:
+            found = [rates[t] for rates in runs if t in rates]
+            mean = statistics.fmean(w["win_rate"] for w in found)
+            if len(found) > 1:
+                error = statistics.stdev(w["win_rate"] for w in found) / math.sqrt(len(found))
+                low, high = mean - error, mean + error
+            else:
+                low, high = found[0]["win_rate_interval"]
+            means.append(mean)
+            below.append(mean - low)
+            above.append(high - mean)
+        ax.errorbar([0, *rounds], means, yerr=[below, above], marker="o", capsize=4,
+                    label=f"{setting or 'run'} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("round (0: the starting policy)")
+    ax.set_ylabel(f"win rate against the start ({primary})")
+    ax.set_title("pairwise win rate per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = root / "win_rate_per_round.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def plot_curves(root: Path, jobs: list[dict], keys: list[str]) -> Path:
@@ -147,7 +257,8 @@ def report(root: Path) -> list[Path]:
     jobs = load_jobs(root)
     keys = swept_keys(jobs)
     write_tables(root, jobs, keys)
-    return [root / "report.md", root / "report.csv", plot_curves(root, jobs, keys), *plot_scores(root, jobs, keys)]
+    return [root / "report.md", root / "report.csv", plot_curves(root, jobs, keys), *plot_scores(root, jobs, keys),
+            *plot_round_wins(root, jobs, keys)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,6 +274,14 @@ def main(argv: list[str] | None = None) -> None:
 def _primary(summary: dict) -> str | None:
     after = summary.get("eval_after") or {}
     return "sampled" if "sampled" in after else next(iter(after), None)
+
+
+def _win(result: dict | None) -> str | None:
+    pairwise = (result or {}).get("vs_start")
+    if not pairwise:
+        return None
+    low, high = pairwise["win_rate_interval"]
+    return f"{pairwise['win_rate']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _score(result: dict | None) -> str | None:

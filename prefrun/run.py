@@ -28,9 +28,10 @@ from prefrun import distributed, faults
 from prefrun.checkpoint import Checkpoints
 from prefrun.data import GeneratedPreferences, attach_reference_logps
 from prefrun.errors import InputError
-from prefrun.evaluate import judged_scores, preference_metrics
+from prefrun.evaluate import judged_scores, preference_metrics, without_completions
 from prefrun.generate import VLLMGenerator, as_chat
 from prefrun.judges import RuleJudge
+from prefrun.judgments import JudgmentCache
 from prefrun.logprobs import use_packed_attention
 from prefrun.model import (
     fingerprint,
@@ -118,7 +119,7 @@ def run(cfg: DictConfig) -> float | None:
     _save_final(cfg, accelerator, policy, tokenizer, record.dir)
     if accelerator.is_main_process:
         summary = record.summary({"model": name_or_path, "num_examples": len(examples), "skipped": data.skipped,
-                                  "final": last, "eval_before": before, "eval_after": after,
+                                  "final": last, "eval_before": without_completions(before), "eval_after": after,
                                   "held_out_after": held_out_after})
         _report(summary, cfg.eval.get("primary"), record.dir)
     primary = cfg.eval.get("primary")
@@ -195,7 +196,8 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
                                                 batch_size=_scoring_batch(cfg))
             else:
                 warn_untrained(t, online.rounds, records, data.skipped.get("train", {}))
-                carried = before if t == 1 else results[-1]["eval"].get("policy", results[-1]["eval"]["policy_hat"])
+                carried = without_completions(before) if t == 1 else \
+                    results[-1]["eval"].get("policy", results[-1]["eval"]["policy_hat"])
             times["reference_s"] = time.perf_counter() - clock
             # (f) train from θ_{t-1} with the one training loop; rows carry the round and a run-wide step
             clock = time.perf_counter()
@@ -238,7 +240,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     after = results[-1]["eval"].get("policy_hat", {}) if results else {}
     if accelerator.is_main_process:
         summary = record.summary({"model": name_or_path, "online": OmegaConf.to_container(cfg.online), "rounds": results,
-                                  "final": last or (results[-1] if results else {}), "eval_before": before,
+                                  "final": last or (results[-1] if results else {}), "eval_before": without_completions(before),
                                   "eval_after": after, "held_out_after": {}})
         _report(summary, cfg.eval.get("primary"), record.dir)
     primary = cfg.eval.get("primary")
@@ -314,7 +316,9 @@ def _judged_evaluation(cfg, data, task, judge, tokenizer):
         log.info("judged evaluation: off (judge=rule scores the built-in task, but the data is yours: "
                  "judge=reward_model judge.name_or_path=<reward model> scores your held-out prompts)")
         return lambda model, before: {}
-    return lambda model, before: judged_scores(model, tokenizer, prompts, judge, cfg.eval, cfg.seed, before)
+    judgments = JudgmentCache(cfg.eval.get("judgments_dir"))
+    return lambda model, before: judged_scores(model, tokenizer, prompts, judge, cfg.eval, cfg.seed, before,
+                                               judgments)
 
 
 def _load_policy(cfg, task, cache_dir: Path, accelerator):
@@ -375,7 +379,10 @@ def _report(summary: dict, primary: str | None, run_dir: Path) -> None:
         b, a = summary["eval_before"][name], summary["eval_after"][name]
         d = a["decoding"]
         how = "greedy" if d["temperature"] == 0 else f"T={d['temperature']}, top_p={d['top_p']}, n={d['num_samples']}"
-        win = f", win rate vs before {a['win_rate_vs_before']:.3f}" if "win_rate_vs_before" in a else ""
+        pairwise = a.get("vs_start")
+        win = (f", win rate against the start {pairwise['win_rate']:.3f} [{pairwise['win_rate_interval'][0]:.3f}, "
+               f"{pairwise['win_rate_interval'][1]:.3f}] (length-controlled {pairwise['lc_win_rate']:.3f})"
+               if pairwise else "")
         log.info("judged score [%s%s] (%s, %d held-out prompts, %s): before %.3f ± %.3f -> after %.3f ± %.3f%s",
                  name, ", primary" if name == primary else "", a["judge"], b["num_prompts"], how, b["mean"],
                  b["stderr"], a["mean"], a["stderr"], win)

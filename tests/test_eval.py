@@ -182,3 +182,25 @@ def test_sides_that_cannot_be_evaluated_are_one_line(trained_run):
         sides(str(unfinished), "policy", cfg, root / "cache")
     (side,) = sides(str(root / "run"), "policy", cfg, root / "cache")
     assert side.model_path.endswith("checkpoint-final")
+
+
+def test_the_report_tables_win_rates_per_round_and_their_mean_over_seeds(tmp_path):
+    from prefrun.report import report
+
+    def pairwise(rate):
+        return {"win_rate": rate, "win_rate_interval": [rate - 0.1, rate + 0.1], "lc_win_rate": rate}
+
+    for job, (seed, rates) in enumerate([(0, [0.6, 0.7]), (1, [0.5, 0.8])]):
+        run = tmp_path / str(job)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- online=apo\n")
+        rounds = [{"round": t + 1, "eval": {"policy_hat": {"sampled": {"vs_start": pairwise(r)}},
+                                            **({"policy": {"sampled": {"vs_start": pairwise(r + 0.01)}}} if t == 0
+                                               else {})}} for t, r in enumerate(rates)]
+        after = {"sampled": {"mean": 0.5, "stderr": 0.01, "vs_start": pairwise(rates[-1])}}
+        (run / "summary.json").write_text(json.dumps({"rounds": rounds, "eval_before": after, "eval_after": after}))
+    paths = report(tmp_path)
+    table = (tmp_path / "report.md").read_text()
+    assert "| 0 | 0 | 0.600 [0.500, 0.700] (0.610) | 0.700 [0.600, 0.800] |" in table
+    assert "| (all) | 2 | 0.550 ± 0.050 | 0.750 ± 0.050 |" in table
+    assert tmp_path / "win_rate_per_round.png" in paths

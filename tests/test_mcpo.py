@@ -107,7 +107,8 @@ def test_user_data_is_judged_by_a_reward_model_never_by_the_task(tmp_path, cache
                          / "summary.json").read_text())
     after = judged["eval_after"]["sampled"]
     assert after["judge"].startswith("judge=reward_model") and after["num_prompts"] == 4
-    assert 0 <= after["win_rate_vs_before"] <= 1 and judged["eval_before"]["sampled"]["mean"] != 0
+    assert 0 <= after["prompts_above_start"] <= 1 and judged["eval_before"]["sampled"]["mean"] != 0
+    assert 0 <= after["vs_start"]["win_rate"] <= 1 and after["vs_start"]["judged_pairs"] > 0
 
 
 def test_mcpo_on_the_embedded_task_improves_the_judged_score(tmp_path, cache_dir):
@@ -117,7 +118,11 @@ def test_mcpo_on_the_embedded_task_improves_the_judged_score(tmp_path, cache_dir
     summary = json.loads((run / "summary.json").read_text())
     before, after = summary["eval_before"]["sampled"], summary["eval_after"]["sampled"]
     assert after["mean"] - before["mean"] > 3 * (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
-    assert after["win_rate_vs_before"] > 0.5
+    assert after["prompts_above_start"] > 0.5
+    # Pairwise against the start (the rule's verdicts compared hard): a win rate above one half, its interval too.
+    pairwise = after["vs_start"]
+    assert pairwise["win_rate_interval"][0] > 0.5 and pairwise["num_pairs"] == 128 * 4
+    assert pairwise["position_bias_rate"] == 0 and "completions" not in summary["eval_before"]["sampled"]
     last = rows(run)[-1]
     assert last["sequences/with_grad"] < 32 * 3  # y_w and the distinct draws only (M = 2), never the whole pool
 

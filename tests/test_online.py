@@ -171,6 +171,17 @@ def test_apo_alpha_zero_is_iterative_dpo_and_extrapolation_matches_the_saved_rou
 
     run_cli(["report", str(apo)], tmp_path)  # the report reads an online run (its per-round rows have no loss)
     assert (apo / "report.md").exists() and (apo / "curves.png").exists()
+    # Each round's pairwise win rate against the start: in the rows, the report's table and its plot.
+    win = summary["rounds"][0]["round/eval/policy_hat/sampled/win_rate"]
+    assert summary["rounds"][0]["round/eval/policy_hat/sampled/win_rate_low"] <= win <= \
+        summary["rounds"][0]["round/eval/policy_hat/sampled/win_rate_high"]
+    assert "round/eval/policy/sampled/lc_win_rate" in summary["rounds"][0]
+    assert "per round" in (apo / "report.md").read_text() and (apo / "win_rate_per_round.png").exists()
+    assert any("round/eval/policy_hat/sampled/win_rate" in h for h in history)
+    # `prefrun eval` of the online run: every round's policy (APO's extrapolated θ_1 too) against the start.
+    run_cli(["eval", f"policy={apo}", "num_prompts=8", "generator=hf", "hydra.run.dir=eval"], tmp_path)
+    compared = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
+    assert list(compared) == ["round-1", "round-1-extrapolated", "round-2"]
 
     # θ_1 = θ̂_1 + α(θ̂_1 − θ̂_0), θ̂_0 the starting weights; the last round is not extrapolated (θ_2 = θ̂_2 = output).
     [start] = list((cache_dir / "models").glob("tiny-llama-*"))
