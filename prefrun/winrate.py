@@ -21,6 +21,12 @@ StatisticName = Literal["win_rate", "hard_win_rate", "tie_rate", "position_bias_
 # Bootstrap work is done in blocks of resamples of about this many (resample, pair) cells: bounded memory.
 _BLOCK_CELLS = 1 << 18
 
+# lambda of the LC fit's ridge lambda / 2 * length_coef**2, beside a log-likelihood in which each prompt
+# weighs 1: a N(0, 1 / lambda) prior (sd 3.2) on the coefficient of a feature bounded by 1. It keeps that
+# coefficient, and so the model's term, finite where lengths separate wins from losses; negligible on
+# hundreds of prompts (docs/evaluation.md, Metrics).
+DEFAULT_LENGTH_RIDGE = 0.1
+
 
 @dataclass(frozen=True)
 class JudgedPairs:
@@ -62,6 +68,7 @@ class LengthGLM:
     logit P(model wins) = length_coef * tanh((model_length - baseline_length) / length_std)
                           + difficulty_coef * difficulty + model_coef
     (AlpacaEval writes the difference as baseline - model, so its length coefficient has the other sign.)
+    By default length_coef carries a small ridge and model_coef none (fit_length_glm).
     """
 
     lc_win_rate: float
@@ -240,7 +247,7 @@ def _position_bias_rates(pairs: JudgedPairs, prompt_weights: np.ndarray) -> np.n
 
 
 def _lc_win_rates(pairs: JudgedPairs, prompt_weights: np.ndarray) -> np.ndarray:
-    return _length_glm_fits(pairs, prompt_weights, l1_penalty=0.0)[0]
+    return _length_glm_fits(pairs, prompt_weights, l1_penalty=0.0, length_ridge=DEFAULT_LENGTH_RIDGE)[0]
 
 
 _STATISTICS: dict[str, Callable[[JudgedPairs, np.ndarray], np.ndarray]] = {
@@ -303,12 +310,18 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 def _soft_log_loss(
-    features: np.ndarray, targets: np.ndarray, weights: np.ndarray, coefs: np.ndarray, l1_penalty: float
+    features: np.ndarray,
+    targets: np.ndarray,
+    weights: np.ndarray,
+    coefs: np.ndarray,
+    l1_penalty: float,
+    ridges: np.ndarray,
 ) -> np.ndarray:
-    """Per fit: sum_i w_i * CE(y_i, sigmoid(x_i . c)) + l1_penalty * |c|_1."""
+    """Per fit: sum_i w_i * CE(y_i, sigmoid(x_i . c)) + l1_penalty * |c|_1 + sum_j ridges_j * c_j**2 / 2."""
     logits = np.einsum("rnd,rd->rn", features, coefs)
     cross_entropy = np.logaddexp(0.0, logits) - targets * logits
-    return (weights * cross_entropy).sum(axis=1) + l1_penalty * np.abs(coefs).sum(axis=1)
+    penalty = l1_penalty * np.abs(coefs).sum(axis=1) + 0.5 * (ridges * coefs**2).sum(axis=1)
+    return (weights * cross_entropy).sum(axis=1) + penalty
 
 
 def _l1_newton_direction(
@@ -333,25 +346,28 @@ def _fit_soft_logistic(
     targets: np.ndarray,
     weights: np.ndarray,
     l1_penalty: float = 0.0,
+    ridges: np.ndarray | None = None,
     max_iterations: int = 100,
     tolerance: float = 1e-11,
 ) -> np.ndarray:
     """R weighted logistic regressions on soft targets at once: features (R, n, d), weights (R, n) -> (R, d).
 
-    Minimises sum_i w_i * CE(y_i, sigmoid(x_i . c)) + l1_penalty * |c|_1: with y soft this is exactly
+    Minimises sum_i w_i * CE(y_i, sigmoid(x_i . c)) + l1_penalty * |c|_1 + sum_j ridges_j * c_j**2 / 2
+    (ridges: one L2 strength per coefficient, default none): with y soft and no ridge this is exactly
     AlpacaEval's fit, which duplicates each row with label 1 (weight y) and label 0 (weight 1 - y).
-    Newton (proximal Newton with an L1 penalty) with a backtracking line search, in float64. Without a
-    penalty on separable data (all wins, say) the coefficients grow until the gradient vanishes: the fit
-    stops at its limit (LC 1.0 for all wins).
+    Newton (proximal Newton with an L1 penalty) with a backtracking line search, in float64. Along a
+    direction that no penalty bounds and the data separate (the model's term when all are wins, say) the
+    coefficients grow until the gradient vanishes: the fit stops at its limit (LC 1.0 for all wins).
     """
     num_fits, _, dims = features.shape
+    ridges = np.zeros(dims) if ridges is None else np.asarray(ridges, dtype=np.float64)
     coefs = np.zeros((num_fits, dims))
     running = np.arange(num_fits)
     for _ in range(max_iterations):
         x, w, c = features[running], weights[running], coefs[running]
         probs = _sigmoid(np.einsum("rnd,rd->rn", x, c))
-        gradient = np.einsum("rn,rnd->rd", w * (probs - targets), x)
-        hessian = np.swapaxes(x * (w * probs * (1.0 - probs))[..., None], 1, 2) @ x
+        gradient = np.einsum("rn,rnd->rd", w * (probs - targets), x) + ridges * c
+        hessian = np.swapaxes(x * (w * probs * (1.0 - probs))[..., None], 1, 2) @ x + np.diag(ridges)
         if l1_penalty > 0:
             step = _l1_newton_direction(gradient, hessian, c, l1_penalty)
         else:
@@ -359,11 +375,11 @@ def _fit_soft_logistic(
             ridge = 1e-12 * (np.trace(hessian, axis1=1, axis2=2)[:, None, None] / dims + 1e-300)
             step = -np.linalg.solve(hessian + ridge * np.eye(dims), gradient[..., None])[..., 0]
         # backtracking (Armijo on the full objective, L1 included): Newton from 0 can overshoot
-        objective = _soft_log_loss(x, targets, w, c, l1_penalty)
+        objective = _soft_log_loss(x, targets, w, c, l1_penalty, ridges)
         decrease = (gradient * step).sum(axis=1) + l1_penalty * (np.abs(c + step).sum(1) - np.abs(c).sum(1))
         scale = np.ones(len(running))
         for _ in range(50):
-            trial = _soft_log_loss(x, targets, w, c + scale[:, None] * step, l1_penalty)
+            trial = _soft_log_loss(x, targets, w, c + scale[:, None] * step, l1_penalty, ridges)
             slack = 1e-13 * np.abs(objective)  # rounding at the optimum must not stall the search
             too_far = trial > objective + 1e-4 * scale * decrease + slack
             if not too_far.any():
@@ -396,7 +412,7 @@ def _length_stds(length_differences: np.ndarray, row_weights: np.ndarray) -> np.
 
 
 def _length_glm_fits(
-    pairs: JudgedPairs, prompt_weights: np.ndarray, l1_penalty: float
+    pairs: JudgedPairs, prompt_weights: np.ndarray, l1_penalty: float, length_ridge: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row of prompt_weights: (LC win rate, coefficients [length, (difficulty), model], length std)."""
     length_differences = pairs.model_lengths - pairs.baseline_lengths
@@ -414,7 +430,10 @@ def _length_glm_fits(
             columns.append(np.broadcast_to(pairs.difficulties, row_weights.shape))
         columns.append(np.ones(row_weights.shape))
         features = np.stack(columns, axis=-1)
-        fitted = _fit_soft_logistic(features, pairs.preferences, row_weights, l1_penalty)
+        # the ridge on the length coefficient alone: the model's term stays free, so its score equation holds
+        ridges = np.zeros(features.shape[-1])
+        ridges[0] = length_ridge
+        fitted = _fit_soft_logistic(features, pairs.preferences, row_weights, l1_penalty, ridges)
         # predicted at zero length difference: tanh(0) = 0 drops the length term
         at_equal_length = _sigmoid(np.einsum("rnd,rd->rn", features[..., 1:], fitted[:, 1:]))
         lc_rates.append((row_weights * at_equal_length).sum(axis=1) / row_weights.sum(axis=1))
@@ -430,17 +449,23 @@ def fit_length_glm(
     prompts: Sequence[Hashable] | None = None,
     difficulties: Numbers | None = None,
     l1_penalty: float = 0.0,
+    length_ridge: float = DEFAULT_LENGTH_RIDGE,
 ) -> LengthGLM:
     """AlpacaEval 2's length-controlled GLM (arXiv 2404.04475), lengths in characters, rates as fractions.
 
-    Without difficulties the fit is AlpacaEval's `length_controlled_minimal` formula. l1_penalty = 1 / C of
-    AlpacaEval's liblinear fit (which penalises every coefficient, the model's included); the default 0 is the
-    plain maximum-likelihood fit, whose LC win rate equals the raw one when lengths do not differ.
+    Without difficulties the fit is AlpacaEval's `length_controlled_minimal` formula. The default fit is
+    maximum likelihood with a ridge length_ridge / 2 * length_coef**2 (prompts weigh 1 each): finite when the
+    lengths separate wins from losses, negligible on hundreds of prompts; the model's term is not penalised,
+    so the LC win rate equals the raw one when lengths do not differ. l1_penalty = 1 / C of AlpacaEval's
+    liblinear fit (which penalises every coefficient, the model's included); the two penalties add, so
+    AlpacaEval's fit at C is l1_penalty=1 / C, length_ridge=0.
     """
     if l1_penalty < 0:
         raise ValueError(f"l1_penalty must be >= 0, got {l1_penalty}")
+    if not length_ridge >= 0:  # NaN too
+        raise ValueError(f"length_ridge must be >= 0, got {length_ridge}")
     pairs = judged_pairs(preferences, model_lengths, baseline_lengths, prompts, difficulties=difficulties)
-    lc_rates, coefs, stds = _length_glm_fits(pairs, np.ones((1, pairs.num_prompts)), l1_penalty)
+    lc_rates, coefs, stds = _length_glm_fits(pairs, np.ones((1, pairs.num_prompts)), l1_penalty, length_ridge)
     fitted = coefs[0]
     return LengthGLM(
         lc_win_rate=float(lc_rates[0]),
@@ -458,10 +483,11 @@ def length_controlled_win_rate(
     prompts: Sequence[Hashable] | None = None,
     difficulties: Numbers | None = None,
     l1_penalty: float = 0.0,
+    length_ridge: float = DEFAULT_LENGTH_RIDGE,
 ) -> float:
     """The win rate the length GLM predicts at zero length difference, a fraction (see fit_length_glm)."""
     return fit_length_glm(
-        preferences, model_lengths, baseline_lengths, prompts, difficulties, l1_penalty
+        preferences, model_lengths, baseline_lengths, prompts, difficulties, l1_penalty, length_ridge
     ).lc_win_rate
 
 

@@ -4,11 +4,13 @@ Runs `prefrun train` (exactly as a user types it) for, by default, seeds 0, 1, 2
   apo        experiment=apo_tiny                   3 rounds, α = 0.3
   iterative  experiment=apo_tiny online.alpha=0    3 rounds (≡ experiment=iterdpo_tiny)
   onmcpo     experiment=onmcpo_tiny                3 rounds, mcpo_cd + CD negatives, reference = the start
+  onmcpo_previous  the same with online.ref=previous    reference = the policy at each round's start
   dpo        (the default job)                     offline, best-vs-worst pairs of 4 from the reference
   mcpo       experiment=mcpo_tiny                  offline, pools of 8 from the reference
 Every job sees the task's 2048 train prompts once (online: 3 disjoint folds of 682) and trains 3 epochs on
-each round's data. It prints a markdown table: held-out judged score per round and after (mean ± stderr over
-seeds), wall time and sync time per run.
+each round's data. It prints markdown tables: held-out judged score per round and after (mean ± stderr over
+seeds); the pairwise win rate against the starting policy per round (mean ± stderr over seeds, and each
+seed's own 95% interval over prompts) and the length-controlled one; wall time and sync time per run.
 
     python scripts/results_online.py                       # generator=hf: no engine start per run
     python scripts/results_online.py --generator vllm      # the presets' real vLLM engine
@@ -29,10 +31,11 @@ JOBS = {
     "apo": ["experiment=apo_tiny"],
     "iterative": ["experiment=apo_tiny", "online.alpha=0"],
     "onmcpo": ["experiment=onmcpo_tiny"],
+    "onmcpo_previous": ["experiment=onmcpo_tiny", "online.ref=previous"],
     "dpo": [],
     "mcpo": ["experiment=mcpo_tiny"],
 }
-ONLINE = {"apo", "iterative", "onmcpo"}
+ONLINE = {"apo", "iterative", "onmcpo", "onmcpo_previous"}
 
 
 def mean_stderr(values: list[float]) -> str:
@@ -66,6 +69,22 @@ def scores(summary: dict, decoding: str) -> dict:
     return out
 
 
+def win_rates(summary: dict, decoding: str, key: str = "win_rate") -> dict:
+    """The pairwise win rate against the start (`key`: win_rate or lc_win_rate) per round (θ̂_t; APO's θ_t as
+    "extrapolated") and after, with each one's 95% interval over prompts."""
+    def entry(pairwise: dict) -> tuple[float, list[float] | None]:
+        return pairwise[key], pairwise.get(f"{key}_interval")
+
+    after = summary["eval_after"][decoding].get("vs_start")
+    out = {"after": entry(after)} if after else {}
+    for r in summary.get("rounds", []):
+        for which, label in (("policy_hat", f"round {r['round']}"), ("policy", f"round {r['round']} extrapolated")):
+            pairwise = r["eval"].get(which, {}).get(decoding, {}).get("vs_start")
+            if pairwise:
+                out[label] = entry(pairwise)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -86,6 +105,19 @@ def main() -> None:
             per_run = [scores(s, decoding) for s in summaries]
             cells = [mean_stderr([r[c] for r in per_run if c in r]) for c in columns]
             print(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(f"{r['after']:.3f}" for r in per_run) + " |")
+    columns = ["round 1", "round 1 extrapolated", "round 2", "round 2 extrapolated", "round 3", "after"]
+    for decoding in ("sampled", "greedy"):
+        for key, what in (("win_rate", "win rate"), ("lc_win_rate", "length-controlled win rate")):
+            print(f"\n### {what} against the starting policy, {decoding} (mean ± stderr over seeds {args.seeds}; "
+                  "per seed: after, [its 95% interval over prompts])\n")
+            print("| job | " + " | ".join(columns) + " | per seed (after) |")
+            print("|---" * (len(columns) + 2) + "|")
+            for name, summaries in results.items():
+                per_run = [win_rates(s, decoding, key) for s in summaries]
+                cells = [mean_stderr([r[c][0] for r in per_run if c in r]) for c in columns]
+                seeds = ", ".join(f"{r['after'][0]:.3f}" + (f" [{r['after'][1][0]:.3f}, {r['after'][1][1]:.3f}]"
+                                                            if r["after"][1] else "") for r in per_run if "after" in r)
+                print(f"| {name} | " + " | ".join(cells) + f" | {seeds} |")
     print("\n### time per run (mean over seeds)\n")
     print("| job | wall s | generate s | judge s | reference s | train s | eval s | sync s | max sync diff |")
     print("|---|---|---|---|---|---|---|---|---|")

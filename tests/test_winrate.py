@@ -123,10 +123,17 @@ def test_lc_removes_a_pure_length_preference():
     # the judge likes length and nothing else: logit = 2 tanh(difference / std), the model's own term 0
     preferences = sigmoid(2.0 * np.tanh(difference / np.std(difference, ddof=1)))
     raw = win_rate(preferences)
-    fit = fit_length_glm(preferences, model_lengths, baseline_lengths)
     assert raw > 0.65
-    assert fit.lc_win_rate == pytest.approx(0.5, abs=1e-9)
-    assert fit.length_coef == pytest.approx(2.0, abs=1e-8) and fit.model_coef == pytest.approx(0.0, abs=1e-8)
+    # the maximum-likelihood fit finds the judge's own coefficients exactly
+    exact = fit_length_glm(preferences, model_lengths, baseline_lengths, length_ridge=0.0)
+    assert exact.lc_win_rate == pytest.approx(0.5, abs=1e-9)
+    assert exact.length_coef == pytest.approx(2.0, abs=1e-8)
+    assert exact.model_coef == pytest.approx(0.0, abs=1e-8)
+    # the default ridge shrinks the length coefficient a little (2 -> 1.987) and the model's term, which the
+    # 80% longer outputs tie to it, takes up the rest: LC 0.5013, still far from the raw 0.65+
+    fit = fit_length_glm(preferences, model_lengths, baseline_lengths)
+    assert fit.lc_win_rate == pytest.approx(0.5, abs=2e-3)
+    assert fit.length_coef == pytest.approx(2.0, abs=0.02) and fit.model_coef == pytest.approx(0.0, abs=0.01)
 
 
 def test_swapping_model_and_baseline_gives_one_minus_every_rate():
@@ -142,6 +149,71 @@ def test_swapping_model_and_baseline_gives_one_minus_every_rate():
         swapped = length_controlled_win_rate(1 - p, baseline, model, prompts, difficulties)
         assert swapped == pytest.approx(1 - forwards, abs=1e-9)
         assert abs(forwards - win_rate(p, prompts)) > 1e-4  # the lengths did matter here
+
+
+def separated_by_length(equal_length_pairs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """16 prompts, one pair each, hard verdicts (a rule judge) that the length difference separates:
+    (preferences, model_lengths, baseline_lengths)."""
+    baseline_lengths = np.full(16, 1000.0)
+    if equal_length_pairs:
+        # longer: all 6 lost; shorter: all 4 won; 6 of equal length: 2 wins, a tie, 3 losses (5 / 12)
+        differences = np.array([150, 300, 80, 500, 220, 60, -120, -400, -90, -250, 0, 0, 0, 0, 0, 0.0])
+        preferences = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0.5, 0, 0, 0.0])
+    else:
+        # shaped like the real run: the policy mostly shorter, winning only when much shorter; raw 6.5 / 16
+        differences = np.array(
+            [-400, -350, -300, -280, -250, -200, -150, -120, -100, -80, -60, -40, -20, 30, 60, 90.0]
+        )
+        preferences = np.array([1, 1, 1, 1, 1, 1, 0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0.0])
+    return preferences, baseline_lengths + differences, baseline_lengths
+
+
+def test_lc_stays_finite_and_inside_0_1_when_lengths_separate_wins_from_losses():
+    preferences, model_lengths, baseline_lengths = separated_by_length(equal_length_pairs=True)
+    assert win_rate(preferences) == pytest.approx(6.5 / 16)
+    fit = fit_length_glm(preferences, model_lengths, baseline_lengths)
+    # unpenalised the length coefficient runs off (-93 where the fit stops) and resampled intervals reach 0;
+    # the ridge holds it at -4.1 while the length pairs are still explained by length, so LC is what the
+    # equal-length pairs say: 0.415 against their raw 5 / 12 = 0.417
+    assert -10.0 < fit.length_coef < -1.0
+    assert fit.lc_win_rate == pytest.approx(5 / 12, abs=0.01)
+    # the model's term is tied to the raw rate: |logit(LC) - logit(raw)| <= |length_coef| (see the docs)
+    raw_logit = np.log(6.5 / 9.5)
+    assert abs(fit.model_coef - raw_logit) <= abs(fit.length_coef)
+    estimate = bootstrap_interval(judged_pairs(preferences, model_lengths, baseline_lengths), "lc_win_rate")
+    assert estimate.value == fit.lc_win_rate
+    assert 0.1 < estimate.low < estimate.value < estimate.high < 0.9  # measured (0.155, 0.677)
+
+
+def test_lc_is_not_driven_to_0_when_the_separating_length_is_not_0():
+    # wins only where the policy is 200+ characters shorter: unpenalised, logit = theta * (tanh(d / s) - c)
+    # separates, theta -> -inf drags the model's term to -inf with it: LC printed 0.000 (1e-87) at raw 0.406
+    preferences, model_lengths, baseline_lengths = separated_by_length(equal_length_pairs=False)
+    fit = fit_length_glm(preferences, model_lengths, baseline_lengths)
+    # every pair within 120 characters of equal length was lost, so a low LC is what the data say: 0.021
+    assert -10.0 < fit.length_coef < -1.0 and 0.01 < fit.lc_win_rate < 0.1
+    assert abs(fit.model_coef - np.log(6.5 / 9.5)) <= abs(fit.length_coef)
+    estimate = bootstrap_interval(judged_pairs(preferences, model_lengths, baseline_lengths), "lc_win_rate")
+    assert 0.0 < estimate.low < estimate.value < estimate.high < 0.5  # measured (0.009, 0.078)
+
+
+def test_the_length_ridge_is_negligible_on_hundreds_of_prompts():
+    # AlpacaEval's scale, not separable: outputs 400 +- 500 characters longer, judge logit tanh(d / s) + 0.3,
+    # hard verdicts with 10% ties, two pairs per prompt
+    rng = np.random.default_rng(9)
+    num_prompts = 500
+    baseline_lengths = rng.integers(300, 2500, 2 * num_prompts).astype(float)
+    model_lengths = np.maximum(baseline_lengths + rng.normal(400.0, 500.0, 2 * num_prompts), 1.0)
+    difference = model_lengths - baseline_lengths
+    win = sigmoid(np.tanh(difference / np.std(difference, ddof=1)) + 0.3)
+    draw = rng.random(2 * num_prompts)
+    preferences = np.where(draw < 0.9 * win, 1.0, np.where(draw < 0.9 * win + 0.1, 0.5, 0.0))
+    prompts = np.arange(2 * num_prompts) // 2
+    default = length_controlled_win_rate(preferences, model_lengths, baseline_lengths, prompts)
+    unpenalised = length_controlled_win_rate(
+        preferences, model_lengths, baseline_lengths, prompts, length_ridge=0.0
+    )
+    assert 0.0 < abs(default - unpenalised) < 1e-3
 
 
 # ----------------------------------------------------------------------------------------------- bootstrap
@@ -290,6 +362,7 @@ def test_summary_is_plain_json_and_agrees_with_the_functions():
             "same prompts on both sides: 1 prompts only in the first, 1 only in the second",
         ),
         (lambda: fit_length_glm([0.5], [1], [1], l1_penalty=-1), "l1_penalty must be >= 0"),
+        (lambda: fit_length_glm([0.5], [1], [1], length_ridge=-1), "length_ridge must be >= 0"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(call, message):
@@ -348,12 +421,13 @@ def test_lc_win_rate_matches_alpaca_eval(tmp_path, monkeypatch):
         return metrics["length_controlled_winrate"] / 100, coefs.loc["model"].dropna().tolist()
 
     exact = dict(n_splits=0, tol=1e-12, max_iter=100_000)  # one liblinear fit at a fixed C, solved tightly
+    no_ridge = dict(length_ridge=0.0)  # alpaca_eval's fit is L1 only: prefrun's default ridge off
     # with difficulties: C = 1e8 is the unpenalised fit; C = 1 shrinks every coefficient; C = 0.1 zeroes two
     for C, l1_penalty in ((1e8, 0.0), (1.0, 1.0), (0.1, 10.0)):
         expected, (length_coef, difficulty_coef, model_coef) = alpaca_eval(
             "length_controlled_noreg", C=C, **exact
         )
-        fit = fit_length_glm(p, model, baseline, difficulties=difficulty, l1_penalty=l1_penalty)
+        fit = fit_length_glm(p, model, baseline, difficulties=difficulty, l1_penalty=l1_penalty, **no_ridge)
         assert fit.lc_win_rate == pytest.approx(expected, abs=1e-7)
         # alpaca_eval's length difference is baseline - model: the coefficient's sign is the other way
         assert (-fit.length_coef, fit.difficulty_coef, fit.model_coef) == pytest.approx(
@@ -361,7 +435,7 @@ def test_lc_win_rate_matches_alpaca_eval(tmp_path, monkeypatch):
         )
     # without difficulties: alpaca_eval's length_controlled_minimal formula
     expected, (length_coef, model_coef) = alpaca_eval("length_controlled_minimal", C=1e8, **exact)
-    fit = fit_length_glm(p, model, baseline)
+    fit = fit_length_glm(p, model, baseline, **no_ridge)
     assert fit.lc_win_rate == pytest.approx(expected, abs=1e-7)
     assert (-fit.length_coef, fit.model_coef) == pytest.approx((length_coef, model_coef), abs=1e-6)
     # alpaca_eval's default picks C by 5-fold cross-validation (10 values from 1e-4 to 1e4), then refits:
@@ -378,9 +452,9 @@ def test_lc_win_rate_matches_alpaca_eval(tmp_path, monkeypatch):
     default, _ = alpaca_eval(
         "length_controlled_noreg", **glm_winrate.GLM_INFO["length_controlled_noreg"]["kwargs"]
     )
-    unpenalised = length_controlled_win_rate(p, model, baseline, difficulties=difficulty)
+    unpenalised = length_controlled_win_rate(p, model, baseline, difficulties=difficulty, **no_ridge)
     penalised = length_controlled_win_rate(
-        p, model, baseline, difficulties=difficulty, l1_penalty=1 / chosen[0]
+        p, model, baseline, difficulties=difficulty, l1_penalty=1 / chosen[0], **no_ridge
     )
     assert penalised == pytest.approx(default, abs=1e-5)
     assert abs(unpenalised - default) > 1e-3  # the penalty it picks does move the figure here
