@@ -18,6 +18,7 @@ from prefrun.judgments import JudgmentCache
 
 from .conftest import TINY_JOB, run_cli
 from .test_distributed import launch
+from .wandb_records import run_info
 
 
 class LengthJudge(Judge):
@@ -140,10 +141,14 @@ def test_prefrun_eval_of_a_run_against_its_start_swapped_rerun_alpaca_eval_files
     assert "win rate against baseline" in said and "policy" in said
     assert (root / "e1" / "summary.json").exists() and (root / "e1" / "config.yaml").exists()
 
-    # The same command again: nothing generated differs, nothing is judged.
-    again = run_cli(["eval", "policy=run", *EVAL, "hydra.run.dir=e2"], root, env)
+    # The same command again (to W&B too): nothing generated differs, nothing is judged.
+    again = run_cli(["eval", "policy=run", *EVAL, "logger=wandb", "hydra.run.dir=e2"], root,
+                    {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert "judged 0 new pairs, 16 reused" in again.stdout + again.stderr
     assert _result(root / "e2")["win_rate"] == first["win_rate"]
+    [record] = (root / "e2").glob("wandb/offline-run-*/run-*.wandb")
+    logged = run_info(record)["summary"]
+    assert logged["eval/policy/win_rate"] == first["win_rate"] and "eval/policy/lc_win_rate" in logged
 
     # AlpacaEval's files, written by the first run, read back: the same figures, nothing judged.
     exported = json.loads((root / "e1" / "outputs" / "policy.json").read_text())
