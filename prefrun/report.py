@@ -121,7 +121,7 @@ def round_table(jobs: list[dict], keys: list[str], primary: str | None) -> str:
                   "| setting | seeds | " + " | ".join(f"round {t}" for t in range(1, total + 1)) + " |",
                   "|" + "---|" * (total + 2)]
         for setting, runs in settings.items():
-            cells = [_mean_error([rates[t]["win_rate"] for rates in runs if t in rates]) for t in range(1, total + 1)]
+            cells = [mean_stderr([rates[t]["win_rate"] for rates in runs if t in rates]) for t in range(1, total + 1)]
             lines.append(f"| {setting or '(all)'} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -135,9 +135,10 @@ def _over_seeds(jobs: list[dict], keys: list[str], primary: str | None) -> dict[
     return settings
 
 
-def _mean_error(values: list[float]) -> str:
+def mean_stderr(values: list[float]) -> str:
+    """`mean ± standard error` of the values (one value as is; none: —)."""
     if not values:
-        return ""
+        return "—"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from prefrun.report import mean_stderr
+
 JOBS = {
     "apo": ["experiment=apo_tiny"],
     "iterative": ["experiment=apo_tiny", "online.alpha=0"],
@@ -36,14 +38,6 @@ JOBS = {
     "mcpo": ["experiment=mcpo_tiny"],
 }
 ONLINE = {"apo", "iterative", "onmcpo", "onmcpo_previous"}
-
-
-def mean_stderr(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"
 
 
 def run(name: str, seed: int, out: Path, generator: str, extra: list[str]) -> dict:
