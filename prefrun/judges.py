@@ -30,6 +30,7 @@ or check_verdicts (one probability in [0, 1] per pair and order).
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import inspect
@@ -95,7 +96,20 @@ class Judge:
             raise ValueError(f"{self.name}: {len(prompts)} prompts, {len(first)} first and {len(second)} "
                              "second responses; compare takes one (first, second) pair per prompt")
         prompts, first, second = list(prompts), list(first), list(second)
+        if self._judgments is not None:  # pools and rounds: verdicts this judge gave before are read back
+            return self._judgments.compare(self, prompts, first, second, split=False)[0]
+        return self.compare_uncached(prompts, first, second)
+
+    def compare_uncached(self, prompts: list[Prompt], first: list[str], second: list[str]) -> Verdicts:
+        """`compare` without the judgment cache (what the cache calls for the pairs it lacks)."""
         return check_verdicts(self.name, prompts, self._compare(prompts, first, second))
+
+    _judgments = None  # a JudgmentCache that compare() reads and adds to (keep_judgments)
+
+    def keep_judgments(self, judgments) -> None:
+        """Send every compare() through `judgments` (prefrun/judgments.py), the pairs of K-candidate pools
+        included: a rerun, a resumed round or a new run with this judge judges only pairs it has not seen."""
+        self._judgments = judgments
 
     def _score(self, prompts: list[Prompt], candidates: list[list[str]]) -> list[list[float]]:
         raise NotImplementedError
@@ -586,6 +600,45 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
     def _settings(self) -> dict:
         return {**super()._settings(), "choices": self.choices, "answer_prefix": self.answer_prefix}
 
+    # -- the policy judging its own candidates (judge.name_or_path=policy) ----------------------
+
+    @property
+    def judges_with_the_policy(self) -> bool:
+        """Self-rewarding: judge.name_or_path=policy, the policy being trained is the judge."""
+        return self.name_or_path == "policy"
+
+    def use_policy(self, model, tokenizer) -> None:
+        """For judge.name_or_path=policy: judge with `model` (the policy, in memory, as it is now). Called
+        again whenever its weights changed (each online round), so that the fingerprint, and with it the
+        judgment cache's key, follows the weights."""
+        if distributed.is_sharded(model):
+            raise InputError("judge.name_or_path=policy with a sharded policy (FSDP2 / ZeRO-3) is not supported: "
+                             "its forward is a collective; judge with a copy (judge.name_or_path=<its directory>)")
+        self._policy = (model, tokenizer)
+        self.device = next(model.parameters()).device
+        self._model = self._tokenizer = self._weights = None  # _load takes the policy as it is now
+
+    def _load(self) -> None:
+        if not self.judges_with_the_policy:
+            return super()._load()
+        if self._model is not None:
+            return
+        if getattr(self, "_policy", None) is None:
+            raise InputError("judge.name_or_path=policy: the policy judges its own candidates only inside "
+                             "prefrun train (pools and online rounds); elsewhere give the model's directory")
+        model, tokenizer = self._policy
+        if self._own_template is not None:
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = self._own_template
+        self._model, self._tokenizer = model, tokenizer
+        self._loaded()
+
+    def close(self) -> None:
+        if self.judges_with_the_policy:  # the policy is not ours to free
+            self._model = self._tokenizer = self._weights = None
+            return
+        super().close()
+
     def _check_config(self, config, key: str) -> bool:
         auto_map = getattr(config, "auto_map", None) or {}
         own_code = self.trust_remote_code and self._own_code_key in auto_map
@@ -661,7 +714,12 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         self._load()
         texts = ([self._render(p, a, b) for p, a, b in zip(prompts, first, second)]
                  + [self._render(p, b, a) for p, a, b in zip(prompts, first, second)])
-        probabilities = self._choice_probabilities(texts)
+        training = self._model.training  # the policy as judge may be in training mode (dropout)
+        self._model.eval()
+        try:
+            probabilities = self._choice_probabilities(texts)
+        finally:
+            self._model.train(training)
         return Verdicts(forward=probabilities[: len(prompts), 0].tolist(),
                         backward=probabilities[len(prompts):, 1].tolist())
 

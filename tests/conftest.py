@@ -106,6 +106,15 @@ TINY_JOB = ["model.build.sft_steps=20", "model.build.hidden_size=64", "model.bui
             "trainer.log_every=2", "trainer.epochs=1"]
 
 
+def torchrun(script: str, out, cwd) -> None:
+    """`torchrun --standalone --nproc_per_node 2 tests/<script> <out>`: each process writes `<out>.<rank>`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests" / script), str(out)]
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", **os.environ})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """`prefrun <args>` in a subprocess, exactly as a user types it."""
     env = {**os.environ, **(env_extra or {})}

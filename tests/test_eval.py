@@ -6,6 +6,7 @@ again judges nothing, AlpacaEval's files round-trip, two processes write what on
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -16,7 +17,7 @@ from prefrun.errors import InputError
 from prefrun.judges import Judge, Verdicts
 from prefrun.judgments import JudgmentCache
 
-from .conftest import TINY_JOB, run_cli
+from .conftest import TINY_JOB, run_cli, torchrun
 from .test_distributed import launch
 from .wandb_records import run_info
 
@@ -90,6 +91,27 @@ def test_the_cache_reuses_verdicts_and_their_swap_and_never_serves_another_judge
     fresh = LengthJudge(bias=1.0)
     redone = compare_answers(PROMPTS, POLICY, BASELINE, fresh, cache, _cfg())
     assert fresh._judged == 4 and redone["win_rate"] == pytest.approx(first["win_rate"], abs=1e-12)
+
+
+def test_split_over_nodes_whose_caches_differ_every_process_gets_every_verdict_and_every_node_keeps_them(tmp_path):
+    """Two one-process nodes with their own caches, one of which already knows half of the pairs (as after a
+    round whose pairs a node judged): the pairs new to either are judged once, split, and each node's cache
+    ends up with all of them (before, the processes cut different shards and one stopped on a KeyError)."""
+    from .judgments_work import FIRST, PROMPTS, SECOND, LengthJudge
+
+    out = tmp_path / "work.json"
+    torchrun("judgments_work.py", out, tmp_path)
+    seen = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+    expected = LengthJudge().compare(PROMPTS, FIRST, SECOND)
+    for rank in (0, 1):
+        assert seen[rank]["forward"] == pytest.approx(expected.forward) and seen[rank]["counts"]["pairs"] == 6
+        assert seen[rank]["counts"]["judged"] == 6, "new to node 1: judged for both, once"
+        assert (seen[rank]["counts_again"]["judged"], seen[rank]["judged_again"]) == (0, 0), rank
+    assert seen[0]["judged"] + seen[1]["judged"] == 6, "each shard judged by one process"
+    for node in ("node0", "node1"):
+        split_parts = sorted(p.name for p in tmp_path.glob(f"{node}/*/part-*.jsonl") if p.name.count("-") == 1)
+        assert len(split_parts) == 3, (node, split_parts)
+    assert split_parts == sorted(p.name for p in tmp_path.glob("node0/*/part-*.jsonl") if p.name.count("-") == 1)
 
 
 def test_outputs_files_give_one_line_errors(tmp_path):

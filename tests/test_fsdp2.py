@@ -2,32 +2,19 @@
 `fully_shard` on a CPU mesh with gloo (torchrun, 2 processes), forward, backward and an AdamW step, then the
 weights gathered tensor by tensor on every process equal the same step on the unsharded model."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from prefrun.extrapolate import extrapolate_parameters
 
-from .conftest import REPO
+from .conftest import torchrun
 
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(script: str, out, cwd) -> None:
-    """`torchrun --standalone --nproc_per_node 2 tests/<script> <out>`: each process writes `<out>.<rank>`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / script), str(out)]
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", **os.environ})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def test_full_weights_gathers_fsdp2_shards_on_every_process(tmp_path):
     out = tmp_path / "weights.pt"
-    _torchrun("fsdp2_weights.py", out, tmp_path)
+    torchrun("fsdp2_weights.py", out, tmp_path)
     reference = torch.load(f"{out}.reference")
     for rank in (0, 1):
         seen = torch.load(f"{out}.{rank}")
@@ -45,7 +32,7 @@ def test_full_weights_gathers_fsdp2_shards_on_every_process(tmp_path):
 
 def test_split_work_with_a_sharded_policy_does_every_shard_on_every_process_and_does_not_hang(tmp_path):
     out = tmp_path / "work.pt"
-    _torchrun("fsdp2_work.py", out, tmp_path)  # split as before, the processes crashed on mismatched collectives
+    torchrun("fsdp2_work.py", out, tmp_path)  # split as before, the processes crashed on mismatched collectives
     for rank in (0, 1):
         seen = torch.load(f"{out}.{rank}")
         torch.testing.assert_close(seen["sharded"]["logps"], seen["single"]["logps"], atol=1e-5, rtol=1e-5)

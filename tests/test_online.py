@@ -347,3 +347,24 @@ def test_a_round_of_only_empty_completions_says_so(caplog):
     warn_untrained(2, 3, records, {"all scores equal": 3})
     assert "round 2/3: no usable pools (3 prompts: 3 all scores equal)" in caplog.text
     assert "carries over to round 3" in caplog.text and "every completion the generator returned is empty" in caplog.text
+
+
+@pytest.mark.slow
+def test_the_policy_judges_its_own_candidates_through_the_judgment_cache_keyed_by_its_weights(tmp_path, cache_dir):
+    """Self-rewarding (judge=llm judge.name_or_path=policy): every round's pools are judged by the policy as it
+    is then; the judgment cache keys by its weights, so each round is another judge, and the same run again
+    judges nothing its starting weights judged before."""
+    job = ["train", *ROUNDS, "experiment=iterdpo_tiny", "generator=hf", "judge=llm", "judge.name_or_path=policy",
+           'judge.template="{prompt}|{a}|{b}|"']
+    run_cli([*job, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    judges = {d: (d / "judge.txt").read_text() for d in (cache_dir / "judgments").iterdir()}
+    weights = {text.split("weights=")[1].split()[0] for text in judges.values()}
+    assert all("name_or_path='policy'" in text for text in judges.values())
+    assert len(weights) == 3, "the start, θ̂_1 (round 2's pools) and θ̂_2 (its evaluation): three judges"
+    pools = [json.loads(line) for line in (tmp_path / "one" / "rounds" / "2" / "pools.jsonl").read_text().splitlines()]
+    assert all(0 < s < 1 for p in pools for s in p["scores"])
+    parts = {d: len(list(d.glob("part-*.jsonl"))) for d in judges}
+    run_cli([*job, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    assert {d: len(list(d.glob("part-*.jsonl"))) for d in judges} == parts, "the same run again: nothing judged"
+    assert (tmp_path / "two" / "rounds" / "2" / "pools.jsonl").read_text() == \
+        (tmp_path / "one" / "rounds" / "2" / "pools.jsonl").read_text()
