@@ -3,6 +3,7 @@ judge; swapping policy and baseline gives one minus every win rate by the method
 position-biased judge; through the CLI a trained run is compared with its starting model, the same command
 again judges nothing, AlpacaEval's files round-trip, two processes write what one writes, bad input is one line."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -190,6 +191,25 @@ def test_prefrun_eval_of_a_run_against_its_start_swapped_rerun_alpaca_eval_files
     assert {k: v for k, v in _result(root / "e4").items() if "pairs" not in k} == \
         {k: v for k, v in first.items() if "pairs" not in k}
     assert len(list((root / "judgments2").glob("*/part-*.jsonl"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_prefrun_eval_through_vllm_gives_hfs_greedy_answers(trained_run):
+    """generator=vllm: the engine loads the trained checkpoint from its directory (the parent holds only the
+    tokenizer) and answers with the chat template training used; greedy, its answers are HF's word for word, so
+    against the same baseline answers (HF's, read back from AlpacaEval's file) every figure is the same."""
+    root, env = trained_run
+    greedy = ["num_prompts=16", "generator.temperature=0", "generator.shard_size=8", "interval_resamples=300",
+              "judgments_dir=null"]
+    run_cli(["eval", "policy=run", *greedy, "generator=hf", "hydra.run.dir=v1"], root, env)
+    engine = run_cli(["eval", "policy=run", "baseline=v1/outputs/baseline.json", *greedy, "generator=vllm",
+                      "hydra.run.dir=v2"], root, env)
+    assert "generate (vllm)" in engine.stdout + engine.stderr
+    answers = {(d, side): [r["output"] for r in json.loads((root / d / "outputs" / f"{side}.json").read_text())]
+               for d in ("v1", "v2") for side in ("policy", "baseline")}
+    assert answers["v2", "policy"] == answers["v1", "policy"] != answers["v1", "baseline"]
+    assert _result(root / "v2") == _result(root / "v1")
 
 
 @pytest.mark.slow
