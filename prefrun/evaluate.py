@@ -3,6 +3,7 @@ metrics (loss, reward accuracy, margin) on held-out pairs of the data."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import torch
@@ -16,7 +17,7 @@ from prefrun.losses import pool_log_softmax_loss
 
 
 def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed: int,
-                  baseline: dict | None = None, judgments: JudgmentCache | None = None) -> dict:
+                  baseline: dict | None = None, judgments: JudgmentCache | None = None, engine=None) -> dict:
     """For each decoding in `cfg.decodings`: completions of the held-out `prompts` judged by `judge`, as mean
     ± stderr over prompts of the per-prompt mean score. The start (`baseline` None) also keeps its completions
     (`completions`, left out of what a run writes to summary.json: `without_completions`). With `baseline`, the
@@ -25,21 +26,28 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
     interval over prompts, the hard and the length-controlled win rate (winrate.summary); and
     `prompts_above_start`, the share of prompts whose mean score beats the start's (ties count half).
     The prompts are cut in shards of `cfg.batch_size`, each sampled with its own seed (shard 0: `seed`) and
-    judged by one process: the scores do not depend on the number of processes."""
+    judged by one process: the scores do not depend on the number of processes. `engine`: a generator whose
+    engine already serves `model`'s weights (a synced persistent vLLM engine) samples instead of HF `generate`
+    in this process, with each decoding's settings; results name the backend (`generator`). A sharded `model`
+    (FSDP2, ZeRO-3) runs collectives: every process then does every shard, unless the engine samples and the
+    judge does not run the policy."""
     results = {}
     size = cfg.batch_size
+    policy_free = engine is not None and not getattr(judge, "judges_with_the_policy", False)
+    split = policy_free or not distributed.is_sharded(model)
     for name, decoding in cfg.decodings.items():
         def complete_and_judge(shard: int, decoding=decoding) -> tuple[list, list]:
             faults.inject("evaluate")
             chunk = prompts[shard * size : (shard + 1) * size]
-            generator = HFGenerator(num_candidates=decoding.num_samples, temperature=decoding.temperature,
-                                    top_p=decoding.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=size,
-                                    seed=distributed.shard_seed(seed, shard))
+            settings = {"num_candidates": decoding.num_samples, "temperature": decoding.temperature,
+                        "top_p": decoding.top_p, "max_new_tokens": cfg.max_new_tokens,
+                        "seed": distributed.shard_seed(seed, shard)}
+            generator = HFGenerator(**settings, batch_size=size) if engine is None else \
+                dataclasses.replace(engine, **settings)  # a copy shares the engine
             completions = [c.texts for c in generator.generate(chunk, model=model, tokenizer=tokenizer)]
             return completions, judge.score(chunk, completions)
 
-        shards = distributed.map_shards(distributed.num_shards(len(prompts), size), complete_and_judge,
-                                        split=not distributed.is_sharded(model))
+        shards = distributed.map_shards(distributed.num_shards(len(prompts), size), complete_and_judge, split=split)
         completions = [row for part, _ in shards for row in part]
         scores = [row for _, part in shards for row in part]
         per_prompt = [statistics.fmean(row) for row in scores]
@@ -49,6 +57,8 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
             "judge": judge.name,
             "num_prompts": len(prompts),
             "decoding": dict(decoding),
+            "generator": "hf" if engine is None else "vllm",
+            **({} if engine is None else {"weight_version": engine.sync_stats.get("sync/weight_version")}),
             "per_prompt": per_prompt,
             "examples": [{"prompt": p, "completion": g[0], "score": row[0]}
                          for p, g, row in zip(prompts[: cfg.num_examples], completions, scores)],

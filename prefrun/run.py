@@ -142,14 +142,15 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     prompts = fitting_prompts(data.train_prompts(task, tokenizer, generator), tokenizer, limit=limit, why=why,
                               source=data.prompt_source)
     folds = prompt_folds(prompts, online.rounds, online.prompts_per_round, source=data.prompt_source)
-    evaluate = _judged_evaluation(cfg, data, task, judge, tokenizer)
+    evaluate = _round_evaluation(_judged_evaluation(cfg, data, task, judge, tokenizer), cfg, generator, tokenizer,
+                                 folds[0], accelerator)
     rounds = Rounds(record.dir, enabled=accelerator.is_main_process)
     lora, steps_before = bool(cfg.model.get("lora")), 0
     global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
     # Kept only where a round needs them: the starting weights (reference / KL) and θ̂_{t-1} (APO's momentum).
     initial = cpu_state(policy) if online.ref == "initial" or online.kl_estimate else None
     previous_hat = full_weights(policy) if online.extrapolates else None
-    before = evaluate_start(rounds, evaluate, policy)
+    before = evaluate_start(rounds, lambda model, start: evaluate(model, start, 0), policy)
     done = rounds.completed(online.rounds)
     if done:
         t = len(done)
@@ -183,6 +184,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
                                  out_dir=where / "shards", seed=_round_seed(generator.seed, cfg.seed, t), timings=counts,
                                  job={"round": t, "generator": repr(generator), "judge": repr(judge)})
             times.update({k: counts.get(k, 0.0) for k in ("generate_s", "judge_s")})
+            sync = dict(generator.sync_stats)  # the round's push (an evaluation through the engine pushes again)
             if accelerator.is_main_process:
                 write_pools(records, where / "pools.jsonl")
             generator.sleep()  # a persistent engine frees the accelerator while training runs (CUDA sleep mode)
@@ -217,12 +219,13 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
             # (g) keep θ̂_t; APO: θ_t = θ̂_t + α(θ̂_t − θ̂_{t-1}) is what round t + 1 generates from
             clock = time.perf_counter()
             previous_hat, evaluated = finish_weights(policy, tokenizer, rounds, t, online, lora, previous_hat, cfg.seed,
-                                                   evaluate, before, carried)
+                                                   lambda model, start, t=t: evaluate(model, start, t), before,
+                                                   carried)
             times["eval_s"] = evaluated.pop("eval_s")
             times["extrapolate_s"] = time.perf_counter() - clock - times["eval_s"]
             # (h) the round's row: held-out judged scores, KL, lengths, time split, sync
             steps_before += trained.get("step", 0)
-            row = round_row(t, steps_before, beta, records, examples, tokenizer, kl, times, generator.sync_stats,
+            row = round_row(t, steps_before, beta, records, examples, tokenizer, kl, times, sync,
                              evaluated, data.skipped.get("train", {}))
             samples = [{"prompt": r["prompt"], "completion": r["candidates"][0], "score": r["scores"][0]}
                        for r in records[: online.num_samples_logged]]
@@ -315,25 +318,50 @@ def _warn_if_biased(cfg, sampler) -> None:
         log.warning("%s", warning)
 
 
+def _no_evaluation(model, before, engine=None) -> dict:
+    return {}
+
+
 def _judged_evaluation(cfg, data, task, judge, tokenizer):
-    """`evaluate(model, before) -> results`: completions of held-out prompts judged before and after training.
-    The prompts are the task's held-out ones when training on the task, else the data's held-out records'
-    (data.eval_size / data.eval_split): a run on a user's data is never scored on the built-in task."""
+    """`evaluate(model, before, engine=None) -> results`: completions of held-out prompts judged before and after
+    training. The prompts are the task's held-out ones when training on the task, else the data's held-out
+    records' (data.eval_size / data.eval_split): a run on a user's data is never scored on the built-in task."""
     if not cfg.eval.num_prompts or cfg.eval.judge == "none":
-        return lambda model, before: {}
+        return _no_evaluation
     prompts = task.prompts("eval", cfg.eval.num_prompts) if data.uses_task else data.eval_prompts(cfg.eval.num_prompts)
     if not prompts:
         log.info("judged evaluation: off (no held-out prompts: set data.eval_size or data.eval_split)")
-        return lambda model, before: {}
+        return _no_evaluation
     if cfg.eval.judge != "same":
         raise InputError(f"eval.judge={cfg.eval.judge!r}: choose same (the judge= config) or none")
     if isinstance(judge, RuleJudge) and not data.uses_task:
         log.info("judged evaluation: off (judge=rule scores the built-in task, but the data is yours: "
                  "judge=reward_model judge.name_or_path=<reward model> scores your held-out prompts)")
-        return lambda model, before: {}
+        return _no_evaluation
     judgments = JudgmentCache(cfg.eval.get("judgments_dir"))
-    return lambda model, before: judged_scores(model, tokenizer, prompts, judge, cfg.eval, cfg.seed, before,
-                                               judgments)
+    return lambda model, before, engine=None: judged_scores(model, tokenizer, prompts, judge, cfg.eval, cfg.seed,
+                                                            before, judgments, engine=engine)
+
+
+def _round_evaluation(evaluate, cfg, generator, tokenizer, probe_prompts: list, accelerator):
+    """`evaluate(model, before, version)` for online rounds. With a persistent vLLM engine and eval.generator=same
+    the held-out prompts are sampled by the round's engine: first brought to the evaluated weights and probed
+    (weight `version`: θ_0 is 0, round t's θ̂_t and APO's θ_t are t), the training's prepared objects released
+    (the engine wakes on a GPU it shares with them); otherwise by HF in this process, as offline runs are."""
+    choice = cfg.eval.get("generator", "same")
+    if choice not in ("same", "hf"):
+        raise InputError(f"eval.generator={choice!r}: choose same (the run's generator: its vLLM engine in online "
+                         "rounds) or hf")
+    if evaluate is _no_evaluation or choice == "hf" or not isinstance(generator, VLLMGenerator) \
+            or generator.mode != "persistent":
+        return lambda model, before, version: evaluate(model, before)
+
+    def through_engine(model, before, version: int) -> dict:
+        accelerator.free_memory()
+        distributed.together(generator.sync, model, tokenizer, probe_prompts=probe_prompts, version=version)
+        return evaluate(model, before, engine=generator)
+
+    return through_engine
 
 
 def _load_policy(cfg, task, cache_dir: Path, accelerator):

@@ -1,5 +1,5 @@
 """Online rounds through the CLI with a real vLLM engine kept alive across rounds (generator=vllm,
-mode=persistent): the probe after every weight push, an engine killed in round 2 and restarted by the watchdog, a
+mode=persistent): the probe after every weight push, the held-out evaluation through the engine, an engine killed in round 2 and restarted by the watchdog, a
 deliberately stale engine stopping the run, and a two-process run (an engine per process) SIGKILLed in the middle
 of round 2 and resumed to the one-process run's result."""
 
@@ -38,10 +38,18 @@ def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_roun
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_cli(["train", *JOB, f"hydra.run.dir={whole}"], tmp_path, {"PREFRUN_FAULT": "generate:4:engine"})
     assert "the watchdog restarts the engine" in (whole / "train.log").read_text()
-    rounds = json.loads((whole / "summary.json").read_text())["rounds"]
+    summary = json.loads((whole / "summary.json").read_text())
+    rounds = summary["rounds"]
     assert [r["sync/weight_version"] for r in rounds] == [0, 1]
+    # The held-out evaluation sampled through the engine too (eval.generator=same): θ_0 as weight version 0,
+    # each round's θ̂_t pushed (and probed) as version t.
+    assert (summary["eval_before"]["sampled"]["generator"], summary["eval_before"]["sampled"]["weight_version"]) == \
+        ("vllm", 0)
+    assert [[(r["eval"]["policy_hat"][d]["generator"], r["eval"]["policy_hat"][d]["weight_version"])
+             for d in ("sampled", "greedy")] for r in rounds] == [[("vllm", 1)] * 2, [("vllm", 2)] * 2]
     assert all(r["sync/max_abs_logp_diff"] < 1e-3 for r in rounds), [r["sync/max_abs_logp_diff"] for r in rounds]
-    assert rounds[1]["sync/probe_change"] > 1e-3  # round 2's engine serves the trained weights, not the start's
+    # (Round 2's push finds θ_1 already there: round 1's evaluation pushed it. tests/test_vllm_sync.py checks that
+    # the probe sees a training step.)
     assert [r["sync/engine_restarts"] for r in rounds] == [0, 1]
     assert rounds[1]["round/kl_to_initial"] > 0
 
@@ -88,7 +96,8 @@ def test_an_engine_that_did_not_take_the_new_weights_stops_the_run(tmp_path, cac
     out = run_cli(["train", *JOB, "generator.debug_break_sync=skip_push", f"hydra.run.dir={run}"], tmp_path,
                   check=False)
     assert out.returncode != 0
-    assert (run / "rounds" / "1" / "round.json").exists() and not (run / "rounds" / "2" / "pools.jsonl").exists()
+    # Round 1 trained; the first push of new weights (θ̂_1, for round 1's evaluation through the engine) was refused.
+    assert (run / "rounds" / "1" / "policy_hat").exists() and not (run / "rounds" / "1" / "round.json").exists()
     text = out.stdout + out.stderr
     errors = [line for line in text.splitlines() if "after the weight push (version 1)" in line]
     assert errors and "did not take the new weights" in errors[0] and "Traceback" not in text, text[-3000:]

@@ -15,9 +15,13 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from prefrun.errors import PrefrunError
+from prefrun.evaluate import judged_scores
 from prefrun.generate import HFGenerator, VLLMGenerator, prompt_ids
+from prefrun.judges import RuleJudge
+from prefrun.tasks import SortDigits
 
 from .conftest import char_llama, teacher_forced
 
@@ -25,6 +29,9 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 
 K, MAX_NEW = 2, 8
 PROMPTS = ["sort 3 1 4 1 5:", "sort 9 2 6:", "sort 5 3 5 8 9 7:", "sort 2 7 1 8 2 8:", "sort 1 2:"]
+EVAL = OmegaConf.create({"batch_size": 3, "max_new_tokens": MAX_NEW, "num_examples": 2, "decodings": {
+    "greedy": {"temperature": 0.0, "top_p": 1.0, "num_samples": 1},
+    "sampled": {"temperature": 1.0, "top_p": 1.0, "num_samples": 3}}})
 
 
 def live_processes_of_group(pgid: int) -> list[int]:
@@ -94,6 +101,12 @@ def persistent(base):
         rec["v1"] = dict(generator.sync_stats)
         rec["out_v1"] = generator.generate(PROMPTS, model=model, tokenizer=tokenizer)
         rec["model_v1"] = copy.deepcopy(model)
+        # The held-out evaluation through the synced engine (what online rounds do with eval.generator=same),
+        # against HF generate in this process on the same weights; shards of 3 prompts, each its own seed.
+        judge = RuleJudge(task=SortDigits())
+        rec["eval_engine"] = judged_scores(model, tokenizer, PROMPTS, judge, EVAL, seed=5, engine=generator)
+        rec["eval_engine_again"] = judged_scores(model, tokenizer, PROMPTS, judge, EVAL, seed=5, engine=generator)
+        rec["eval_hf"] = judged_scores(model, tokenizer, PROMPTS, judge, EVAL, seed=5)
 
         # The probe's block-filling prompts were cached by sync v1; without a reset they are served from there.
         noised(model, seed=1)
@@ -162,6 +175,21 @@ def test_a_pushed_version_is_served_and_verified(persistent, base):
                 for p, c in zip(PROMPTS, persistent["out_v1"]) for ids, lps in zip(c.token_ids, c.logprobs) if ids)
     assert worst < 1e-4  # what generate() samples after the push comes from the pushed weights
     assert persistent["v3"]["sync/max_abs_logp_diff"] <= 1e-3 and persistent["v3"]["sync/weight_version"] == 3
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_held_out_evaluation_through_the_engine_samples_the_synced_weights(persistent):
+    """Greedy, the engine's answers are HF's on the same weights; sampled, each shard's seed gives the same samples
+    again; the results name the backend."""
+    engine, again, hf = persistent["eval_engine"], persistent["eval_engine_again"], persistent["eval_hf"]
+    assert engine["greedy"]["completions"] == hf["greedy"]["completions"]
+    assert engine["greedy"]["per_prompt"] == hf["greedy"]["per_prompt"]
+    assert engine["sampled"]["completions"] == again["sampled"]["completions"]
+    assert [len(c) for c in engine["sampled"]["completions"]] == [3] * len(PROMPTS)
+    # shard 0 and shard 1 are sampled with seeds of their own, not one stream cut in two
+    assert engine["sampled"]["completions"][0] != engine["sampled"]["completions"][3]
+    assert (engine["sampled"]["generator"], hf["sampled"]["generator"]) == ("vllm", "hf")
 
 
 @needs_vllm
