@@ -288,10 +288,10 @@ class _ModelJudge(Judge):
         (trust_remote_code) provides the model class."""
         raise NotImplementedError
 
-    def _load(self) -> None:
-        if self._model is not None:
-            return
-        key, trust = f"judge.name_or_path={self.name_or_path!r}", self.trust_remote_code
+    def _config_and_tokenizer(self, key: str):
+        """The checkpoint's config, checked (`_check_config`: whether its own code provides the model class), and
+        its tokenizer with judge.chat_template applied; each failure one line."""
+        trust = self.trust_remote_code
         try:
             config = AutoConfig.from_pretrained(self.name_or_path, trust_remote_code=trust)
         except (OSError, ValueError) as err:
@@ -306,6 +306,13 @@ class _ModelJudge(Judge):
                              "model") from None
         if self._own_template is not None:
             tokenizer.chat_template = self._own_template
+        return own_code, tokenizer
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        key, trust = f"judge.name_or_path={self.name_or_path!r}", self.trust_remote_code
+        own_code, tokenizer = self._config_and_tokenizer(key)
         model, info = self.auto_class.from_pretrained(
             self.name_or_path, dtype="auto" if self.dtype == "auto" else DTYPES[self.dtype],
             trust_remote_code=trust, device_map=str(self.device), output_loading_info=True)
@@ -561,6 +568,33 @@ class PairwiseJudge(_ReadsPairs, _ClassifierJudge):
         return Verdicts(forward=wins[: len(prompts)].tolist(), backward=(1 - wins[len(prompts):]).tolist())
 
 
+ENGINE_ROWS = 4096  # judge.backend=vllm: rows per engine call (two per question)
+
+
+def files_fingerprint(directory: Path) -> str:
+    """A hash of a checkpoint's weight files' bytes (the judge's weights, for a judge that does not hold them)."""
+    digest = hashlib.blake2b(digest_size=16)
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return "files:" + digest.hexdigest()
+
+
+def _checkpoint_dir(name_or_path: str, key: str) -> Path:
+    """The local directory of a checkpoint: the path itself, or a hub id's snapshot (downloaded if need be)."""
+    if Path(name_or_path).expanduser().is_dir():
+        return Path(name_or_path).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # noqa: BLE001 - hub errors are many: one line naming the key
+        raise InputError(f"{key}: not a local directory and not on the hub ({_reason(err)})") from None
+
+
 LLM_TEMPLATE = ("Which response answers the prompt better?\n\n[Prompt]\n{prompt}\n\n[Response A]\n{a}\n\n"
                 "[Response B]\n{b}\n\nAnswer with one letter, A or B.")
 
@@ -584,9 +618,18 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
     def __init__(self, name_or_path: str, template: str = LLM_TEMPLATE, choices: Sequence[str] = ("A", "B"),
                  chat_template: str | None = "auto", answer_prefix: str = "", batch_size: int = 8,
                  max_length: int = 2048, dtype: str = "auto", device: str = "auto",
-                 trust_remote_code: bool = False, task=None) -> None:
+                 trust_remote_code: bool = False, backend: str = "hf", engine: dict | None = None,
+                 task=None) -> None:
         super().__init__(name_or_path, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
                          chat_template=chat_template, trust_remote_code=trust_remote_code)
+        if backend not in ("hf", "vllm"):
+            raise InputError(f"judge.backend={backend!r}: choose hf (the model in this process) or vllm (a vLLM "
+                             "engine in a child process)")
+        if backend == "vllm" and self.judges_with_the_policy:
+            raise InputError("judge.backend=vllm with judge.name_or_path=policy: the policy judges in memory, as it "
+                             "is at that moment; use judge.backend=hf")
+        self.backend, self.engine = backend, dict(engine or {})
+        self._engine = self._directory = None  # backend=vllm: the VLLMGenerator holding the judge, its checkpoint
         self._set_template(template)
         choices = list(choices) if not isinstance(choices, str) else [choices]
         if len(choices) != 2 or not all(isinstance(c, str) and c for c in choices) or len(set(choices)) < 2:
@@ -598,7 +641,8 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         self._keeps_logits = False  # whether the model's forward takes logits_to_keep
 
     def _settings(self) -> dict:
-        return {**super()._settings(), "choices": self.choices, "answer_prefix": self.answer_prefix}
+        return {**super()._settings(), "choices": self.choices, "answer_prefix": self.answer_prefix,
+                **({"backend": "vllm"} if self.backend == "vllm" else {})}
 
     # -- the policy judging its own candidates (judge.name_or_path=policy) ----------------------
 
@@ -619,6 +663,8 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         self._model = self._tokenizer = self._weights = None  # _load takes the policy as it is now
 
     def _load(self) -> None:
+        if self.backend == "vllm":
+            return self._load_engine()
         if not self.judges_with_the_policy:
             return super()._load()
         if self._model is not None:
@@ -633,7 +679,32 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         self._model, self._tokenizer = model, tokenizer
         self._loaded()
 
+    def _load_engine(self) -> None:
+        """backend=vllm: the tokenizer here, the weights in a persistent vLLM engine (a child process, started
+        from the checkpoint's files, which the fingerprint hashes)."""
+        if self._engine is not None:
+            return
+        from prefrun.generate import VLLMGenerator
+
+        key = f"judge.name_or_path={self.name_or_path!r}"
+        _, tokenizer = self._config_and_tokenizer(key)
+        directory = _checkpoint_dir(self.name_or_path, key)
+        self._tokenizer = tokenizer
+        self._loaded()
+        try:
+            engine = VLLMGenerator(**{"dtype": self.dtype, **self.engine})
+        except TypeError as err:
+            raise InputError(f"judge.engine: {_reason(err)}; its keys are generator=vllm's (conf/generator/vllm.yaml)"
+                             ) from None
+        engine.start(tokenizer=tokenizer, model_path=str(directory))
+        self._engine, self._directory, self._weights = engine, directory, files_fingerprint(directory)
+        log.info("%s: loaded in a vLLM engine (worker pid %s)", self.name, engine.worker_pid)
+
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = self._tokenizer = self._weights = None
+            return
         if self.judges_with_the_policy:  # the policy is not ours to free
             self._model = self._tokenizer = self._weights = None
             return
@@ -675,7 +746,8 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         tokenizer = self._tokenizer
         # The pad never reaches a real token's attention (right padding, masked): any id does.
         self._pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(self._model.forward).parameters
+        self._keeps_logits = self._model is not None and \
+            "logits_to_keep" in inspect.signature(self._model.forward).parameters
 
     def _encode(self, texts: list[str], *, templated: bool) -> list[list[int]]:
         """As the base, less an EOS that a tokenizer appends to plain text: the answer is read at the end."""
@@ -690,6 +762,8 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         """(len(texts), 2): P(choice A), P(choice B) renormalised over the two, at each text's end."""
         if not texts:
             return torch.zeros((0, 2), dtype=torch.float64)
+        if self._engine is not None:
+            return self._engine_choice_probabilities(texts)
         choice_ids = torch.tensor(self._choice_ids)
 
         def choice_probabilities(input_ids, attention_mask, lengths) -> torch.Tensor:
@@ -710,16 +784,32 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         return torch.stack(self._forward_batches(encoded, choice_probabilities, pad_id=self._pad_id,
                                                  batch_size=self.batch_size))
 
+    def _engine_choice_probabilities(self, texts: list[str]) -> torch.Tensor:
+        """backend=vllm: each choice token's log-prob after the text, from the engine (teacher forcing), then
+        the two renormalised: the same numbers as the logits' softmax over the two choices."""
+        encoded = self._encode([t + self.answer_prefix for t in texts], templated=self._uses_template)
+        rows = [ids + [choice] for ids in encoded for choice in self._choice_ids]
+        logprobs = []
+        for start in range(0, len(rows), ENGINE_ROWS):
+            chunk = rows[start : start + ENGINE_ROWS]
+            logprobs += [row[0] for row in self._engine.score(chunk, [len(r) - 1 for r in chunk],
+                                                              tokenizer=self._tokenizer,
+                                                              model_path=str(self._directory), what=self.name)]
+        return torch.softmax(torch.tensor(logprobs, dtype=torch.float64).view(-1, 2), dim=-1)
+
     def _compare(self, prompts: list[Prompt], first: list[str], second: list[str]) -> Verdicts:
         self._load()
         texts = ([self._render(p, a, b) for p, a, b in zip(prompts, first, second)]
                  + [self._render(p, b, a) for p, a, b in zip(prompts, first, second)])
-        training = self._model.training  # the policy as judge may be in training mode (dropout)
-        self._model.eval()
-        try:
+        if self._engine is not None:
             probabilities = self._choice_probabilities(texts)
-        finally:
-            self._model.train(training)
+        else:
+            training = self._model.training  # the policy as judge may be in training mode (dropout)
+            self._model.eval()
+            try:
+                probabilities = self._choice_probabilities(texts)
+            finally:
+                self._model.train(training)
         return Verdicts(forward=probabilities[: len(prompts), 0].tolist(),
                         backward=probabilities[len(prompts):, 1].tolist())
 

@@ -3,8 +3,10 @@ forwards whatever the batch; swapping the pair swaps the verdicts; a judge that 
 position bias and a symmetrised preference of 1/2; one trained here to prefer correct sorts prefers them in
 both orders; fingerprints follow the weights; every bad setting stops with one line."""
 
+import importlib.util
 import random
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +235,35 @@ def test_trained_llm_judge_prefers_right_answers_in_both_orders(sort_llm):
     scores = llm_judge(sort_llm, batch_size=64).score(prompts, candidates)
     right_first = np.mean([row[-1] > max(row[:-1]) for row in scores if len(row) > 1])
     assert right_first >= 0.8, right_first  # measured: 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_llm_judge_through_a_vllm_engine_gives_hfs_verdicts(tmp_path_factory):
+    """judge.backend=vllm: the tokenizer here, the weights in an engine child (head_dim 64, as vLLM on a CPU needs);
+    verdicts and pool scores are the HF judge's, the cache key is its own, close() stops the engine."""
+    path = save_llm(tmp_path_factory.mktemp("llm_head64"), char_tokenizer(), hidden_size=128, num_attention_heads=2,
+                    num_key_value_heads=2, head_dim=64, max_position_embeddings=256, initializer_range=0.5)
+    with pytest.raises(InputError, match=r"judge.backend='tgi': choose hf"):
+        llm_judge(path, backend="tgi")
+    with pytest.raises(InputError, match="judge.backend=vllm with judge.name_or_path=policy"):
+        llm_judge("policy", backend="vllm")
+    hf, engine = llm_judge(path), llm_judge(path, backend="vllm", engine={"kv_cache_memory_bytes": 64 << 20})
+    try:
+        ours, theirs = engine.compare(PROMPTS, FIRST, SECOND), hf.compare(PROMPTS, FIRST, SECOND)
+        assert np.allclose(ours.forward, theirs.forward, atol=1e-5) and np.allclose(ours.backward, theirs.backward,
+                                                                                    atol=1e-5)
+        assert np.ptp(ours.forward + ours.backward) > 0.05  # the verdicts differ between texts: a real check
+        prompts = TASK.prompts("eval", 6)
+        candidates = [[TASK.answer(p), *wrong_answers(p)[:2]] for p in prompts]
+        assert np.allclose(engine.score(prompts, candidates), hf.score(prompts, candidates), atol=1e-5)
+        assert engine._engine.worker_pid is not None and hf._engine is None
+        assert "backend='vllm'" in engine.fingerprint() and "files:" in engine.fingerprint()
+        assert engine.fingerprint() != hf.fingerprint() and "backend" not in hf.fingerprint()
+    finally:
+        pid = engine._engine.worker_pid if engine._engine is not None else None
+        engine.close()
+    assert engine._engine is None and pid is not None and not Path(f"/proc/{pid}").exists()
 
 
 # -- compare, for every judge -----------------------------------------------------------------------

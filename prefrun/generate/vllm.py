@@ -336,6 +336,22 @@ class VLLMGenerator(Sampling):
                               sets=self._job_sets(settings, ids_sets, eos_ids))
         return result, eos_ids, {**extra, "worker_pid": session.worker.proc.pid, "weight_version": session.version}
 
+    def start(self, *, tokenizer, model_path: str) -> None:
+        """Start the persistent engine from the weights at `model_path` (a directory or hub id), unless one is live."""
+        if self.mode != "persistent":
+            raise InputError("generator=vllm: an engine kept for scoring needs mode=persistent")
+        self._ensure_engine(None, tokenizer, model_path, version=0)
+
+    def score(self, rows: list[list[int]], starts: list[int], *, tokenizer, model_path: str,
+              what: str = "scoring") -> list[list[float]]:
+        """Teacher forcing on the persistent engine: each row's log-probs of its tokens from `starts[i]` on, given
+        the tokens before them, under the weights at `model_path` (the engine starts from them unless one is
+        live). A judge reads its verdicts this way (judge=llm judge.backend=vllm)."""
+        self.start(tokenizer=tokenizer, model_path=model_path)
+        _check_prompt_length(max(len(r) for r in rows), 0, self._session.max_len)
+        return self._session.call("score", what=what, timeout_s=self.call_timeout_s, rows=rows,
+                                  starts=starts)["logprobs"]
+
     # -- the persistent engine ------------------------------------------------------------------------------
 
     def _ensure_engine(self, model, tokenizer, model_path, *, version: int) -> dict:
