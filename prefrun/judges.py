@@ -568,7 +568,7 @@ class PairwiseJudge(_ReadsPairs, _ClassifierJudge):
         return Verdicts(forward=wins[: len(prompts)].tolist(), backward=(1 - wins[len(prompts):]).tolist())
 
 
-ENGINE_ROWS = 4096  # judge.backend=vllm: rows per engine call (two per question)
+ENGINE_ROWS = 4096  # judge.backend=vllm: questions per engine call
 
 
 def files_fingerprint(directory: Path) -> str:
@@ -692,7 +692,7 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         self._tokenizer = tokenizer
         self._loaded()
         try:
-            engine = VLLMGenerator(**{"dtype": self.dtype, **self.engine})
+            engine = VLLMGenerator(**{"dtype": self.dtype, **self.engine, "logprobs_mode": "processed_logprobs"})
         except TypeError as err:
             raise InputError(f"judge.engine: {_reason(err)}; its keys are generator=vllm's (conf/generator/vllm.yaml)"
                              ) from None
@@ -785,17 +785,15 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
                                                  batch_size=self.batch_size))
 
     def _engine_choice_probabilities(self, texts: list[str]) -> torch.Tensor:
-        """backend=vllm: each choice token's log-prob after the text, from the engine (teacher forcing), then
-        the two renormalised: the same numbers as the logits' softmax over the two choices."""
+        """backend=vllm: the two choice tokens' next-token log-probs after each text, renormalised over the two
+        by the engine (only they are allowed; read after the mask): the HF path's softmax over their logits."""
         encoded = self._encode([t + self.answer_prefix for t in texts], templated=self._uses_template)
-        rows = [ids + [choice] for ids in encoded for choice in self._choice_ids]
         logprobs = []
-        for start in range(0, len(rows), ENGINE_ROWS):
-            chunk = rows[start : start + ENGINE_ROWS]
-            logprobs += [row[0] for row in self._engine.score(chunk, [len(r) - 1 for r in chunk],
-                                                              tokenizer=self._tokenizer,
-                                                              model_path=str(self._directory), what=self.name)]
-        return torch.softmax(torch.tensor(logprobs, dtype=torch.float64).view(-1, 2), dim=-1)
+        for start in range(0, len(encoded), ENGINE_ROWS):
+            logprobs += self._engine.choice_logprobs(encoded[start : start + ENGINE_ROWS], self._choice_ids,
+                                                     tokenizer=self._tokenizer, model_path=str(self._directory),
+                                                     what=self.name)
+        return torch.softmax(torch.tensor(logprobs, dtype=torch.float64), dim=-1)  # sums to 1 exactly
 
     def _compare(self, prompts: list[Prompt], first: list[str], second: list[str]) -> Verdicts:
         self._load()

@@ -76,6 +76,18 @@ def _score(llm, rows: list[list[int]], starts: list[int]) -> list[list[float]]:
             for out, ids, start in zip(outputs, rows, starts)]
 
 
+def _choices(llm, rows: list[list[int]], choices: list[int]) -> list[list[float]]:
+    """Each row's next-token log-probs of `choices`, renormalised over them: one token generated with only the
+    choices allowed, read with logprobs_mode=processed_logprobs (after the mask; temperature 1 leaves them
+    the model's). Prefix-cached, and the logits of the last position only."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, logprobs=len(choices), allowed_token_ids=list(choices),
+                            detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in rows], params, use_tqdm=False)
+    return [[out.outputs[0].logprobs[0][c].logprob for c in choices] for out in outputs]
+
+
 def _shutdown(llm) -> None:
     # Explicitly, before exit: left to the interpreter's teardown the process sometimes aborts (rc 134).
     try:
@@ -187,6 +199,7 @@ def _wake(llm, msg: dict) -> dict:
 _COMMANDS = {
     "generate": lambda llm, msg: {"sets": [_sample_set(llm, spec, msg.get("use_tqdm", True)) for spec in msg["sets"]]},
     "score": lambda llm, msg: {"logprobs": _score(llm, msg["rows"], msg["starts"])},
+    "choices": lambda llm, msg: {"logprobs": _choices(llm, msg["rows"], msg["choices"])},
     "push": _push,
     "reset_prefix_cache": _reset_prefix_cache,
     "sleep": _sleep,

@@ -9,7 +9,8 @@ Every judge runs prefrun's own path: `JudgmentCache.compare`, what `prefrun eval
 pairs the cache lacks are judged, the rest read back), timed; then `compare_answers` once, as `prefrun eval`
 reports (the win rate, its bootstrap interval, the length-controlled fit), checked and not timed. The
 judges: judge=rule (the sort task's), judge=reward_model and judge=pairwise (a Llama sequence classifier built
-here), judge=llm (a Llama causal LM built here, read at its "A" / "B" logits). Model and tokenizer are prefrun's
+here), judge=llm (a Llama causal LM built here, read at its "A" / "B" logits), and where vLLM is installed the same
+LLM judge with judge.backend=vllm (its weights in a vLLM engine; load = the engine's start). Model and tokenizer are prefrun's
 embedded recipe (character tokenizer, head_dim 64), only wider and deeper as asked; the weights are random,
 so the verdicts mean nothing: only the cost is measured. Each judge, on the same prompts and answers:
   cold     an empty cache: every pair judged (both orders for pairwise and llm, two texts scored for
@@ -24,6 +25,7 @@ evaluation adds once.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -53,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16, help="the model judges' judge.batch_size")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (prefrun eval's default)")
+    p.add_argument("--no-vllm", action="store_true", help="leave out judge=llm judge.backend=vllm")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     return p.parse_args()
 
@@ -103,6 +106,9 @@ def main() -> None:
         "llm": lambda: LLMJudge(str(build(LlamaForCausalLM, work / "llm", args.hidden, args.layers)),
                                 chat_template="none", **settings),
     }
+    if importlib.util.find_spec("vllm") is not None and not args.no_vllm:  # the same weights in a vLLM engine
+        judges["llm (vllm)"] = lambda: LLMJudge(str(work / "llm"), chat_template="none", backend="vllm",
+                                                **settings)
     params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(
         vocab_size=len(char_tokenizer()), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64), head_dim=64)).parameters())

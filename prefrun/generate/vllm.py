@@ -156,6 +156,9 @@ class VLLMGenerator(Sampling):
     probe_tokens: int = 8
     debug_break_sync: str | None = None  # skip_push | skip_prefix_reset: break the sync on purpose
     max_restarts: int = 1  # persistent: engine restarts after its death or a timeout, per round (per sync)
+    # vLLM's: raw_logprobs (the model's own, what candidates carry) | processed_logprobs (after masking and
+    # temperature: what choice_logprobs reads; a judge's engine)
+    logprobs_mode: str = field(default="raw_logprobs", repr=False)
     _session: _EngineSession = field(default_factory=_EngineSession, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -342,15 +345,16 @@ class VLLMGenerator(Sampling):
             raise InputError("generator=vllm: an engine kept for scoring needs mode=persistent")
         self._ensure_engine(None, tokenizer, model_path, version=0)
 
-    def score(self, rows: list[list[int]], starts: list[int], *, tokenizer, model_path: str,
-              what: str = "scoring") -> list[list[float]]:
-        """Teacher forcing on the persistent engine: each row's log-probs of its tokens from `starts[i]` on, given
-        the tokens before them, under the weights at `model_path` (the engine starts from them unless one is
-        live). A judge reads its verdicts this way (judge=llm judge.backend=vllm)."""
+    def choice_logprobs(self, rows: list[list[int]], choices: list[int], *, tokenizer, model_path: str,
+                        what: str = "choice scoring") -> list[list[float]]:
+        """Each row's next-token log-probs of the `choices` token ids, renormalised over them (an engine with
+        logprobs_mode=processed_logprobs), under the weights at `model_path` (started unless one is live)."""
+        if self.logprobs_mode != "processed_logprobs":
+            raise InputError("generator=vllm: choice_logprobs needs an engine with logprobs_mode=processed_logprobs")
         self.start(tokenizer=tokenizer, model_path=model_path)
-        _check_prompt_length(max(len(r) for r in rows), 0, self._session.max_len)
-        return self._session.call("score", what=what, timeout_s=self.call_timeout_s, rows=rows,
-                                  starts=starts)["logprobs"]
+        _check_prompt_length(max(len(r) for r in rows), 1, self._session.max_len)
+        return self._session.call("choices", what=what, timeout_s=self.call_timeout_s, rows=rows,
+                                  choices=list(choices))["logprobs"]
 
     # -- the persistent engine ------------------------------------------------------------------------------
 
@@ -607,7 +611,7 @@ class VLLMGenerator(Sampling):
                   "seed": self.seed, "max_model_len": max_len, "enforce_eager": self.enforce_eager,
                   "tensor_parallel_size": self.tensor_parallel_size,
                   "gpu_memory_utilization": self.gpu_memory_utilization,
-                  "logprobs_mode": "raw_logprobs"}  # the model's log-probs, before temperature and top-p
+                  "logprobs_mode": self.logprobs_mode}  # raw: the model's log-probs, before temperature and top-p
         if self.data_parallel_size > 1:
             engine["data_parallel_size"] = self.data_parallel_size
         single = not torch.cuda.is_available() if self.single_process == "auto" else bool(self.single_process)
