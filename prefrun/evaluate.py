@@ -41,7 +41,7 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
             chunk = prompts[shard * size : (shard + 1) * size]
             settings = {"num_candidates": decoding.num_samples, "temperature": decoding.temperature,
                         "top_p": decoding.top_p, "max_new_tokens": cfg.max_new_tokens,
-                        "seed": distributed.shard_seed(seed, shard)}
+                        "seed": distributed.shard_seed(seed, shard), "stop": [], "min_new_tokens": 0}
             generator = HFGenerator(**settings, batch_size=size) if engine is None else \
                 dataclasses.replace(engine, **settings)  # a copy shares the engine
             completions = [c.texts for c in generator.generate(chunk, model=model, tokenizer=tokenizer)]

@@ -571,10 +571,12 @@ class PairwiseJudge(_ReadsPairs, _ClassifierJudge):
 ENGINE_ROWS = 4096  # judge.backend=vllm: questions per engine call
 
 
-def files_fingerprint(directory: Path) -> str:
+def files_fingerprint(directory: Path, key: str) -> str:
     """A hash of a checkpoint's weight files' bytes (the judge's weights, for a judge that does not hold them)."""
     digest = hashlib.blake2b(digest_size=16)
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if not files:
+        raise InputError(f"{key}: {directory} holds no weights (*.safetensors or *.bin)")
     for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as handle:
@@ -590,7 +592,7 @@ def _checkpoint_dir(name_or_path: str, key: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
     except Exception as err:  # noqa: BLE001 - hub errors are many: one line naming the key
         raise InputError(f"{key}: not a local directory and not on the hub ({_reason(err)})") from None
 
@@ -625,10 +627,19 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         if backend not in ("hf", "vllm"):
             raise InputError(f"judge.backend={backend!r}: choose hf (the model in this process) or vllm (a vLLM "
                              "engine in a child process)")
-        if backend == "vllm" and self.judges_with_the_policy:
-            raise InputError("judge.backend=vllm with judge.name_or_path=policy: the policy judges in memory, as it "
-                             "is at that moment; use judge.backend=hf")
-        self.backend, self.engine = backend, dict(engine or {})
+        engine = dict(engine or {})
+        if backend == "vllm":
+            refused = [(self.judges_with_the_policy, "judge.name_or_path=policy: the policy judges in memory, as "
+                        "it is at that moment"),
+                       (trust_remote_code, "judge.trust_remote_code=true: the engine loads vLLM's own model classes"),
+                       (device != "auto", f"judge.device={device!r}: the engine takes its process's device"),
+                       ("dtype" in engine, "judge.engine.dtype: set judge.dtype (it is part of the cache key)")]
+            why = next((reason for bad, reason in refused if bad), None)
+            if why:
+                raise InputError(f"judge.backend=vllm with {why}; use judge.backend=hf, or leave the key out")
+        elif engine:
+            raise InputError("judge.engine is for judge.backend=vllm: remove it, or set judge.backend=vllm")
+        self.backend, self.engine = backend, engine
         self._engine = self._directory = None  # backend=vllm: the VLLMGenerator holding the judge, its checkpoint
         self._set_template(template)
         choices = list(choices) if not isinstance(choices, str) else [choices]
@@ -689,6 +700,7 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         key = f"judge.name_or_path={self.name_or_path!r}"
         _, tokenizer = self._config_and_tokenizer(key)
         directory = _checkpoint_dir(self.name_or_path, key)
+        weights = files_fingerprint(directory, key)
         self._tokenizer = tokenizer
         self._loaded()
         try:
@@ -697,7 +709,7 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
             raise InputError(f"judge.engine: {_reason(err)}; its keys are generator=vllm's (conf/generator/vllm.yaml)"
                              ) from None
         engine.start(tokenizer=tokenizer, model_path=str(directory))
-        self._engine, self._directory, self._weights = engine, directory, files_fingerprint(directory)
+        self._engine, self._directory, self._weights = engine, directory, weights
         log.info("%s: loaded in a vLLM engine (worker pid %s)", self.name, engine.worker_pid)
 
     def close(self) -> None:

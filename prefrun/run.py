@@ -12,6 +12,7 @@ log-probs -> train -> (APO) extrapolate -> judged eval; each round kept under <r
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -142,8 +144,8 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     prompts = fitting_prompts(data.train_prompts(task, tokenizer, generator), tokenizer, limit=limit, why=why,
                               source=data.prompt_source)
     folds = prompt_folds(prompts, online.rounds, online.prompts_per_round, source=data.prompt_source)
-    evaluate = _round_evaluation(_judged_evaluation(cfg, data, task, judge, tokenizer), cfg, generator, tokenizer,
-                                 folds[0], accelerator)
+    evaluate, eval_backend = _round_evaluation(_judged_evaluation(cfg, data, task, judge, tokenizer), cfg, generator,
+                                               tokenizer, folds[0])
     rounds = Rounds(record.dir, enabled=accelerator.is_main_process)
     lora, steps_before = bool(cfg.model.get("lora")), 0
     global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
@@ -151,6 +153,11 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     initial = cpu_state(policy) if online.ref == "initial" or online.kl_estimate else None
     previous_hat = full_weights(policy) if online.extrapolates else None
     before = evaluate_start(rounds, lambda model, start: evaluate(model, start, 0), policy)
+    started = {result.get("generator", "hf") for result in before.values()}
+    if started and started != {eval_backend}:  # a resumed run whose start another backend sampled
+        log.warning("online: the start's evaluation (%s) was sampled by %s and this run's rounds sample with %s "
+                    "(eval.generator): the win rates against the start compare the two backends' samples",
+                    rounds.root / "before.json", ", ".join(sorted(started)), eval_backend)
     done = rounds.completed(online.rounds)
     if done:
         t = len(done)
@@ -343,25 +350,27 @@ def _judged_evaluation(cfg, data, task, judge, tokenizer):
                                                             before, judgments, engine=engine)
 
 
-def _round_evaluation(evaluate, cfg, generator, tokenizer, probe_prompts: list, accelerator):
-    """`evaluate(model, before, version)` for online rounds. With a persistent vLLM engine and eval.generator=same
-    the held-out prompts are sampled by the round's engine: first brought to the evaluated weights and probed
-    (weight `version`: θ_0 is 0, round t's θ̂_t and APO's θ_t are t), the training's prepared objects released
-    (the engine wakes on a GPU it shares with them); otherwise by HF in this process, as offline runs are."""
+def _round_evaluation(evaluate, cfg, generator, tokenizer, probe_prompts: list):
+    """`evaluate(model, before, version)` for online rounds, and who samples (hf | vllm). With a persistent vLLM
+    engine and eval.generator=same the held-out prompts are sampled by the round's engine, first brought to the
+    evaluated weights and probed (weight `version`: θ_0 is 0, round t's θ̂_t and APO's θ_t are t); otherwise by HF
+    in this process, as offline runs are."""
     choice = cfg.eval.get("generator", "same")
     if choice not in ("same", "hf"):
         raise InputError(f"eval.generator={choice!r}: choose same (the run's generator: its vLLM engine in online "
                          "rounds) or hf")
     if evaluate is _no_evaluation or choice == "hf" or not isinstance(generator, VLLMGenerator) \
             or generator.mode != "persistent":
-        return lambda model, before, version: evaluate(model, before)
+        return (lambda model, before, version: evaluate(model, before)), "hf"
 
     def through_engine(model, before, version: int) -> dict:
-        accelerator.free_memory()
+        gc.collect()  # what training left, before the engine wakes (a shared GPU); prepared objects stay, as
+        if torch.cuda.is_available():  # DeepSpeed's need their hooks until the next round's prepare()
+            torch.cuda.empty_cache()
         distributed.together(generator.sync, model, tokenizer, probe_prompts=probe_prompts, version=version)
         return evaluate(model, before, engine=generator)
 
-    return through_engine
+    return through_engine, "vllm"
 
 
 def _load_policy(cfg, task, cache_dir: Path, accelerator):

@@ -108,7 +108,7 @@ def main() -> None:
     }
     if importlib.util.find_spec("vllm") is not None and not args.no_vllm:  # the same weights in a vLLM engine
         judges["llm (vllm)"] = lambda: LLMJudge(str(work / "llm"), chat_template="none", backend="vllm",
-                                                **settings)
+                                                batch_size=args.batch_size, dtype="float32")
     params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(
         vocab_size=len(char_tokenizer()), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64), head_dim=64)).parameters())

@@ -247,8 +247,15 @@ def test_llm_judge_through_a_vllm_engine_gives_hfs_verdicts(tmp_path_factory):
     with pytest.raises(InputError, match=r"judge.backend='tgi': choose hf"):
         llm_judge(path, backend="tgi")
     with pytest.raises(InputError, match="judge.backend=vllm with judge.name_or_path=policy"):
-        llm_judge("policy", backend="vllm")
-    hf, engine = llm_judge(path), llm_judge(path, backend="vllm", engine={"kv_cache_memory_bytes": 64 << 20})
+        llm_judge("policy", backend="vllm", device="auto")
+    for bad, key in (({"device": "cpu"}, "judge.device='cpu'"), ({"trust_remote_code": True}, "judge.trust_remote_code=true"),
+                     ({"device": "auto", "engine": {"dtype": "float16"}}, "judge.engine.dtype")):
+        with pytest.raises(InputError, match=f"judge.backend=vllm with {key}"):
+            llm_judge(path, backend="vllm", **bad)
+    with pytest.raises(InputError, match="judge.engine is for judge.backend=vllm"):
+        llm_judge(path, engine={"max_model_len": 64})
+    hf = llm_judge(path)
+    engine = llm_judge(path, backend="vllm", device="auto", engine={"kv_cache_memory_bytes": 64 << 20})
     try:
         ours, theirs = engine.compare(PROMPTS, FIRST, SECOND), hf.compare(PROMPTS, FIRST, SECOND)
         assert np.allclose(ours.forward, theirs.forward, atol=1e-5) and np.allclose(ours.backward, theirs.backward,

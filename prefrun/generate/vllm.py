@@ -165,6 +165,8 @@ class VLLMGenerator(Sampling):
         super().__post_init__()
         checks = [
             ("mode", self.mode in _MODES, "persistent or fresh"),
+            ("logprobs_mode", self.logprobs_mode in ("raw_logprobs", "processed_logprobs"),
+             "raw_logprobs or processed_logprobs"),
             ("dtype", self.dtype in _DTYPES, f"one of {', '.join(_DTYPES)}"),
             ("kv_cache_memory_bytes", self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
              "a number of bytes > 0, or null"),
