@@ -65,7 +65,12 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     columns = None if draws else _fixed_columns(sampler, examples)
     optimizer = optimizer_factory(params=[p for p in model.parameters() if p.requires_grad])
     lengths = [len(ex.prompt_ids) + max(len(c) for c in ex.completion_ids) for ex in examples]
-    batches_per_epoch = len(accelerator.prepare(_epoch_loader(lengths, cfg, seed, 0)))
+    first_epoch = _epoch_loader(lengths, cfg, seed, 0)
+    batches_per_epoch = len(accelerator.prepare(first_epoch))
+    if batches_per_epoch == 0:  # fewer batches than processes: accelerate gives some of them none
+        raise InputError(f"{len(examples)} training examples make {len(first_epoch)} batch(es) of "
+                         f"trainer.batch_size={cfg.batch_size}, fewer than the {accelerator.num_processes} "
+                         "processes: lower trainer.batch_size, or give more prompts")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * max(1, batches_per_epoch // cfg.grad_accum))
     # accelerate steps a prepared scheduler once per process at every optimiser step: count in those units.
     processes = accelerator.num_processes
