@@ -1,7 +1,8 @@
 """Run by tests/test_fsdp2.py under torchrun (2 CPU processes, gloo): with an FSDP2-sharded policy (its forwards
 are collectives) the split work — reference scoring and HF generation of pools, here 3 shards over 2 processes —
 must not leave the processes running different numbers of forwards (a hang): every process does every shard,
-with the same results as one process with the unsharded model; each shard file has one writer."""
+with the same results as one process with the unsharded model; each shard file has one writer. A vLLM engine
+lost on one process is not restarted with a sharded policy (one line instead of a hang)."""
 
 import sys
 from pathlib import Path
@@ -14,7 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import prefrun.data.reference as reference
 from prefrun.data import Example, split_candidate_logps
+from prefrun.errors import PrefrunError
 from prefrun.generate import HFGenerator
+from prefrun.generate.vllm import VLLMGenerator
+from prefrun.generate.worker_process import EngineLost
 from prefrun.pools import make_pools
 from prefrun.tasks import SortDigits
 from prefrun.tiny import char_tokenizer
@@ -53,7 +57,13 @@ def main(out: str) -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     sharded = work(model, tokenizer, Path(out).with_name("sharded-shards"))
-    torch.save({"single": single, "sharded": sharded}, f"{out}.{dist.get_rank()}")
+    # An engine lost on one process is not restarted with a sharded policy (loading a new one is collective).
+    try:
+        VLLMGenerator()._restart(EngineLost("the vLLM engine died"), "generation", model)
+        refused = None
+    except PrefrunError as err:
+        refused = str(err)
+    torch.save({"single": single, "sharded": sharded, "restart": refused}, f"{out}.{dist.get_rank()}")
     dist.barrier()  # both done before either tears the group down (a peer gone mid-teardown aborts gloo)
     dist.destroy_process_group()
 

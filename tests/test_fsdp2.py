@@ -37,5 +37,6 @@ def test_split_work_with_a_sharded_policy_does_every_shard_on_every_process_and_
         seen = torch.load(f"{out}.{rank}")
         torch.testing.assert_close(seen["sharded"]["logps"], seen["single"]["logps"], atol=1e-5, rtol=1e-5)
         assert seen["sharded"]["pools"] == seen["single"]["pools"]  # same candidates, same scores
+        assert "not restarted: the policy is sharded" in seen["restart"]
     assert sorted(p.name for p in (tmp_path / "sharded-shards").glob("shard-*")) == [
         "shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from prefrun import faults
+from prefrun import distributed, faults
 from prefrun.errors import InputError, PrefrunError
 from prefrun.generate.base import Candidates, Sampling, _candidates, _eos_ids, _log_rate, _tokenize
 from prefrun.generate.probe import _build_probe, _max_diff, _Probe, _trainer_logprobs
@@ -310,13 +310,19 @@ class VLLMGenerator(Sampling):
                 return self._generate_on_engine(settings, ids_sets, model=model, tokenizer=tokenizer,
                                                 model_path=model_path, max_new_tokens=max_new_tokens)
             except EngineLost as lost:
-                self._restart(lost, "generation")
+                self._restart(lost, "generation", model)
                 resync = self._session.probe is not None
 
-    def _restart(self, lost: EngineLost, during: str) -> None:
+    def _restart(self, lost: EngineLost, during: str, model) -> None:
         """The watchdog: after the engine's death or a timeout, start another (the caller loads it with the same
-        weights and probes it), at most `max_restarts` times per round; beyond that the loss is the one line."""
+        weights and probes it), at most `max_restarts` times per round; beyond that the loss is the one line.
+        Never with a sharded policy (FSDP2, ZeRO-3): gathering its weights for the new engine, and the probe's
+        forward, are collectives that the other processes, whose engines live, would not join (a hang)."""
         session = self._session
+        if distributed.is_sharded(model):
+            raise PrefrunError(f"{lost}; not restarted: the policy is sharded (FSDP2 / ZeRO-3), and loading a new "
+                               "engine would need every process to gather the weights while only this one lost its "
+                               "engine. The run is resumable: run the same command again") from None
         if session.restarts >= self.max_restarts:
             raise PrefrunError(f"{lost} (after {session.restarts} restart(s) this round, generator.max_restarts="
                                f"{self.max_restarts}); the run is resumable: run the same command again") from None
@@ -451,7 +457,7 @@ class VLLMGenerator(Sampling):
                 try:
                     return self._sync_on_engine(model, tokenizer, probe_prompts, version)
                 except EngineLost as lost:
-                    self._restart(lost, "sync")
+                    self._restart(lost, "sync", model)
 
     def _sync_on_engine(self, model, tokenizer, probe_prompts, version: int) -> None:
         """Push (to a live engine) or start one from `model`'s weights, then probe; `probe_prompts` may be None
