@@ -179,6 +179,7 @@ def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
     """Write `weights` (as `prefrun.model.full_weights` returns them) into the model. With LoRA they go into the base
     layers and the adapters restart (B = 0, A drawn from `seed`): the policy's function is exactly `weights`,
     and "adapters off" is now this policy, the next round's reference."""
+    resharded(model)  # before the parameters are read: a gathered FSDP2 module registers its gathered copies
     params = {name.replace(".base_layer.", "."): param for name, param in _base(model).named_parameters()
               if "lora_" not in name}
     missing, unknown = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
@@ -186,7 +187,7 @@ def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
         raise InputError(f"online: saved weights do not fit the policy (missing {missing[:3]}, unknown {unknown[:3]}): "
                          "was the run directory made with another model?")
     for name, param in params.items():
-        param.copy_(weights[name].to(param.device, param.dtype))
+        param.copy_(_like(weights[name].to(param.device, param.dtype), param))
     lora = _lora_layers(model)
     if lora:
         state = torch.random.get_rng_state()
@@ -251,15 +252,41 @@ def complete_tied(model, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: value for name, value in out.items() if name in kept}
 
 
+def resharded(model) -> None:
+    """FSDP2 leaves the root module's parameters gathered after a forward (it expects the backward next): the
+    module then registers the gathered copies as its parameters, the next forward uses them, and resharding
+    frees them. Weights written in that state are lost (or written into freed memory). Reshard every FSDP2
+    module first, so that the registered parameters are the shards (a no-op for a model that is not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in _base(model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _like(full: Tensor, target: Tensor) -> Tensor:
+    """`full` as `target` holds it: a sharded target (an FSDP2 DTensor) gets this process's shard of it. Every
+    process holds the same full tensor, so each cuts its own shard locally (src_data_rank=None: nothing sent)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(full, DTensor):
+        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+    return full
+
+
 @contextmanager
 def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
-    """Run the block with `state` (a full `model.state_dict()` copy) in the model, then put its weights back:
-    the initial weights' log-probs without a second model in memory (one extra copy on the CPU)."""
-    current = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
-    model.load_state_dict(state)
+    """Run the block with `state` (a full `model.state_dict()` copy, taken before the model was sharded or not)
+    in the model, then put its weights back: the initial weights' log-probs without a second model in memory
+    (one extra copy on the CPU)."""
+    resharded(model)
+    own = model.state_dict()
+    current = {name: tensor.detach().to("cpu", copy=True) for name, tensor in own.items()}
+    model.load_state_dict({name: _like(value, own[name]) for name, value in state.items()})
     try:
         yield
     finally:
+        resharded(model)
         model.load_state_dict(current)
 
 
@@ -339,7 +366,9 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
     (no usable pools), so θ_t = θ̂_t = θ_{t-1}, kept on disk like a trained round's, never extrapolated (APO's
     next momentum starts from θ_{t-1}), and its evaluation is `carried`, θ_{t-1}'s."""
     where, last_round = rounds.dir(t), t == online.rounds
-    needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled
+    # Gathering a sharded policy's weights is a collective: every process takes part, also those that write nothing.
+    needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled \
+        or distributed.is_sharded(policy)
     hat = full_weights(policy) if needs_weights else None
     def keep_hat() -> None:  # one writer; a full disk there stops every process with its line
         if rounds.enabled:

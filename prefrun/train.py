@@ -3,14 +3,17 @@ loss from losses.py -> accelerate step. Offline DPO is one call; online rounds c
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
+import os
 import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -38,9 +41,38 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # A collective waits this long for the slowest process (a long judge or engine start on one of them).
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.get("dist_timeout_s") or 1800))
+    sharded_on_cpu = (bool(cfg.get("cpu_fsdp")) and not torch.cuda.is_available()
+                      and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
     # cpu=True on a machine without CUDA: that is what makes several processes use gloo (MULTI_CPU).
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
-                       cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+    with _fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
+        return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
+                           cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+@contextlib.contextmanager
+def _fsdp_on_cpu():
+    """accelerate wraps a model with FSDP on accelerators only: under an FSDP config, CPU processes silently get
+    multi-process DDP. With `trainer.cpu_fsdp` the job runs accelerate's own FSDP path on the CPU processes
+    (torch's fully_shard over a gloo mesh): sharded parameters, gradients and optimiser state, sharded
+    checkpoints through torch.distributed.checkpoint, gathered final weights, so a sharded job can be rehearsed
+    (and tested) without a GPU. accelerate's state keeps a CPU job at MULTI_CPU; this lifts it to FSDP while
+    the Accelerator is built, with the plugin accelerate read from the launcher's FSDP_* variables."""
+    init = AcceleratorState.__init__
+
+    def init_with_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init_with_fsdp
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = init
 
 
 def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sampler, optimizer_factory,
@@ -76,9 +108,14 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     processes = accelerator.num_processes
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps) * processes,
                               num_training_steps=total_steps * processes)
+    budget = cfg.get("logits_budget_mb") or float("inf")
+    if packed and not packing_checked(model):  # before prepare(): a sharded model's forwards are collectives, and
+        # only the processes that have not checked this model yet (reference scoring may have) would run them
+        first = [examples[i] for i in next(iter(first_epoch)).tolist()]
+        batch, padded = (to_device(collate(first, pad_id, packed=p), accelerator.device) for p in (True, False))
+        packed = check_packing(model, batch, padded, logits_budget_mb=budget)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
-    budget = cfg.get("logits_budget_mb") or float("inf")
 
     state, window, last = {"step": 0, "micro_batches": 0}, _Window(), {}
     resume_from = checkpoints.latest() if checkpoints else None
@@ -105,10 +142,6 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                 batch = collate(chunk, pad_id, columns, packed=packed)
                 tokens = int(batch["sequence_lengths"].sum())
                 batch = to_device(batch, accelerator.device)
-                if packed and not packing_checked(model):  # once per model (reference scoring may have done it)
-                    padded = to_device(collate(chunk, pad_id, columns), accelerator.device)
-                    if not check_packing(model, batch, padded, logits_budget_mb=budget):
-                        packed, batch = False, padded
                 with accelerator.accumulate(model):
                     row_logps = sequence_logps(model, batch, logits_budget_mb=budget)
                     policy_logps = row_logps[batch["row_index"]]
@@ -208,8 +241,9 @@ def _packs(model) -> bool:
 class PoolDraws:
     """The negatives of each micro-batch of pools: score every candidate with the current policy (a batched
     no-grad forward, reused while younger than `sampler.refresh_every` steps), then let the sampler draw.
-    Column 0 of each example is its chosen y_w. Draws come from a generator seeded by (seed, position in
-    the data), so a resumed run draws what an uninterrupted one would."""
+    Column 0 of each example is its chosen y_w. Each example's draws come from a generator seeded by (seed,
+    optimiser step, example index), so a resumed run draws what an uninterrupted one would, and a run on N
+    processes what one process draws at the same global batch."""
 
     def __init__(self, sampler, examples: list[Example], *, beta: float, pad_id: int, seed: int, batch_size: int):
         self.sampler, self.examples, self.beta, self.pad_id, self.seed = sampler, examples, beta, pad_id, seed
@@ -240,8 +274,10 @@ class PoolDraws:
             self.cache.clear()  # scored every visit: nothing to keep
         reference, lengths, judge = self.reference[index], self.lengths[index], self.judge[index]
         scores = self.sampler.kernel_scores(policy, reference, lengths, self.beta)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + state["micro_batches"])
-        drawn = self.sampler.draw(scores, judge, generator)
+        # One generator per example, seeded by (seed, optimiser step, example): the draws do not depend on which
+        # process holds the example, nor on how a global batch is cut into micro-batches.
+        drawn = torch.cat([self.sampler.draw(scores[j : j + 1], judge[j : j + 1], torch.Generator().manual_seed(
+            ((self.seed * 1_000_003 + step) * 10_000_019 + i) % 2**63)) for j, i in enumerate(indices)])
         rewards = (self.beta * (policy - reference)).masked_fill(lengths == 0, float("-inf"))
         metrics = {
             "loss/pool": pool_log_softmax_loss(rewards).mean(),

