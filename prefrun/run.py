@@ -83,8 +83,8 @@ def run(cfg: DictConfig) -> float | None:
     record = RunLog(Path(hydra_cfg.runtime.output_dir), cfg, enabled=accelerator.is_main_process, sweep_name=sweep)
     cache_dir = Path(cfg.cache_dir).expanduser()
     set_seed(cfg.seed)
-    log.info("accelerate: %d process(es), %s, mixed precision %s", accelerator.num_processes, accelerator.device,
-             accelerator.mixed_precision)
+    log.info("accelerate: %d process(es), %s, %s, mixed precision %s", accelerator.num_processes,
+             accelerator.distributed_type.value, accelerator.device, accelerator.mixed_precision)
 
     task = instantiate(cfg.task) if cfg.get("task") else None  # `~task`: no built-in task
     online = instantiate(cfg.online)

@@ -41,8 +41,12 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # A collective waits this long for the slowest process (a long judge or engine start on one of them).
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.get("dist_timeout_s") or 1800))
-    sharded_on_cpu = (bool(cfg.get("cpu_fsdp")) and not torch.cuda.is_available()
-                      and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+    fsdp_config = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    sharded_on_cpu = bool(cfg.get("cpu_fsdp")) and not torch.cuda.is_available() and fsdp_config
+    if cfg.get("cpu_fsdp") and not sharded_on_cpu:
+        log.warning("trainer.cpu_fsdp=true: %s", "this machine has GPUs, where an FSDP config runs FSDP anyway"
+                    if torch.cuda.is_available() else "no FSDP config was launched (accelerate launch --config_file "
+                    "docs/accelerate/fsdp.yaml ...): nothing to shard, the key does nothing")
     # cpu=True on a machine without CUDA: that is what makes several processes use gloo (MULTI_CPU).
     with _fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
         return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
