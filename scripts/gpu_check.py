@@ -14,7 +14,11 @@ on its own (its row then says why) so that one failure does not cost the others:
   generation and training), the weight push + probe time and the probe's largest difference (16-bit);
 - dpo: an offline DPO run, tokens/s and model FLOPs utilisation (6·N·tokens/s over the GPU's bf16 peak);
 - fsdp: the same DPO run under `accelerate launch --config_file docs/accelerate/fsdp.yaml --num_processes 1`
-  (FSDP2 for real on a GPU): step 1's loss must be ln 2.
+  (FSDP2 for real on a GPU): step 1's loss must be ln 2;
+- fsdp_online: 2 rounds of APO under that FSDP2 config with the vLLM engine beside the sharded trainer: each
+  round's weights gathered from the shards into the engine and probed, APO's extrapolation and the round's
+  reference written into the shards; every round's first loss must be ln 2 (ref=previous: a round that trained
+  from other weights than its reference's shows here).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-CHECKS = ("generate", "online", "dpo", "fsdp")
+CHECKS = ("generate", "online", "dpo", "fsdp", "fsdp_online")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense, per GPU
 MARKERS = ("<!-- gpu_check: begin -->", "<!-- gpu_check: end -->")
 
@@ -134,20 +138,43 @@ def check_dpo(ctx) -> dict:
     return out
 
 
-def check_fsdp(ctx) -> dict:
-    run_dir = ctx.work / "fsdp"
+def _fsdp_launch(ctx) -> list[str]:
+    """`accelerate launch` with the shipped FSDP2 config on one process (on a CPU: fp32, use_cpu)."""
     config = ctx.work / "fsdp.yaml"
     text = (REPO / "docs" / "accelerate" / "fsdp.yaml").read_text().replace("num_processes: 8", "num_processes: 1")
     if not torch.cuda.is_available():
         text = text.replace("use_cpu: false", "use_cpu: true").replace("mixed_precision: bf16", "mixed_precision: 'no'")
     config.write_text(text)
-    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefrun",
-         *_dpo_job(ctx, run_dir)], ctx.work, ctx.env, 600)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefrun"]
+
+
+def check_fsdp(ctx) -> dict:
+    run_dir = ctx.work / "fsdp"
+    run([*_fsdp_launch(ctx), *_dpo_job(ctx, run_dir)], ctx.work, ctx.env, 600)
     metrics = rows(run_dir)
     loss = metrics[0]["loss"]
     if abs(loss - math.log(2)) > 1e-3:
         raise RuntimeError(f"step-1 loss {loss:.6f}, not ln 2")
     return {"step-1 loss": round(loss, 6), "steps": len(metrics)}
+
+
+def check_fsdp_online(ctx) -> dict:
+    run_dir = ctx.work / "fsdp_online"
+    size = ["model.build.sft_steps=20", "model.build.hidden_size=64", "model.build.num_heads=1", "generator=hf"] \
+        if ctx.smoke else ["model.build.hidden_size=768", "model.build.num_heads=12", "model.build.num_layers=12",
+                           "model.build.intermediate_size=3072", "generator.dtype=bfloat16"]
+    job = ["train", "experiment=apo_tiny", *size, "online.rounds=2", "trainer.log_every=1",
+           "trainer.max_steps=4" if ctx.smoke else "trainer.max_steps=20", "eval.num_prompts=16",
+           f"online.prompts_per_round={16 if ctx.smoke else 256}", f"data.num_prompts={32 if ctx.smoke else 512}",
+           "trainer.save_final=false", f"hydra.run.dir={run_dir}"]
+    run([*_fsdp_launch(ctx), *job], ctx.work, ctx.env, 600)
+    first = {r["round"]: r["loss"] for r in reversed(rows(run_dir)) if "loss" in r and r.get("round_step") == 1}
+    if any(abs(loss - math.log(2)) > 1e-2 for loss in first.values()) or len(first) != 2:
+        raise RuntimeError(f"each round's first loss must be ln 2 (ref=previous); got {first}")
+    rounds = [json.loads((run_dir / "rounds" / str(t) / "round.json").read_text()) for t in (1, 2)]
+    return {"first losses": " ".join(f"{first[t]:.4f}" for t in (1, 2)),
+            "probe max diff": max(r.get("sync/max_abs_logp_diff", 0.0) for r in rounds),
+            "round s (round 2)": round(sum(v for k, v in rounds[1].items() if k.startswith("round/time/")), 1)}
 
 
 def table(results: dict, ctx) -> str:

@@ -25,6 +25,7 @@ from prefrun.judges import (
     RewardModelJudge,
     RuleJudge,
     Verdicts,
+    files_fingerprint,
 )
 from prefrun.tasks import SortDigits
 
@@ -459,3 +460,17 @@ def test_llm_config_instantiates_without_loading_a_model():
     assert judge.template == LLM_TEMPLATE and judge.choices == ["A", "B"] and judge.chat_template == "auto"
     assert repr(judge).startswith("LLMJudge(name_or_path='/no/such/model', max_length=2048")
     assert repr(judge).endswith("choices=['A', 'B'], answer_prefix='')")
+
+
+def test_the_files_fingerprint_is_read_once_while_the_files_are_unchanged(tmp_path, monkeypatch):
+    """judge.backend=vllm fingerprints the checkpoint's bytes at every load (every round): a large judge is read once
+    per process, and again only when a weight file changes."""
+    (tmp_path / "model.safetensors").write_bytes(b"a" * 1000)
+    first = files_fingerprint(tmp_path, "judge.name_or_path")
+    reads = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: reads.append(self.name) or real_open(self, *a, **k))
+    assert files_fingerprint(tmp_path, "judge.name_or_path") == first and reads == []
+    (tmp_path / "model.safetensors").write_bytes(b"b" * 1001)
+    reads.clear()
+    assert files_fingerprint(tmp_path, "judge.name_or_path") != first and reads == ["model.safetensors"]
