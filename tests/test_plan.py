@@ -2,6 +2,7 @@
 per device of each phase, and stops in one line when a phase cannot fit."""
 
 import pytest
+import torch
 from transformers import MistralConfig
 
 from .conftest import run_cli
@@ -40,3 +41,14 @@ def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(t
     assert "phase needs" in line and "use LoRA" in line  # one line: what does not fit and what to change
     lora = _said(run_cli([*job, "+model/lora=default"], tmp_path))
     assert "DOES NOT FIT" not in lora and "policy weights 13.6 GiB, gradients 80.0 MiB" in lora  # bf16; adapters only train
+
+
+def test_an_fsdp_launch_on_cpu_processes_is_planned_as_ddp_unless_trainer_cpu_fsdp(monkeypatch):
+    """accelerate trains an FSDP config as DDP on CPU processes; trainer.cpu_fsdp makes it shard for real."""
+    from prefrun.plan import Launch
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Launch.from_env().sharding == "none" and Launch.from_env(cpu_fsdp=True).sharding == "fsdp"
+    assert Launch.from_env(cpu_fsdp=True).share("optimiser") == 2 and Launch.from_env().share("optimiser") == 1
