@@ -3,8 +3,10 @@ bootstrap's coverage, and the length-controlled win rate against alpaca_eval's o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -373,26 +375,35 @@ def test_bad_input_is_a_clear_value_error(call, message):
 # ------------------------------------------------------------------------------- alpaca_eval reference
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-def test_lc_win_rate_matches_alpaca_eval(tmp_path, monkeypatch):
-    """alpaca_eval's get_length_controlled_winrate on the same annotations, with the test's difficulties."""
-    glm_winrate = pytest.importorskip("alpaca_eval.metrics.glm_winrate")
-    pd = pytest.importorskip("pandas")
-    sklearn = pytest.importorskip("sklearn")
-    num_prompts = 200
-    data = random_pairs(seed=8, num_prompts=num_prompts)
+# alpaca_eval's fits of the test's annotations, as alpaca_eval 0.6.6 computed them. alpaca-eval is not in the
+# test install (it pulls in scikit-learn, which transformers then imports in every process: ~0.9 s a start);
+# with it installed (pip install alpaca-eval) the test fits them anew and checks them against this file too.
+ALPACA_EVAL_FITS = Path(__file__).parent / "data" / "alpaca_eval_lc.json"
+NUM_PROMPTS = 200
+EXACT = dict(n_splits=0, tol=1e-12, max_iter=100_000)  # one liblinear fit at a fixed C, solved tightly
+
+
+def alpaca_eval_fits(tmp_path, monkeypatch, data: dict) -> dict:
+    """alpaca_eval's get_length_controlled_winrate on the test's annotations, with the test's difficulties: the LC
+    win rate (a fraction) and the GLM's coefficients at C = 1e8, 1 and 0.1 (length_controlled_noreg), at C = 1e8
+    without difficulties (length_controlled_minimal), and alpaca_eval's default (C by 5-fold cross-validation,
+    then refitted) with the C it chose."""
+    import pandas as pd
+    import sklearn
+    from alpaca_eval.metrics import glm_winrate
+
     p, model, baseline, difficulty = (
         data[k] for k in ("preferences", "model_lengths", "baseline_lengths", "difficulties")
     )
     # where alpaca_eval looks the per-instruction difficulties up (df_gamed.csv on the hub): our own file
     pd.DataFrame(
-        {"model": "none", "index": np.arange(num_prompts), "instruction_difficulty": difficulty}
+        {"model": "none", "index": np.arange(NUM_PROMPTS), "instruction_difficulty": difficulty}
     ).to_csv(tmp_path / "df_gamed.csv", index=False)
     monkeypatch.setattr(glm_winrate, "hf_hub_download", lambda **kwargs: str(tmp_path / "df_gamed.csv"))
     # alpaca_eval's shape: output_1 / generator_1 the baseline, output_2 the model, preference in [1, 2]
     annotations = pd.DataFrame(
         {
-            "instruction": [f"instruction {i}" for i in range(num_prompts)],
+            "instruction": [f"instruction {i}" for i in range(NUM_PROMPTS)],
             "output_1": ["b" * int(n) for n in baseline],
             "output_2": ["m" * int(n) for n in model],
             "generator_1": "baseline",
@@ -401,8 +412,8 @@ def test_lc_win_rate_matches_alpaca_eval(tmp_path, monkeypatch):
         }
     )
 
-    def alpaca_eval(formula_name: str, **kwargs) -> tuple[float, list[float]]:
-        """(LC win rate as a fraction, the GLM's coefficients) from alpaca_eval."""
+    def fit(formula_name: str, **kwargs) -> list:
+        """[LC win rate as a fraction, the GLM's coefficients] from alpaca_eval."""
         glm_info = {
             "formula": glm_winrate.GLM_INFO[formula_name]["formula"],
             "regularize_to_baseline_lambda": None,
@@ -418,28 +429,8 @@ def test_lc_win_rate_matches_alpaca_eval(tmp_path, monkeypatch):
                 is_warn_extreme_changes=False,
             )
         coefs = pd.read_csv(weights_dir / "length_controlled_v1" / "baseline_baseline.csv", index_col=0)
-        return metrics["length_controlled_winrate"] / 100, coefs.loc["model"].dropna().tolist()
+        return [metrics["length_controlled_winrate"] / 100, coefs.loc["model"].dropna().tolist()]
 
-    exact = dict(n_splits=0, tol=1e-12, max_iter=100_000)  # one liblinear fit at a fixed C, solved tightly
-    no_ridge = dict(length_ridge=0.0)  # alpaca_eval's fit is L1 only: prefrun's default ridge off
-    # with difficulties: C = 1e8 is the unpenalised fit; C = 1 shrinks every coefficient; C = 0.1 zeroes two
-    for C, l1_penalty in ((1e8, 0.0), (1.0, 1.0), (0.1, 10.0)):
-        expected, (length_coef, difficulty_coef, model_coef) = alpaca_eval(
-            "length_controlled_noreg", C=C, **exact
-        )
-        fit = fit_length_glm(p, model, baseline, difficulties=difficulty, l1_penalty=l1_penalty, **no_ridge)
-        assert fit.lc_win_rate == pytest.approx(expected, abs=1e-7)
-        # alpaca_eval's length difference is baseline - model: the coefficient's sign is the other way
-        assert (-fit.length_coef, fit.difficulty_coef, fit.model_coef) == pytest.approx(
-            (length_coef, difficulty_coef, model_coef), abs=1e-6
-        )
-    # without difficulties: alpaca_eval's length_controlled_minimal formula
-    expected, (length_coef, model_coef) = alpaca_eval("length_controlled_minimal", C=1e8, **exact)
-    fit = fit_length_glm(p, model, baseline, **no_ridge)
-    assert fit.lc_win_rate == pytest.approx(expected, abs=1e-7)
-    assert (-fit.length_coef, fit.model_coef) == pytest.approx((length_coef, model_coef), abs=1e-6)
-    # alpaca_eval's default picks C by 5-fold cross-validation (10 values from 1e-4 to 1e4), then refits:
-    # the same fit as prefrun's at l1_penalty = 1 / C, to about liblinear's default tolerance
     chosen = []
 
     def fit_and_keep_c(*args, **kwargs):
@@ -447,14 +438,49 @@ def test_lc_win_rate_matches_alpaca_eval(tmp_path, monkeypatch):
         chosen.append(float(np.ravel(fitted.C_)[0]))
         return fitted
 
+    fits = {f"noreg C={C:g}": fit("length_controlled_noreg", C=C, **EXACT) for C in (1e8, 1.0, 0.1)}
+    fits["minimal C=1e+08"] = fit("length_controlled_minimal", C=1e8, **EXACT)
     original_fit = glm_winrate.fit_LogisticRegressionCV
     monkeypatch.setattr(glm_winrate, "fit_LogisticRegressionCV", fit_and_keep_c)
-    default, _ = alpaca_eval(
-        "length_controlled_noreg", **glm_winrate.GLM_INFO["length_controlled_noreg"]["kwargs"]
+    default, _ = fit("length_controlled_noreg", **glm_winrate.GLM_INFO["length_controlled_noreg"]["kwargs"])
+    fits["default"] = [default, chosen[0]]
+    return fits
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_lc_win_rate_matches_alpaca_eval(tmp_path, monkeypatch):
+    """prefrun's length-controlled fit equals alpaca_eval's own on the same annotations."""
+    data = random_pairs(seed=8, num_prompts=NUM_PROMPTS)
+    p, model, baseline, difficulty = (
+        data[k] for k in ("preferences", "model_lengths", "baseline_lengths", "difficulties")
     )
+    stored = json.loads(ALPACA_EVAL_FITS.read_text())["fits"]
+    if importlib.util.find_spec("alpaca_eval") is not None:
+        live = alpaca_eval_fits(tmp_path, monkeypatch, data)
+        flat = lambda fits: [x for k in sorted(fits) for x in np.hstack(fits[k]).tolist()]  # noqa: E731
+        assert sorted(live) == sorted(stored)
+        assert flat(live) == pytest.approx(flat(stored), abs=1e-7), "alpaca_eval fits otherwise than the stored file"
+    no_ridge = dict(length_ridge=0.0)  # alpaca_eval's fit is L1 only: prefrun's default ridge off
+    # with difficulties: C = 1e8 is the unpenalised fit; C = 1 shrinks every coefficient; C = 0.1 zeroes two
+    for C, l1_penalty in ((1e8, 0.0), (1.0, 1.0), (0.1, 10.0)):
+        expected, (length_coef, difficulty_coef, model_coef) = stored[f"noreg C={C:g}"]
+        fit = fit_length_glm(p, model, baseline, difficulties=difficulty, l1_penalty=l1_penalty, **no_ridge)
+        assert fit.lc_win_rate == pytest.approx(expected, abs=1e-7)
+        # alpaca_eval's length difference is baseline - model: the coefficient's sign is the other way
+        assert (-fit.length_coef, fit.difficulty_coef, fit.model_coef) == pytest.approx(
+            (length_coef, difficulty_coef, model_coef), abs=1e-6
+        )
+    # without difficulties: alpaca_eval's length_controlled_minimal formula
+    expected, (length_coef, model_coef) = stored["minimal C=1e+08"]
+    fit = fit_length_glm(p, model, baseline, **no_ridge)
+    assert fit.lc_win_rate == pytest.approx(expected, abs=1e-7)
+    assert (-fit.length_coef, fit.model_coef) == pytest.approx((length_coef, model_coef), abs=1e-6)
+    # alpaca_eval's default picks C by 5-fold cross-validation (10 values from 1e-4 to 1e4), then refits:
+    # the same fit as prefrun's at l1_penalty = 1 / C, to about liblinear's default tolerance
+    default, chosen = stored["default"]
     unpenalised = length_controlled_win_rate(p, model, baseline, difficulties=difficulty, **no_ridge)
     penalised = length_controlled_win_rate(
-        p, model, baseline, difficulties=difficulty, l1_penalty=1 / chosen[0], **no_ridge
+        p, model, baseline, difficulties=difficulty, l1_penalty=1 / chosen, **no_ridge
     )
     assert penalised == pytest.approx(default, abs=1e-5)
     assert abs(unpenalised - default) > 1e-3  # the penalty it picks does move the figure here
