@@ -116,7 +116,8 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     if packed and not packing_checked(model):  # before prepare(): a sharded model's forwards are collectives, and
         # only the processes that have not checked this model yet (reference scoring may have) would run them
         first = [examples[i] for i in next(iter(first_epoch)).tolist()]
-        batch, padded = (to_device(collate(first, pad_id, packed=p), accelerator.device) for p in (True, False))
+        shared = columns or list(range(min(len(ex.completion_ids) for ex in first)))  # pools may differ in size
+        batch, padded = (to_device(collate(first, pad_id, shared, packed=p), accelerator.device) for p in (True, False))
         packed = check_packing(model, batch, padded, logits_budget_mb=budget)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()

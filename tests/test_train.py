@@ -174,3 +174,30 @@ def test_dropout_is_off_by_default_so_the_first_log_ratio_is_zero(bpe_model_dir,
         first[disable] = rows[0]["loss"]
     assert first[True] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(first[False] - math.log(2)) > 1e-3
+
+
+def test_pools_of_different_sizes_are_checked_for_packing_before_prepare(bpe_model_dir, tmp_path):
+    """The packed-vs-padded check runs before prepare() (under FSDP2 a forward is a collective: every process must
+    run it at the same time) on the first batch; here the model has not been checked yet (as when the reference
+    log-probs come from the cache) and the first batch's pools hold 5 and 3 candidates."""
+    from prefrun.data import Example
+    from prefrun.logprobs import packing_checked
+    from prefrun.samplers import CDSampler
+
+    model = AutoModelForCausalLM.from_pretrained(bpe_model_dir, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(bpe_model_dir)
+    examples = []
+    for i in range(8):
+        k = 5 if i % 2 == 0 else 3
+        ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        examples.append(Example(tokenizer(f"Question {i}:").input_ids, [ids(f" Answer: {3 * i + j}.") for j in range(k)],
+                                scores=[float(-j) for j in range(k)], reference_logps=[-5.0 - j for j in range(k)]))
+    cfg = OmegaConf.create({"batch_size": 4, "grad_accum": 1, "epochs": 1, "max_steps": 2, "scheduler": "linear",
+                            "warmup_ratio": 0.0, "max_grad_norm": 1.0, "mixed_precision": "no", "log_every": 1,
+                            "padding_free": True, "reference_batch_size": None})
+    assert not packing_checked(model)
+    rows = []
+    train(model, tokenizer, examples, loss_fn=functools.partial(dpo_loss, beta=0.5), beta=0.5,
+          sampler=CDSampler(num_negatives=1), optimizer_factory=functools.partial(torch.optim.SGD, lr=0.1),
+          cfg=cfg, accelerator=make_accelerator(cfg), seed=0, on_log=rows.append)
+    assert packing_checked(model) and [r["step"] for r in rows] == [1, 2]
