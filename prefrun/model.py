@@ -118,6 +118,11 @@ def save_policy(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: d
     tokenizer.save_pretrained(path)
 
 
+ZERO3 = ("the policy is partitioned by DeepSpeed ZeRO-3, and prefrun does not gather ZeRO-3 weights (the vLLM "
+         "engine's push, APO's extrapolation, each online round's weights): use FSDP2, which shards the same state "
+         "(accelerate launch --config_file docs/accelerate/fsdp.yaml), or ZeRO-2")
+
+
 def full_weights(model, *, tied: bool = False, buffers: bool = False, to_cpu: bool = True) -> dict[str, torch.Tensor]:
     """The policy's full weights as a plain checkpoint names them (the base model's HF names): the one function
     behind the engine push and APO's extrapolation. LoRA adapters are merged in (W + B·A, the adapters'
@@ -136,6 +141,8 @@ def full_weights(model, *, tied: bool = False, buffers: bool = False, to_cpu: bo
 
     peft = hasattr(model, "peft_config")
     base = model.get_base_model() if peft else model
+    if any(hasattr(p, "ds_id") for p in base.parameters()):  # ZeRO-3 partitions: each process holds a slice
+        raise InputError(ZERO3)
     weights, gathered = {}, {}
     parameters = {id(p) for p in base.parameters()}
     for name, tensor in base.state_dict(keep_vars=True).items():

@@ -80,6 +80,15 @@ def test_lora_extrapolation_acts_on_the_merged_deltas_not_on_a_and_b():
     assert (separately - theta[q]).abs().max() > 1e-2
 
 
+def test_zero3_partitioned_weights_are_refused_in_one_line_not_gathered_as_slices():
+    """Under DeepSpeed ZeRO-3 each process holds a slice of every parameter (marked by `ds_id`): prefrun does not
+    gather those, so the push and APO's extrapolation refuse them instead of using the slices."""
+    model = _tiny_llama()
+    next(model.parameters()).ds_id = 0  # what deepspeed.zero.Init leaves on a partitioned parameter
+    with pytest.raises(InputError, match="partitioned by DeepSpeed ZeRO-3.*use FSDP2"):
+        policy_weights(model)
+
+
 def test_set_policy_weights_refuses_weights_of_another_model():
     with pytest.raises(InputError, match="do not fit the policy"):
         set_policy_weights(_tiny_llama(), {"lm_head.weight": torch.zeros(3, 3)}, seed=0)
