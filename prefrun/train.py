@@ -43,14 +43,18 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.get("dist_timeout_s") or 1800))
     fsdp_config = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     sharded_on_cpu = bool(cfg.get("cpu_fsdp")) and not torch.cuda.is_available() and fsdp_config
-    if cfg.get("cpu_fsdp") and not sharded_on_cpu:
+    # cpu=True on a machine without CUDA: that is what makes several processes use gloo (MULTI_CPU).
+    with _fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
+        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
+                                  cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+    if accelerator.is_main_process and fsdp_config and not torch.cuda.is_available() and not cfg.get("cpu_fsdp"):
+        log.info("an FSDP config on CPU processes: accelerate trains it as multi-process DDP; trainer.cpu_fsdp=true "
+                 "runs FSDP2 for real (sharded weights, optimiser state and checkpoints)")
+    if accelerator.is_main_process and cfg.get("cpu_fsdp") and not sharded_on_cpu:
         log.warning("trainer.cpu_fsdp=true: %s", "this machine has GPUs, where an FSDP config runs FSDP anyway"
                     if torch.cuda.is_available() else "no FSDP config was launched (accelerate launch --config_file "
                     "docs/accelerate/fsdp.yaml ...): nothing to shard, the key does nothing")
-    # cpu=True on a machine without CUDA: that is what makes several processes use gloo (MULTI_CPU).
-    with _fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
-        return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
-                           cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+    return accelerator
 
 
 @contextlib.contextmanager
