@@ -79,6 +79,10 @@ def run(cfg: DictConfig) -> float | None:
     distributed.env_from_job()  # the submitit launcher's tasks (tasks_per_node > 1) as ranks
     accelerator = make_accelerator(cfg.trainer)
     distributed.quiet_other_processes()  # one console, one train.log: the main process's
+    if cfg.model.get("lora") and accelerator.distributed_type == "FSDP":
+        raise InputError("LoRA (model.lora) under FSDP is not supported: prefrun does not gather sharded adapters "
+                         "(checkpoint-final, each online round's merge); train LoRA without the FSDP config "
+                         "(accelerate launch --multi_gpu: DDP; the adapters' optimiser state is small anyway)")
     hydra_cfg = HydraConfig.get()
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
     record = RunLog(Path(hydra_cfg.runtime.output_dir), cfg, enabled=accelerator.is_main_process, sweep_name=sweep)

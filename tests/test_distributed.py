@@ -200,6 +200,14 @@ def test_mcpo_under_real_fsdp2_killed_and_resumed_from_sharded_checkpoints_equal
         torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=1e-3)
 
 
+def test_lora_under_fsdp_is_one_line_before_anything_loads(tmp_path):
+    config, sharded = fsdp_on_cpu(tmp_path)
+    out = launch(["train", *JOB, "+model/lora=default", sharded, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
+                 {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}, config=config, check=False)
+    said = out.stdout + out.stderr
+    assert out.returncode != 0 and "LoRA (model.lora) under FSDP is not supported" in said, said[-3000:]
+
+
 def test_prefrun_generate_on_two_processes_writes_what_one_process_writes(tmp_path):
     env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
     args = ["generate", *[a for a in TINY_JOB if a.startswith("model.")], "generator=hf", "generator.num_candidates=4",
