@@ -51,7 +51,7 @@ def run(name: str, processes: int, workdir: Path, model_dir: Path, data: Path, a
     files = [f for f in checkpoint.rglob("*") if f.is_file()]
     per_process = {}  # what each process wrote: DCP shards are named __<rank>_0.distcp; the rest is rank 0's
     for f in files:
-        rank = int(f.name[2]) if f.name.startswith("__") and f.suffix == ".distcp" else 0
+        rank = int(f.name[2:].split("_")[0]) if f.name.startswith("__") and f.suffix == ".distcp" else 0
         per_process[rank] = per_process.get(rank, 0) + f.stat().st_size
     return {"peak_rss_mb": summary["peak_memory_mb"]["cpu_rss"], "wall_s": summary["wall_time_s"],
             "tokens_per_s": sorted(r["tokens_per_s"] for r in rows[1:])[len(rows[1:]) // 2],
