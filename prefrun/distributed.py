@@ -4,6 +4,8 @@ pipeline uses to split work, gather results and keep one writer per file.
 - `map_shards(n, work)`: work is cut in `n` shards whose size never depends on the number of processes;
   shard i is done by process i mod N (`owner`), and every process gets every result, in shard order. A shard
   carries its own seed, so what it produces does not depend on which process made it, nor on how many there are.
+  `map_waves`: the same when one engine, fed by the main process, generates every shard (a wave of N at a time)
+  and only what follows (judging) is split.
 - `write_once(path, write)`: one writer per file. The main process writes; a node whose filesystem does not
   see that file (each node its own cache, as `TMPDIR` and node-local disks are) writes it once, from its
   local main process.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,9 +99,25 @@ def finish() -> None:
     """Leave the process group together at the end of a command. Left to the interpreter's exit, gloo's threads
     are torn down while a peer may still be closing its connections, and a process that did all its work ends
     in `terminate called without an active exception` (SIGABRT)."""
-    if _active():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not _active():
+        return
+    dist.barrier()
+    try:
+        store, world = dist.distributed_c10d._get_default_store(), world_size()
+    except (AttributeError, RuntimeError, ValueError):  # torch's own store, private: without it, only the barrier
+        store = None
+    dist.destroy_process_group()
+    if store is None:
+        return
+    # Nobody leaves (closing its sockets) before every process has torn its groups down: a process still in
+    # destroy_process_group whose peer had exited still aborted now and then (FSDP2 jobs with engines=main).
+    try:
+        store.add("prefrun/finished", 1)
+        deadline = time.monotonic() + 30
+        while store.add("prefrun/finished", 0) < world and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except (RuntimeError, OSError):  # the store's host left first: everyone else had finished too
+        pass
 
 
 def _active() -> bool:
@@ -173,10 +192,18 @@ def together(work: Callable[..., T], *args, **kwargs) -> T:
     return result
 
 
+def broadcast(value: T) -> T:
+    """The main process's `value` (picklable) on every process; the others' is ignored."""
+    if not _active():
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def from_main(work: Callable[[], T]) -> T:
     """`work()` on the main process only; every process gets its result (a one-line error there stops all)."""
-    result = together(lambda: work() if is_main() else None)
-    return gather(result)[0] if _active() else result
+    return broadcast(together(lambda: work() if is_main() else None))
 
 
 def is_sharded(model) -> bool:
@@ -189,21 +216,37 @@ def is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
-def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True) -> list[T]:
+def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True,
+               shards: range | None = None) -> list[T]:
     """`[work(0), ..., work(num_shards - 1)]` on every process, each shard computed once, by `owner(shard)`; a
     one-line error in any shard stops every process with it (`together`). `split=False` (the work runs a
     sharded model, `is_sharded`): every process does every shard, in order, so that the model's collective
     forwards line up; the results are the same, the work is not divided. `work` must then write files only on
-    the shard's owner."""
+    the shard's owner. `shards`: only these of the `num_shards` (a wave of `map_waves`), their results in order."""
+    todo = range(num_shards) if shards is None else shards
     if not split:
-        return together(lambda: [work(shard) for shard in range(num_shards)])
-    mine = together(lambda: {shard: work(shard) for shard in range(rank(), num_shards, world_size())})
+        return together(lambda: [work(shard) for shard in todo])
+    mine = together(lambda: {shard: work(shard) for shard in todo if owner(shard) == rank()})
     if not _active():
-        return [mine[shard] for shard in range(num_shards)]
+        return [mine[shard] for shard in todo]
     done: dict[int, T] = {}
     for part in gather(mine):
         done.update(part)
-    return [done[shard] for shard in range(num_shards)]
+    return [done[shard] for shard in todo]
+
+
+def map_waves(num_shards: int, make: Callable[[list[int]], dict[int, Any]], work: Callable[[int, Any], T]) -> list[T]:
+    """`map_shards` for work whose first part is done for all processes by one engine that the main process
+    feeds (a vLLM engine with generator.engines=main): the shards go in waves of one per process;
+    `make(wave)` runs on every process at once (its engine calls are shared: the same result everywhere) and
+    returns {shard: input}, then `work(shard, input)` runs on the shard's owner, as in map_shards. A wave
+    is the unit of loss when the job is killed, as a shard is in map_shards."""
+    results: list[T] = []
+    for first in range(0, num_shards, world_size()):
+        wave = range(first, min(num_shards, first + world_size()))
+        made = make(list(wave))
+        results += map_shards(num_shards, lambda shard, made=made: work(shard, made.get(shard)), shards=wave)
+    return results
 
 
 def num_shards(num_items: int, shard_size: int) -> int:

@@ -35,19 +35,34 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
     size = cfg.batch_size
     policy_free = engine is not None and not getattr(judge, "judges_with_the_policy", False)
     split = policy_free or not distributed.is_sharded(model)
+    num_shards = distributed.num_shards(len(prompts), size)
     for name, decoding in cfg.decodings.items():
-        def complete_and_judge(shard: int, decoding=decoding) -> tuple[list, list]:
-            faults.inject("evaluate")
-            chunk = prompts[shard * size : (shard + 1) * size]
-            settings = {"num_candidates": decoding.num_samples, "temperature": decoding.temperature,
-                        "top_p": decoding.top_p, "max_new_tokens": cfg.max_new_tokens,
-                        "seed": distributed.shard_seed(seed, shard), "stop": [], "min_new_tokens": 0}
-            generator = HFGenerator(**settings, batch_size=size) if engine is None else \
-                dataclasses.replace(engine, **settings)  # a copy shares the engine
-            completions = [c.texts for c in generator.generate(chunk, model=model, tokenizer=tokenizer)]
-            return completions, judge.score(chunk, completions)
+        settings = {"num_candidates": decoding.num_samples, "temperature": decoding.temperature,
+                    "top_p": decoding.top_p, "max_new_tokens": cfg.max_new_tokens, "stop": [], "min_new_tokens": 0}
 
-        shards = distributed.map_shards(distributed.num_shards(len(prompts), size), complete_and_judge, split=split)
+        def chunk_of(shard: int) -> list:
+            return prompts[shard * size : (shard + 1) * size]
+
+        def complete_and_judge(shard: int, completions: list | None = None, settings=settings) -> tuple[list, list]:
+            faults.inject("evaluate")
+            if completions is None:
+                shard_settings = {**settings, "seed": distributed.shard_seed(seed, shard)}
+                generator = HFGenerator(**shard_settings, batch_size=size) if engine is None else \
+                    dataclasses.replace(engine, **shard_settings)  # a copy shares the engine
+                completions = [c.texts for c in generator.generate(chunk_of(shard), model=model, tokenizer=tokenizer)]
+            return completions, judge.score(chunk_of(shard), completions)
+
+        def sample_wave(wave: list[int], settings=settings) -> dict[int, list]:
+            """The main process's engine samples the wave's shards for every process (generator.engines=main)."""
+            sets = dataclasses.replace(engine, **settings).generate_many(
+                [chunk_of(shard) for shard in wave], model=model, tokenizer=tokenizer,
+                variants=[{"seed": distributed.shard_seed(seed, shard)} for shard in wave])
+            return {shard: [c.texts for c in candidates] for shard, candidates in zip(wave, sets)}
+
+        if split and getattr(engine, "fed_by_main", False):
+            shards = distributed.map_waves(num_shards, sample_wave, complete_and_judge)
+        else:
+            shards = distributed.map_shards(num_shards, complete_and_judge, split=split)
         completions = [row for part, _ in shards for row in part]
         scores = [row for _, part in shards for row in part]
         per_prompt = [statistics.fmean(row) for row in scores]

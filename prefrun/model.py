@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -125,13 +126,21 @@ ZERO3 = ("the policy is partitioned by DeepSpeed ZeRO-3, and prefrun does not ga
 
 def full_weights(model, *, tied: bool = False, buffers: bool = False, to_cpu: bool = True) -> dict[str, torch.Tensor]:
     """The policy's full weights as a plain checkpoint names them (the base model's HF names): the one function
-    behind the engine push and APO's extrapolation. LoRA adapters are merged in (W + B·A, the adapters'
-    function, never the factors: anything linear done to the weights must act on B·A); sharded parameters
-    (FSDP2 DTensors) are gathered one tensor at a time with `full_tensor()`, a collective, so every process
-    calls this, in the same order. `tied`: a tied weight under each of its names (the engine push), else once
-    (the first name, as save_pretrained keeps it). `buffers`: persistent buffers too (all a checkpoint holds),
-    else parameters only. `to_cpu`: copies on the CPU (a round's weights, kept), else tensors on the model's
-    device (written out at once)."""
+    behind the engine push and APO's extrapolation, all at once (`iter_full_weights` gives them one tensor at a
+    time). LoRA adapters are merged in (W + B·A, the adapters' function, never the factors: anything linear done
+    to the weights must act on B·A); sharded parameters (FSDP2 DTensors) are gathered one tensor at a time with
+    `full_tensor()`, a collective, so every process calls this, in the same order. `tied`: a tied weight under
+    each of its names (the engine push), else once (the first name, as save_pretrained keeps it). `buffers`:
+    persistent buffers too (all a checkpoint holds), else parameters only. `to_cpu`: copies on the CPU (a round's
+    weights, kept), else tensors on the model's device (written out at once)."""
+    return dict(iter_full_weights(model, tied=tied, buffers=buffers, to_cpu=to_cpu))
+
+
+def iter_full_weights(model, *, tied: bool = False, buffers: bool = False,
+                      to_cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """`full_weights` one (name, tensor) at a time, in the same order on every process: a sharded policy is
+    gathered tensor by tensor and a caller that writes each out (the engine push, in bounded buckets) never holds
+    the whole model. Only a tied weight is kept until its last name is given."""
     from torch.distributed.tensor import DTensor
 
     def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -139,11 +148,46 @@ def full_weights(model, *, tied: bool = False, buffers: bool = False, to_cpu: bo
         tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         return tensor.to("cpu", copy=True) if to_cpu else tensor
 
+    entries = _weight_entries(model, tied=tied, buffers=buffers)
+    uses: dict[int, int] = {}
+    for _, tensor, _ in entries:
+        uses[id(tensor)] = uses.get(id(tensor), 0) + 1
+    kept: dict[int, torch.Tensor] = {}
+    for name, tensor, lora in entries:
+        key = id(tensor)
+        value = kept[key] if key in kept else whole(tensor)
+        uses[key] -= 1
+        if uses[key]:
+            kept[key] = value
+        else:
+            kept.pop(key, None)
+        for delta in lora:  # the adapters' W + B·A (a new tensor: the policy is left untouched)
+            value = value + whole(delta()).to(value.device, value.dtype)
+        yield name, value
+
+
+def weight_shapes(model, *, tied: bool = False, buffers: bool = False) -> dict[str, tuple[int, ...]]:
+    """name -> shape of what `iter_full_weights` gives, without gathering anything (a DTensor knows its global
+    shape): what a push can be checked against before any of it is sent."""
+    return {name: tuple(tensor.shape) for name, tensor, _ in _weight_entries(model, tied=tied, buffers=buffers)}
+
+
+def _weight_entries(model, *, tied: bool, buffers: bool) -> list[tuple[str, torch.Tensor, list]]:
+    """(plain checkpoint name, the model's tensor, the LoRA deltas to add: callables) in state_dict order."""
     peft = hasattr(model, "peft_config")
     base = model.get_base_model() if peft else model
     if any(hasattr(p, "ds_id") for p in base.parameters()):  # ZeRO-3 partitions: each process holds a slice
         raise InputError(ZERO3)
-    weights, gathered = {}, {}
+    deltas: dict[str, list] = {}
+    if peft:
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer) and not module.merged:
+                deltas[f"{name}.weight"] = [
+                    (lambda module=module, adapter=adapter: module.get_delta_weight(adapter))
+                    for adapter in module.active_adapters if adapter in module.lora_A]
+    entries, seen = [], set()
     parameters = {id(p) for p in base.parameters()}
     for name, tensor in base.state_dict(keep_vars=True).items():
         if not buffers and id(tensor) not in parameters:
@@ -151,22 +195,12 @@ def full_weights(model, *, tied: bool = False, buffers: bool = False, to_cpu: bo
         if "modules_to_save" in name or "original_module" in name:
             raise InputError("LoRA with modules_to_save: its weights cannot be merged into a plain checkpoint (engine "
                              "push, online rounds); adapt linear layers only (model.lora.target_modules)")
-        if "lora_" in name or (not tied and id(tensor) in gathered):
+        if "lora_" in name or (not tied and id(tensor) in seen):
             continue
-        if id(tensor) not in gathered:  # a tied weight is gathered once
-            gathered[id(tensor)] = whole(tensor)
-        weights[name.replace(".base_layer.", ".")] = gathered[id(tensor)]
-    if peft:
-        from peft.tuners.lora import LoraLayer
-
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer) and not module.merged:
-                key = f"{name}.weight"
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        delta = whole(module.get_delta_weight(adapter))
-                        weights[key] = weights[key] + delta.to(weights[key].device, weights[key].dtype)
-    return weights
+        seen.add(id(tensor))
+        plain = name.replace(".base_layer.", ".")
+        entries.append((plain, tensor, deltas.get(plain, [])))
+    return entries
 
 
 def fingerprint(model) -> str:

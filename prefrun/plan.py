@@ -121,7 +121,9 @@ def plan(cfg: DictConfig, task) -> dict:
     if cfg.model.get("reference"):
         reference = _read_config(cfg.model.reference, cfg.model, key="model.reference")
         phases["before training"]["reference (scoring only)"] = parameters(reference)[0] * size
-    engine = _engine(cfg, memory)
+    engine, placement = _engine(cfg, memory), _placement(cfg, launch)
+    if engine and cfg.generator.get("devices"):  # engines=main on GPUs of its own: not on a training device
+        engine = {}
     if engine:
         # Between training steps the gradients are freed (zero_grad(set_to_none)); weights and optimiser state stay.
         phases["generate"] = {**{k: v for k, v in trainer.items() if k != "gradients"}, **engine}
@@ -132,7 +134,8 @@ def plan(cfg: DictConfig, task) -> dict:
             phases["train"].update(engine)
     rows = {name: sum(parts.values()) for name, parts in phases.items()}
     result = {"processes": launch.processes, "sharding": launch.sharding, "device": device, "device_bytes": memory,
-              "parameters": total, "trainable": trainable, "dtype_bytes": size, "phases": phases, "peak": rows}
+              "parameters": total, "trainable": trainable, "dtype_bytes": size, "phases": phases, "peak": rows,
+              "engines": placement}
     if int(os.environ.get("RANK", "0")) == 0:
         _print(result, cfg)
     worst = max(rows, key=rows.get)
@@ -156,12 +159,34 @@ def _engine(cfg: DictConfig, memory: float) -> dict[str, float]:
     return {"vLLM engine KV cache": float(cfg.generator.get("kv_cache_memory_bytes") or 256 * 1024**2)}
 
 
+def _placement(cfg: DictConfig, launch: Launch) -> str | None:
+    """Where the vLLM engines run, in words (None without vLLM)."""
+    target = str(cfg.generator.get("_target_", ""))
+    if "VLLM" not in target and not (target.endswith("auto_generator") and torch.cuda.is_available()):
+        return None
+    gpus = cfg.generator.get("tensor_parallel_size", 1) * cfg.generator.get("data_parallel_size", 1)
+    if cfg.generator.get("engines", "per_process") != "main":
+        each = f" ({gpus} GPU(s) each)" if torch.cuda.is_available() else ""
+        return f"{launch.processes} engine(s), one per process, on its device{each}"
+    devices = cfg.generator.get("devices")
+    if devices:
+        if gpus > len(devices):
+            raise InputError(f"plan: generator.devices={list(devices)} holds {len(devices)} GPU(s) and the engine "
+                             f"takes tensor_parallel_size x data_parallel_size = {gpus}: give that many")
+        return (f"one engine on GPU(s) {list(devices)} (tensor_parallel_size {cfg.generator.tensor_parallel_size}; "
+                f"generator.gpu_memory_utilization {cfg.generator.gpu_memory_utilization} of each), fed by the main "
+                "process; not on a training device")
+    return "one engine on the main process's device, fed by it (the phases below are the main process's)"
+
+
 def _print(result: dict, cfg: DictConfig) -> None:
     lines = [f"plan: {result['processes']} process(es), sharding {result['sharding']}, each on {result['device']} "
              f"({_size(result['device_bytes'])})",
              f"plan: policy {result['parameters'] / 1e6:.1f}M parameters ({result['trainable'] / 1e6:.1f}M trainable), "
              f"{result['dtype_bytes']} bytes each; generator {cfg.generator.get('_target_', '?').rsplit('.', 1)[-1]}; "
              f"judge {cfg.judge.get('_target_', '?').rsplit('.', 1)[-1]}"]
+    if result["engines"]:
+        lines.append(f"plan: vLLM: {result['engines']}")
     for phase, parts in result["phases"].items():
         what = ", ".join(f"{name} {_size(value)}" for name, value in parts.items())
         fits = "fits" if result["peak"][phase] <= result["device_bytes"] else "DOES NOT FIT"

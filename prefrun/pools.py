@@ -137,7 +137,8 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     (generate.as_chat applied); `job` describes what made them (model, generator, judge): shards of another
     job in `out_dir` are an error, not reused. `seed` (default: the generator's) is the first shard's sampling seed;
     `timings`, if given, receives generate_s, judge_s, generated_tokens and completions of the work done here
-    (seconds: the slowest process's) and prompts_per_process (the prompts each process generated).
+    (seconds: the slowest process's), prompts_per_process (the prompts each process generated) and
+    engine_processes (the processes holding a live vLLM engine).
     Returns every record, in prompt order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if shard_size is None:
@@ -155,18 +156,40 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     finished = distributed.gather([(out_dir / f"shard-{i:05d}.jsonl").exists() for i in range(num_shards)])
     finished = [all(flags) for flags in zip(*finished)] if num_shards else []
 
-    def make_shard(shard: int) -> tuple[list[dict], dict]:
+    first_seed = generator.seed if seed is None else seed
+
+    def chunk_of(shard: int) -> list:
+        return prompts[shard * shard_size : (shard + 1) * shard_size]
+
+    def generate_wave(wave: list[int]) -> dict[int, tuple[list, float]]:
+        """One engine, fed by the main process, samples the wave's shards for every process, each shard with its
+        own seed (as make_shard would); every process calls this at once."""
+        todo = [shard for shard in wave if not finished[shard]]
+        for _ in todo:
+            faults.inject("generate")
+        began = time.perf_counter()
+        sets = generator.generate_many([chunk_of(shard) for shard in todo], model=model, tokenizer=tokenizer,
+                                       model_path=model_path,
+                                       variants=[{"seed": distributed.shard_seed(first_seed, s)} for s in todo]) \
+            if todo else []
+        seconds = (time.perf_counter() - began) / max(1, len(todo))
+        return {shard: (candidates, seconds) for shard, candidates in zip(todo, sets)}
+
+    def make_shard(shard: int, made: tuple[list, float] | None = None) -> tuple[list[dict], dict]:
         path = out_dir / f"shard-{shard:05d}.jsonl"
         lo, hi = shard * shard_size, min(len(prompts), (shard + 1) * shard_size)
         done = storage.read_checked(path) if finished[shard] else None  # a damaged shard is made again
         if done is not None:
             return [json.loads(line) for line in done.decode().splitlines() if line.strip()], {"resumed": hi - lo}
-        chunk = prompts[lo:hi]
-        shard_generator = dataclasses.replace(generator, seed=distributed.shard_seed(
-            generator.seed if seed is None else seed, shard))
+        chunk = chunk_of(shard)
         began = time.perf_counter()
-        faults.inject("generate")
-        candidates = shard_generator.generate(chunk, model=model, tokenizer=tokenizer, model_path=model_path)
+        if made is not None:  # the main process's engine sampled it (map_waves)
+            candidates, seconds = made
+            began -= seconds
+        else:
+            shard_generator = dataclasses.replace(generator, seed=distributed.shard_seed(first_seed, shard))
+            faults.inject("generate")
+            candidates = shard_generator.generate(chunk, model=model, tokenizer=tokenizer, model_path=model_path)
         generated = time.perf_counter()
         texts = [c.texts for c in candidates]
         scores = None  # judge None: completions only (prefrun eval judges pairs, not pools)
@@ -194,7 +217,9 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
                  progress["tokens"] / elapsed)
         return rows, work
 
-    shards = distributed.map_shards(num_shards, make_shard, split=split)
+    fed = getattr(generator, "fed_by_main", False)
+    shards = distributed.map_waves(num_shards, generate_wave, make_shard) if fed else \
+        distributed.map_shards(num_shards, make_shard, split=split)
     records = [row for rows, _ in shards for row in rows]
     resumed = sum(work.get("resumed", 0) for _, work in shards)
     if resumed:
@@ -207,10 +232,17 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
                 into[key] = into.get(key, 0) + value
         for key in ("generate_s", "judge_s"):
             timings[key] = timings.get(key, 0) + max(p.get(key, 0.0) for p in per_process)
+        if fed:  # one engine sampled the waves one after the other
+            timings["generate_s"] += sum(p.get("generate_s", 0.0) for p in per_process) - \
+                max(p.get("generate_s", 0.0) for p in per_process)
         for key in ("generated_tokens", "completions"):
             timings[key] = timings.get(key, 0) + sum(p.get(key, 0) for p in per_process)
         generated = [p.get("prompts", 0) for p in per_process]
+        if fed:  # the main process generated every shard; the others judged theirs
+            generated = [sum(generated), *[0] * (len(generated) - 1)]
         timings["prompts_per_process"] = generated if split else [sum(generated)] * len(generated)
+        pids = distributed.gather(getattr(generator, "worker_pid", None))
+        timings["engine_processes"] = [rank for rank, pid in enumerate(pids) if pid is not None]
     return records
 
 

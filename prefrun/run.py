@@ -246,7 +246,8 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
                        for r in records[: online.num_samples_logged]]
             record.round(row, samples)
             rounds.finish(t, {**row, "eval": evaluated, "samples": samples, "train/global_batch": global_batch,
-                              "generate/prompts_per_process": counts.get("prompts_per_process", [])},
+                              "generate/prompts_per_process": counts.get("prompts_per_process", []),
+                              "generate/engine_processes": counts.get("engine_processes", [])},
                           keep_weights=online.keep_weights)
             results.append({**row, "eval": evaluated, "samples": samples})
             log_round(row, online.rounds)

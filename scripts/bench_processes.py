@@ -5,10 +5,13 @@ byte-identical (checked and printed).
 
 Runs `prefrun train experiment=iterdpo_tiny generator=hf` as a user would and reads `rounds/<t>/round.json`.
 On a CPU the processes share the machine's cores (each gets OMP_NUM_THREADS = cores / N), so the wall time
-says how well the split uses them; on GPUs each process has its own device.
+says how well the split uses them; on GPUs each process has its own device. `--generator vllm` runs the rounds
+with a vLLM engine per process, and adds N processes with one engine the main process feeds
+(`generator.engines=main`: it generates every shard, the processes judge their own).
 
     python scripts/bench_processes.py
     python scripts/bench_processes.py --processes 2 --rounds 2 --prompts 512 -- trainer.max_steps=10
+    python scripts/bench_processes.py --generator vllm -- generator.shard_size=64
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from pathlib import Path
 PARTS = ("generate_s", "judge_s", "reference_s", "train_s", "eval_s")
 
 
-def run(processes: int, args, out: Path) -> dict:
-    run_dir = out / f"processes-{processes}"
+def run(processes: int, args, out: Path, extra: tuple[str, ...] = ()) -> dict:
+    run_dir = out / f"processes-{processes}{'-'.join(('', *extra)).replace('=', '-')}"
     batch = args.global_batch // processes
-    overrides = ["experiment=iterdpo_tiny", "generator=hf", f"online.rounds={args.rounds}",
+    overrides = ["experiment=iterdpo_tiny", f"generator={args.generator}", *extra, f"online.rounds={args.rounds}",
                  f"online.prompts_per_round={args.prompts}", f"data.num_prompts={args.rounds * args.prompts}",
                  "eval.num_prompts=256", "eval.batch_size=64", "trainer.epochs=1", f"trainer.batch_size={batch}",
                  "trainer.save_final=false", f"hydra.run.dir={run_dir}", *args.overrides]
@@ -52,13 +55,18 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=512, help="prompts per round")
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--generator", choices=("hf", "vllm"), default="hf")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-processes-"))
     run(1, args, out / "warm")  # builds the embedded model into the shared cache: neither side pays for it
-    results = {n: run(n, args, out) for n in (1, args.processes)}
+    n = args.processes
+    setups = {"1": (1, ()), str(n): (n, ())}
+    if args.generator == "vllm":
+        setups[f"{n}, one engine"] = (n, ("generator.engines=main",))
+    results = {name: run(processes, args, out, extra) for name, (processes, extra) in setups.items()}
 
-    print(f"iterative DPO, {args.rounds} rounds x {args.prompts} prompts x 4 candidates (HF), global batch "
+    print(f"iterative DPO, {args.rounds} rounds x {args.prompts} prompts x 4 candidates ({args.generator}), global batch "
           f"{args.global_batch}, 1 epoch per round; seconds per round, mean over the rounds\n")
     print("| processes | prompts per process | largest share | " + " | ".join(p.removesuffix("_s") for p in PARTS)
           + " | round | whole command |")
@@ -71,12 +79,16 @@ def main() -> None:
         shares = [max(r["generate/prompts_per_process"]) / sum(r["generate/prompts_per_process"]) for r in rounds]
         print(f"| {n} | {rounds[0]['generate/prompts_per_process']} | {max(shares):.2f} | "
               + " | ".join(f"{means[n][p]:.2f}" for p in PARTS) + f" | {means[n]['round']:.1f} | {result['command_s']:.0f} |")
-    n = args.processes
-    print(f"| ratio {n}/1 | | | " + " | ".join(f"{means[n][p] / max(means[1][p], 1e-9):.2f}" for p in PARTS)
-          + f" | {means[n]['round'] / means[1]['round']:.2f} | {results[n]['command_s'] / results[1]['command_s']:.2f} |")
-    same = all((results[1]["dir"] / "rounds" / str(t) / "pools.jsonl").read_bytes()
-               == (results[n]["dir"] / "rounds" / str(t) / "pools.jsonl").read_bytes() for t in range(1, args.rounds + 1))
-    print(f"\npools identical on 1 and {n} processes: {same}\nrun directories: {out}")
+    for name in list(results)[1:]:
+        print(f"| ratio {name} / 1 | | | " + " | ".join(f"{means[name][p] / max(means['1'][p], 1e-9):.2f}" for p in PARTS)
+              + f" | {means[name]['round'] / means['1']['round']:.2f} | "
+              f"{results[name]['command_s'] / results['1']['command_s']:.2f} |")
+    for name in list(results)[1:]:
+        same = all((results["1"]["dir"] / "rounds" / str(t) / "pools.jsonl").read_bytes()
+                   == (results[name]["dir"] / "rounds" / str(t) / "pools.jsonl").read_bytes()
+                   for t in range(1, args.rounds + 1))
+        print(f"pools identical on 1 process and on {name}: {same}")
+    print(f"run directories: {out}")
 
 
 if __name__ == "__main__":

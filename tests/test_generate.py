@@ -218,3 +218,35 @@ def test_the_engine_child_does_not_inherit_the_launchers_job(monkeypatch):
     env = _worker_env()
     assert not set(env) & {*LAUNCHER_VARIABLES, "ACCELERATE_MIXED_PRECISION"}
     assert "PYTHONPATH" in env
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    ({"engines": "shared"}, "generator.engines='shared'"),
+    ({"engines": "main", "mode": "fresh"}, "generator.engines='main'.*persistent"),
+    ({"devices": [4, 5]}, "generator.devices=.*engines=main"),
+    ({"engines": "main", "devices": []}, "generator.devices="),
+])
+def test_engine_placement_keys_are_checked(bad, says):
+    with pytest.raises(InputError, match=says):
+        VLLMGenerator(**bad)
+
+
+def test_the_engine_placement_does_not_change_what_is_sampled_nor_the_pools_job_key():
+    """engines / devices say where the engine runs, not what it samples: a run resumed with the other placement
+    finds its pools' shards (their manifest keys by the generator's repr), and one process has no main engine to
+    share (fed_by_main is off), nor a GPU to put it on (one line)."""
+    main = VLLMGenerator(engines="main")
+    assert repr(main) == repr(VLLMGenerator()) and main == VLLMGenerator()
+    assert not main.fed_by_main
+    with pytest.raises(InputError, match=r"generator.devices=\[1\]: there are no CUDA GPUs here"):
+        VLLMGenerator(engines="main", devices=[1])._visible_devices()
+
+
+def test_map_waves_on_one_process_is_map_shards():
+    from prefrun import distributed
+
+    made = []
+    out = distributed.map_waves(3, lambda wave: made.append(wave) or {s: s * 10 for s in wave},
+                                lambda shard, x: (shard, x))
+    assert out == [(0, 0), (1, 10), (2, 20)] and made == [[0], [1], [2]]
+    assert distributed.map_shards(5, lambda s: s, shards=range(2, 4)) == [2, 3]

@@ -46,3 +46,32 @@ def test_lora_trains_adapters_and_can_merge(tmp_path, cache_dir, bpe_model_dir, 
     base = AutoModelForCausalLM.from_pretrained(bpe_model_dir)
     changed = [n for (n, a), b in zip(merged.named_parameters(), base.parameters()) if not torch.equal(a, b)]
     assert changed and all("proj" in n for n in changed)  # only adapted linear layers moved
+
+
+def test_the_full_weights_stream_in_bounded_buckets_and_equal_the_whole():
+    """The engine push walks `iter_full_weights` in buckets: the same tensors as `full_weights` (a tied weight
+    under both names), cut where a bucket would pass its limit, and the names and shapes known without
+    gathering anything."""
+    from prefrun.generate.weights import _buckets, _layer_of
+    from prefrun.model import full_weights, iter_full_weights, weight_shapes
+
+    from .conftest import char_llama
+
+    model, _ = char_llama(hidden=64, heads=1, seed=0, tie_word_embeddings=True)
+    whole = full_weights(model, tied=True, buffers=True, to_cpu=False)
+    streamed = dict(iter_full_weights(model, tied=True, buffers=True, to_cpu=False))
+    assert list(streamed) == list(whole) and all(torch.equal(streamed[n], whole[n]) for n in whole)
+    assert "lm_head.weight" in whole and "lm_head.weight" not in full_weights(model)  # tied: once unless asked
+    assert weight_shapes(model, tied=True, buffers=True) == {n: tuple(t.shape) for n, t in whole.items()}
+    total = sum(t.numel() * t.element_size() for t in whole.values())
+    for limit in (40_000, total // 3):
+        buckets = list(_buckets(iter(whole.items()), limit))
+        assert [n for b in buckets for n in b] == list(whole) and len(buckets) > 2
+        layers = [{_layer_of(n) for n in b} for b in buckets]
+        for bucket, units in zip(buckets, layers):  # at most the limit, or one layer larger than it alone
+            size = sum(t.numel() * t.element_size() for t in bucket.values())
+            assert size <= limit or len(units) == 1, (limit, units)
+        # a decoder layer is never split (vLLM fuses its q/k/v and gate/up)
+        assert all(not (a & b) for i, a in enumerate(layers) for b in layers[i + 1 :])
+    assert _layer_of("model.layers.3.self_attn.q_proj.weight") == "model.layers.3"
+    assert _layer_of("lm_head.weight") == "lm_head.weight"

@@ -6,6 +6,7 @@ from the shards) SIGKILLed in the middle of round 2 and resumed to the one-proce
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,13 +31,42 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_round_2_resumes(tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, tiny_job_model):
+    """One process, uninterrupted but for its engine, killed before round 2's second shard (the watchdog restarts
+    it): what every multi-process run below must equal."""
+    root = tmp_path_factory.mktemp("whole")
+    cache = root / "cache"
+    shutil.copytree(tiny_job_model, cache / "models" / tiny_job_model.name)
+    run_cli(["train", *JOB, f"hydra.run.dir={root / 'run'}"], root,
+            {"PREFRUN_FAULT": "generate:4:engine", "PREFRUN_CACHE": str(cache)})
+    return root / "run"
+
+
+def _same_rounds(run, whole) -> None:
+    """`run`'s rounds equal `whole`'s: pools byte for byte, every logged row, the final weights."""
+    for t in (1, 2):
+        assert (run / "rounds" / str(t) / "pools.jsonl").read_text() == \
+            (whole / "rounds" / str(t) / "pools.jsonl").read_text()
+    expected = _rows(whole)
+    assert [(r["round"], r["step"]) for r in _rows(run)] == [(r["round"], r["step"]) for r in expected]
+    for a, b in zip(_rows(run), expected):
+        for key in ("loss", "rewards/margin", "grad_norm", "round/judge_score", "round/eval/policy_hat/sampled/mean"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (a["step"], key)
+    final_a = load_file(run / "checkpoint-final" / "model.safetensors")
+    final_b = load_file(whole / "checkpoint-final" / "model.safetensors")
+    for name in final_b:  # 16 steps apart from one process by the order of DDP's gradient sums
+        torch.testing.assert_close(final_a[name], final_b[name], atol=1e-4, rtol=1e-3)
+
+
+def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_round_2_resumes(tmp_path, cache_dir,
+                                                                                            whole):
     """One process, whose engine is killed before round 2's second shard (the watchdog restarts it); then two
     (batch 4 each: the same global batch; one engine child each, every engine pushed and probed, each generating
     its own shard), killed with their engines in the middle of round 2 and resumed by the same command: the
     rounds of the two runs are equal (pools byte for byte)."""
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run_cli(["train", *JOB, f"hydra.run.dir={whole}"], tmp_path, {"PREFRUN_FAULT": "generate:4:engine"})
+    broken = tmp_path / "broken"
     assert "the watchdog restarts the engine" in (whole / "train.log").read_text()
     summary = json.loads((whole / "summary.json").read_text())
     rounds = summary["rounds"]
@@ -76,23 +106,39 @@ def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_roun
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     log = (broken / "train.log").read_text()
     assert "rounds 1-1 of 2 are done" in log and "resuming from" in log
-    # Round 1: each process generated its shard; round 2's pools were on disk before the kill: none regenerated.
+    # Round 1: each process generated its shard with its own engine; round 2's pools were on disk before the kill:
+    # none regenerated.
     for t, generated in ((1, [16, 16]), (2, [0, 0])):
         done = json.loads((broken / "rounds" / str(t) / "round.json").read_text())
         assert done["generate/prompts_per_process"] == generated and done["sync/max_abs_logp_diff"] < 1e-3
-        assert (broken / "rounds" / str(t) / "pools.jsonl").read_text() == (whole / "rounds" / str(t) / "pools.jsonl").read_text()
+    assert json.loads((broken / "rounds" / "1" / "round.json").read_text())["generate/engine_processes"] == [0, 1]
     # The resumed engines got θ_1 and passed the probe before round 2 went on.
     assert json.loads((broken / "summary.json").read_text())["rounds"][1]["sync/max_abs_logp_diff"] < 1e-3
-    expected = _rows(whole)
-    assert [(r["round"], r["step"]) for r in _rows(broken)] == [(r["round"], r["step"]) for r in expected]
-    for a, b in zip(_rows(broken), expected):
-        for key in ("loss", "rewards/margin", "grad_norm", "round/judge_score", "round/eval/policy_hat/sampled/mean"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (a["step"], key)
-    final_a = load_file(broken / "checkpoint-final" / "model.safetensors")
-    final_b = load_file(whole / "checkpoint-final" / "model.safetensors")
-    for name in final_b:  # 16 steps apart from one process by the order of DDP's gradient sums
-        torch.testing.assert_close(final_a[name], final_b[name], atol=1e-4, rtol=1e-3)
+    _same_rounds(broken, whole)
+
+
+def test_one_engine_fed_by_the_main_process_generates_for_both_and_restarts_with_both(tmp_path, cache_dir, whole):
+    """generator.engines=main (the separate-engine mode) under real FSDP2 on two processes: one engine, in the main
+    process's child, samples every shard of every round and of the evaluation; each process judges its own shards.
+    The main process's engine is killed at the start of round 2's generation: both processes restart it together
+    (the sharded weights gathered by both, loaded by the main one, probed) and the run equals one process's."""
+    run = tmp_path / "fed"
+    config, sharded = fsdp_on_cpu(tmp_path)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+               "--num_machines", "1", "-m", "prefrun", "train", *JOB, "trainer.batch_size=4", sharded,
+               "generator.engines=main", f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFRUN_FAULT": "generate:3:engine"}
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    assert "FSDP" in log and "it generates for all 2 processes" in log and "the watchdog restarts the engine" in log
+    for t in (1, 2):
+        done = json.loads((run / "rounds" / str(t) / "round.json").read_text())
+        assert done["generate/prompts_per_process"] == [32, 0] and done["generate/engine_processes"] == [0]
+        assert done["sync/max_abs_logp_diff"] < 1e-3
+        assert done["eval"]["policy_hat"]["sampled"]["generator"] == "vllm"
+    assert json.loads((run / "rounds" / "2" / "round.json").read_text())["sync/engine_restarts"] == 1
+    _same_rounds(run, whole)
 
 
 def test_an_engine_that_did_not_take_the_new_weights_stops_the_run(tmp_path, cache_dir):

@@ -52,3 +52,16 @@ def test_an_fsdp_launch_on_cpu_processes_is_planned_as_ddp_unless_trainer_cpu_fs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert Launch.from_env().sharding == "none" and Launch.from_env(cpu_fsdp=True).sharding == "fsdp"
     assert Launch.from_env(cpu_fsdp=True).share("optimiser") == 2 and Launch.from_env().share("optimiser") == 1
+
+
+def test_the_plan_places_one_engine_fed_by_the_main_process_off_the_training_devices(tmp_path, cache_dir):
+    """generator.engines=main generator.devices=[...] (the separate-engine mode): the engine is not on a training
+    device, so no phase counts it; an engine wider than its GPUs is one line."""
+    job = ["train", "experiment=iterdpo_tiny", "generator.engines=main", "generator.devices=[4,5,6,7]", "plan=true"]
+    out = _said(run_cli([*job, "generator.tensor_parallel_size=4"], tmp_path))
+    assert "vLLM: one engine on GPU(s) [4, 5, 6, 7] (tensor_parallel_size 4" in out and "not on a training device" in out
+    assert "vLLM engine" not in out  # no phase holds it
+    wide = run_cli([*job, "generator.tensor_parallel_size=8"], tmp_path, check=False)
+    assert wide.returncode == 2
+    [line] = [x for x in _said(wide).splitlines() if "[ERROR]" in x]
+    assert "generator.devices=[4, 5, 6, 7] holds 4 GPU(s)" in line and "= 8" in line

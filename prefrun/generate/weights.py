@@ -4,7 +4,12 @@ LoRA merged in, a checkpoint for the engine to start from, and the pushed safete
 from __future__ import annotations
 
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 from prefrun import distributed
 from prefrun.errors import InputError, PrefrunError
@@ -34,27 +39,87 @@ def _engine_state(model) -> dict:
     return full_weights(model, tied=True, buffers=True, to_cpu=False)
 
 
-def _save_for_engine(model, path: Path) -> None:
-    """The policy as a checkpoint vLLM loads: LoRA adapters merged in, the policy itself left untouched."""
-    if not hasattr(model, "peft_config"):
-        distributed.save_pretrained(model, path)  # every process feeds its own engine
+def _save_for_engine(model, path: Path, state: dict | None = None) -> None:
+    """The policy as a checkpoint vLLM loads: LoRA adapters merged in, the policy itself left untouched. `state`:
+    its weights already gathered (`_engine_state`: a sharded policy, gathered by every process)."""
+    if state is None and not hasattr(model, "peft_config"):
+        distributed.save_pretrained(model, path)  # whichever process holds an engine writes its weights
         return
-    distributed.save_pretrained(model.get_base_model(), path, state_dict=_engine_state(model))
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    distributed.save_pretrained(base, path, state_dict=state if state is not None else _engine_state(model))
 
 
-def _check_push(state: dict, reference: dict | None) -> None:
+def _check_push(shapes: dict, aliases: set, reference: dict | None) -> None:
     """Every tensor the engine loaded at its start, with its shape (a failed reload would leave the engine on
-    meta tensors); names beyond those only when they alias one (tied embeddings, which save_pretrained omits)."""
+    meta tensors); names beyond those only when they alias one (tied embeddings, which save_pretrained omits).
+    Checked on the shapes alone, before any weight is gathered or sent."""
     if reference is None:
         return
-    missing = sorted(set(reference) - set(state))
-    wrong = sorted(n for n in reference if n in state and tuple(state[n].shape) != reference[n])
-    saved = {state[n].data_ptr() for n in reference if n in state}
-    unknown = sorted(n for n in set(state) - set(reference) if state[n].data_ptr() not in saved)
+    missing = sorted(set(reference) - set(shapes))
+    wrong = sorted(n for n in reference if n in shapes and tuple(shapes[n]) != reference[n])
+    unknown = sorted(n for n in set(shapes) - set(reference) if n not in aliases)
     if missing or wrong or unknown:
         raise PrefrunError(f"generator=vllm: the weights to push do not match those the engine loaded (missing "
                            f"{missing[:3]}, other shape {wrong[:3]}, unknown {unknown[:3]}): not pushing; use "
                            "generator.mode=fresh for this model")
+
+
+def _buckets(weights: Iterator[tuple[str, Tensor]], limit_bytes: float) -> Iterator[dict[str, Tensor]]:
+    """The (name, tensor) stream cut in consecutive buckets of at most `limit_bytes`, never inside a decoder layer
+    (`<...>.layers.<i>`): vLLM fuses a layer's q/k/v, gate/up and experts into one weight, and reloading part of
+    one leaves the rest of it undefined (measured: the probe read nan with one tensor per file, exact with one
+    layer per file). A layer larger than the limit is a bucket alone."""
+    bucket, size = {}, 0
+    unit, unit_size, unit_key = {}, 0, None
+
+    def add_unit():
+        nonlocal bucket, size
+        full = None
+        if bucket and size + unit_size > limit_bytes:
+            full, bucket, size = bucket, {}, 0
+        bucket.update(unit)
+        size += unit_size
+        return full
+
+    for name, tensor in weights:
+        key = _layer_of(name)
+        if unit and key != unit_key:
+            full = add_unit()
+            if full:
+                yield full
+            unit, unit_size = {}, 0
+        unit[name], unit_size, unit_key = tensor, unit_size + tensor.numel() * tensor.element_size(), key
+    if unit:
+        full = add_unit()
+        if full:
+            yield full
+    if bucket:
+        yield bucket
+
+
+def _layer_of(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `model.layers.3`; a name outside a numbered layer is its own."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def _write_bucket(bucket: dict[str, Tensor], root: str | None) -> str:
+    """One bucket of the push as a safetensors file in a new directory under `root`, refused when a weight is
+    not finite; returns the directory (the caller removes it once the engine has read it)."""
+    bad = next((n for n, t in bucket.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise PrefrunError(f"generator=vllm: the policy's weight {bad} holds NaN or inf: not pushing it to the engine; "
+                           "the training step diverged (lower the learning rate)")
+    push_dir = Path(tempfile.mkdtemp(prefix="prefrun-vllm-push-", dir=root))
+    try:
+        _write_push(bucket, push_dir / "model.safetensors")
+    except BaseException:
+        shutil.rmtree(push_dir, ignore_errors=True)
+        raise
+    return str(push_dir)
 
 
 def _write_push(state: dict, path: Path) -> None:
@@ -96,9 +161,10 @@ def _checkpoint_shapes(path: Path) -> dict | None:
     return shapes
 
 
-def _push_root(state: dict) -> str | None:
-    """/dev/shm (RAM, no disk round trip) when it has room for twice the weights; else the temporary directory."""
-    need = 2 * sum(t.numel() * t.element_size() for t in state.values())
+def _push_root(nbytes: float) -> str | None:
+    """/dev/shm (RAM, no disk round trip) when it has room for twice `nbytes` (a bucket); else the temporary
+    directory."""
+    need = 2 * nbytes
     try:
         return "/dev/shm" if shutil.disk_usage("/dev/shm").free > need else None
     except OSError:

@@ -37,13 +37,14 @@ LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "G
                       "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
 
-def _worker_env() -> dict:
+def _worker_env(devices: list[int] | None = None) -> dict:
+    """The engine child's environment: not the launcher's job, and seeing only `devices` (indices into this
+    process's GPUs: its own under several training processes, or generator.devices), all when None."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("ACCELERATE_")}
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        # Under several training processes each engine runs on its own process's GPU (vLLM counts from 0).
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        env["CUDA_VISIBLE_DEVICES"] = devices[torch.cuda.current_device()]
+    if devices is not None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # vLLM counts from 0 among what it sees
+        known = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(known[i] for i in devices)
     package_root = str(Path(__file__).resolve().parents[2])  # the child imports this prefrun, installed or not
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # errors and progress bars; set it to INFO to see everything
@@ -194,12 +195,12 @@ class _Worker:
         return reply
 
 
-def _run_worker(job: dict, work: Path, timeout_s: float) -> tuple[dict, dict]:
+def _run_worker(job: dict, work: Path, timeout_s: float, devices: list[int] | None) -> tuple[dict, dict]:
     """Run prefrun/vllm_worker.py on `job` in a new process group; its output goes to our stderr as it runs.
     A result that failed the weight check comes back with its probe for the caller to explain."""
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job))
-    proc = subprocess.Popen([sys.executable, "-m", "prefrun.vllm_worker", str(job_path)], env=_worker_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "prefrun.vllm_worker", str(job_path)], env=_worker_env(devices),
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         returncode = proc.wait(timeout=timeout_s)
