@@ -235,6 +235,27 @@ def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True,
     return [done[shard] for shard in todo]
 
 
+def map_shards_in_step(num_shards: int, work: Callable[[int], T], *, forwards: Callable[[int], int],
+                       idle: Callable[[], None]) -> list[T]:
+    """`map_shards` for work that runs a sharded model (FSDP2: each forward is a collective): the shards are
+    still split, and a process that has made fewer forwards than the busiest makes `idle()` forwards (a token's)
+    until they are even, so that every forward meets its peers'. `forwards(shard)` is how many forwards
+    `work(shard)` makes, known before any runs (every process must be told the same)."""
+    mine = [shard for shard in range(num_shards) if owner(shard) == rank()]
+    counts = gather(sum(forwards(shard) for shard in mine))
+
+    def run() -> dict[int, T]:
+        done = {shard: work(shard) for shard in mine}
+        for _ in range(max(counts) - counts[rank()]):
+            idle()
+        return done
+
+    results: dict[int, T] = {}
+    for part in gather(together(run)):
+        results.update(part)
+    return [results[shard] for shard in range(num_shards)]
+
+
 def map_waves(num_shards: int, make: Callable[[list[int]], dict[int, Any]], work: Callable[[int, Any], T]) -> list[T]:
     """`map_shards` for work whose first part is done for all processes by one engine that the main process
     feeds (a vLLM engine with generator.engines=main): the shards go in waves of one per process;

@@ -278,11 +278,16 @@ def _like(full: Tensor, target: Tensor) -> Tensor:
 def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
     """Run the block with `state` (a full `model.state_dict()` copy, taken before the model was sharded or not)
     in the model, then put its weights back: the initial weights' log-probs without a second model in memory
-    (one extra copy on the CPU)."""
+    (one extra copy on the CPU). Once the model is sharded (FSDP2), `state` keeps only this process's shard of
+    each tensor from then on (replaced in place): 1/N of the copy."""
     resharded(model)
     own = model.state_dict()
     current = {name: tensor.detach().to("cpu", copy=True) for name, tensor in own.items()}
-    model.load_state_dict({name: _like(value, own[name]) for name, value in state.items()})
+    for name, value in state.items():
+        shard = _like(value, own[name])
+        if shard is not value:
+            state[name] = shard.to("cpu")
+    model.load_state_dict(state)
     try:
         yield
     finally:

@@ -27,16 +27,21 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prefrun.tiny import char_tokenizer
 
 
-def build(workdir: Path, args) -> tuple[Path, Path]:
-    tokenizer = char_tokenizer()
+def llama(tokenizer, hidden: int, layers: int) -> LlamaForCausalLM:
+    """A random Llama over `tokenizer` (head_dim 64, MLP 4x hidden), seeded."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64, max_position_embeddings=512,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 64, max_position_embeddings=512,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config)
+
+
+def build(workdir: Path, args) -> tuple[Path, Path]:
+    tokenizer = char_tokenizer()
     model_dir = workdir / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    llama(tokenizer, args.hidden, args.layers).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "sort", "the", "of", "answer", "digit", "order"]

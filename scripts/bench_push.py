@@ -19,7 +19,7 @@ import threading
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_memory import llama  # scripts/ is on sys.path when this file runs
 
 from prefrun.generate import VLLMGenerator
 from prefrun.generate.weights import _buckets
@@ -56,13 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     tokenizer = char_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config).eval()
+    model = llama(tokenizer, args.hidden, args.layers).eval()
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     generator = VLLMGenerator(num_candidates=1, max_new_tokens=8, probe_size=2, probe_tokens=4)
     rows, version = {}, 0

@@ -16,9 +16,9 @@ on its own (its row then says why) so that one failure does not cost the others:
 - fsdp: the same DPO run under `accelerate launch --config_file docs/accelerate/fsdp.yaml --num_processes 1`
   (FSDP2 for real on a GPU): step 1's loss must be ln 2;
 - fsdp_online: 2 rounds of APO under that FSDP2 config with the vLLM engine beside the sharded trainer: each
-  round's weights gathered from the shards into the engine and probed, APO's extrapolation and the round's
-  reference written into the shards; every round's first loss must be ln 2 (ref=previous: a round that trained
-  from other weights than its reference's shows here).
+  round's weights gathered from the shards into the engine (a layer per file: generator.push_bucket_mb=16) and
+  probed, APO's extrapolation and the round's reference written into the shards; every round's first loss
+  must be ln 2 (ref=previous: a round that trained from other weights than its reference's shows here).
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def check_fsdp_online(ctx) -> dict:
     run_dir = ctx.work / "fsdp_online"
     size = ["model.build.sft_steps=20", "model.build.hidden_size=64", "model.build.num_heads=1", "generator=hf"] \
         if ctx.smoke else ["model.build.hidden_size=768", "model.build.num_heads=12", "model.build.num_layers=12",
-                           "model.build.intermediate_size=3072", "generator.dtype=bfloat16"]
+                           "model.build.intermediate_size=3072", "generator.dtype=bfloat16",
+                           "generator.push_bucket_mb=16"]  # the push gathered and sent a layer at a time
     job = ["train", "experiment=apo_tiny", *size, "online.rounds=2", "trainer.log_every=1",
            "trainer.max_steps=4" if ctx.smoke else "trainer.max_steps=20", "eval.num_prompts=16",
            f"online.prompts_per_round={16 if ctx.smoke else 256}", f"data.num_prompts={32 if ctx.smoke else 512}",
@@ -174,6 +175,7 @@ def check_fsdp_online(ctx) -> dict:
     rounds = [json.loads((run_dir / "rounds" / str(t) / "round.json").read_text()) for t in (1, 2)]
     return {"first losses": " ".join(f"{first[t]:.4f}" for t in (1, 2)),
             "probe max diff": max(r.get("sync/max_abs_logp_diff", 0.0) for r in rounds),
+            "push files (round 2)": rounds[1].get("sync/push_buckets", "-"),
             "round s (round 2)": round(sum(v for k, v in rounds[1].items() if k.startswith("round/time/")), 1)}
 
 

@@ -1,8 +1,10 @@
 """Run by tests/test_fsdp2.py under torchrun (2 CPU processes, gloo): with an FSDP2-sharded policy (its forwards
 are collectives) the split work — reference scoring and HF generation of pools, here 3 shards over 2 processes —
-must not leave the processes running different numbers of forwards (a hang): every process does every shard,
-with the same results as one process with the unsharded model; each shard file has one writer. A vLLM engine
-lost on one process is not restarted with a sharded policy (one line instead of a hang)."""
+must not leave the processes running different numbers of forwards (a hang). Reference scoring stays split: each
+process scores its own shards and the one with fewer forwards makes a token's forwards until they are even; HF
+generation (its forwards depend on when samples end) has every process do every shard. Both give the results of
+one process with the unsharded model; each shard file has one writer. A vLLM engine lost on one process is not
+restarted with a sharded policy (one line instead of a hang)."""
 
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prefrun.data.reference as reference
+from prefrun import faults
 from prefrun.data import Example, split_candidate_logps
 from prefrun.errors import PrefrunError
 from prefrun.generate import HFGenerator
@@ -37,13 +40,18 @@ def work(model, tokenizer, out_dir: Path):
     prompts = task.prompts("train", 5)
     examples = [Example(tokenizer(p).input_ids, [tokenizer(" 123").input_ids[1:], tokenizer(" 42").input_ids[1:]])
                 for p in prompts]
+    forwards = [0]
+    hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    scored = faults._counts.get("reference", 0)
     logps, _ = split_candidate_logps(model, examples, tokenizer.pad_token_id, batch_size=4)
+    hook.remove()
+    shards_scored = faults._counts.get("reference", 0) - scored
     generator = HFGenerator(num_candidates=2, max_new_tokens=6, seed=3, batch_size=2)
     judge = lambda: None  # noqa: E731
     judge.score = lambda chunk, texts: [[task.score(p, t) for t in row] for p, row in zip(chunk, texts)]
     pools = make_pools(prompts, generator=generator, judge=judge, model=model, tokenizer=tokenizer,
                        out_dir=out_dir, shard_size=2)
-    return {"logps": logps, "pools": pools}
+    return {"logps": logps, "pools": pools, "forwards": forwards[0], "shards_scored": shards_scored}
 
 
 def main(out: str) -> None:

@@ -30,13 +30,17 @@ def test_full_weights_gathers_fsdp2_shards_on_every_process(tmp_path):
         assert seen["engine"]["lm_head.weight"] == seen["engine"]["model.embed_tokens.weight"] == (64, 32)
 
 
-def test_split_work_with_a_sharded_policy_does_every_shard_on_every_process_and_does_not_hang(tmp_path):
+def test_split_work_with_a_sharded_policy_keeps_every_process_in_step_and_does_not_hang(tmp_path):
     out = tmp_path / "work.pt"
     torchrun("fsdp2_work.py", out, tmp_path)  # split as before, the processes crashed on mismatched collectives
     for rank in (0, 1):
         seen = torch.load(f"{out}.{rank}")
         torch.testing.assert_close(seen["sharded"]["logps"], seen["single"]["logps"], atol=1e-5, rtol=1e-5)
         assert seen["sharded"]["pools"] == seen["single"]["pools"]  # same candidates, same scores
+        # The scoring was split (shards 0 and 2 on process 0, shard 1 on process 1) and the forwards even: process 1
+        # made one real forward and one of a token.
+        assert (seen["single"]["shards_scored"], seen["sharded"]["shards_scored"]) == (3, [2, 1][rank])
+        assert (seen["single"]["forwards"], seen["sharded"]["forwards"]) == (3, 2)
         assert "not restarted: the policy is sharded" in seen["restart"]
     assert sorted(p.name for p in (tmp_path / "sharded-shards").glob("shard-*")) == [
         "shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]

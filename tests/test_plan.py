@@ -7,13 +7,12 @@ from transformers import MistralConfig
 
 from .conftest import run_cli
 
-pytestmark = pytest.mark.slow
-
 
 def _said(proc) -> str:
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_the_embedded_job_plans_without_building_anything(tmp_path, cache_dir):
     out = _said(run_cli(["train", "plan=true"], tmp_path))
     assert "plan: 1 process(es), sharding none" in out and "0.5M parameters" in out
@@ -31,6 +30,7 @@ def mistral_7b(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(tmp_path, mistral_7b):
     job = ["train", "experiment=apo_paper", f"model.name_or_path={mistral_7b}", "judge.name_or_path=none",
            "plan=true"]
@@ -54,14 +54,20 @@ def test_an_fsdp_launch_on_cpu_processes_is_planned_as_ddp_unless_trainer_cpu_fs
     assert Launch.from_env(cpu_fsdp=True).share("optimiser") == 2 and Launch.from_env().share("optimiser") == 1
 
 
-def test_the_plan_places_one_engine_fed_by_the_main_process_off_the_training_devices(tmp_path, cache_dir):
+def test_the_plan_places_one_engine_fed_by_the_main_process_off_the_training_devices():
     """generator.engines=main generator.devices=[...] (the separate-engine mode): the engine is not on a training
-    device, so no phase counts it; an engine wider than its GPUs is one line."""
-    job = ["train", "experiment=iterdpo_tiny", "generator.engines=main", "generator.devices=[4,5,6,7]", "plan=true"]
-    out = _said(run_cli([*job, "generator.tensor_parallel_size=4"], tmp_path))
-    assert "vLLM: one engine on GPU(s) [4, 5, 6, 7] (tensor_parallel_size 4" in out and "not on a training device" in out
-    assert "vLLM engine" not in out  # no phase holds it
-    wide = run_cli([*job, "generator.tensor_parallel_size=8"], tmp_path, check=False)
-    assert wide.returncode == 2
-    [line] = [x for x in _said(wide).splitlines() if "[ERROR]" in x]
-    assert "generator.devices=[4, 5, 6, 7] holds 4 GPU(s)" in line and "= 8" in line
+    device, so no phase counts it; an engine wider than its GPUs is one line. (In process: the plan reads configs.)"""
+    from prefrun.errors import InputError
+    from prefrun.plan import plan
+
+    from .test_config import compose_train
+
+    job = ["experiment=iterdpo_tiny", "generator.engines=main", "generator.devices=[4,5,6,7]"]
+    apart = plan(compose_train([*job, "generator.tensor_parallel_size=4"]), None)
+    assert apart["engines"].startswith("one engine on GPU(s) [4, 5, 6, 7] (tensor_parallel_size 4")
+    assert not any("engine" in part for parts in apart["phases"].values() for part in parts)  # no phase holds it
+    shared = plan(compose_train(["experiment=iterdpo_tiny"]), None)
+    assert shared["engines"].startswith("1 engine(s), one per process")
+    assert any("engine" in part for part in shared["phases"]["generate"])
+    with pytest.raises(InputError, match=r"generator.devices=\[4, 5, 6, 7\] holds 4 GPU\(s\).* = 8"):
+        plan(compose_train([*job, "generator.tensor_parallel_size=8"]), None)

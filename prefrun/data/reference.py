@@ -61,15 +61,30 @@ SCORING_SHARD = 256  # examples per shard when scoring is split over processes (
 
 def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: int) -> tuple[Tensor, Tensor]:
     """`candidate_logps` of every example, the examples cut in shards of SCORING_SHARD that the processes
-    share (each scores its own, all get all). One process scores the same shards one after the other; a sharded
-    model (FSDP2, ZeRO-3) has every process score every shard (its forwards are collectives)."""
+    share (each scores its own, all get all). One process scores the same shards one after the other. A sharded
+    model (FSDP2) runs collective forwards: the shards stay split and the processes with fewer forwards to make
+    make a token's forwards until all have made as many (`distributed.map_shards_in_step`); before packing has
+    been checked on the model (a check makes forwards of its own), and under ZeRO-3, every process scores
+    every shard."""
+    from prefrun.logprobs import packing_checked, packs
+
     size = SCORING_SHARD
+    num_shards = distributed.num_shards(len(examples), size)
+
     def score(shard: int) -> tuple[Tensor, Tensor]:
         faults.inject("reference")
         return candidate_logps(model, examples[shard * size : (shard + 1) * size], pad_id, batch_size=batch_size)
 
-    parts = distributed.map_shards(distributed.num_shards(len(examples), size), score,
-                                   split=not distributed.is_sharded(model))
+    def forwards(shard: int) -> int:
+        return -(-sum(len(ex.completion_ids) for ex in examples[shard * size : (shard + 1) * size]) // batch_size)
+
+    if not distributed.is_sharded(model):
+        parts = distributed.map_shards(num_shards, score)
+    elif _fsdp2(model) and (not packs(model) or packing_checked(model)):
+        parts = distributed.map_shards_in_step(num_shards, score, forwards=forwards,
+                                               idle=lambda: _idle_forward(model, pad_id))
+    else:
+        parts = distributed.map_shards(num_shards, score, split=False)
     width = max(len(ex.completion_ids) for ex in examples)
     logps = torch.zeros(len(examples), width)
     lengths = torch.zeros(len(examples), width, dtype=torch.long)
@@ -78,6 +93,27 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
         logps[rows, : part_logps.shape[1]] = part_logps
         lengths[rows, : part_lengths.shape[1]] = part_lengths
     return logps, lengths
+
+
+def _fsdp2(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@torch.no_grad()
+def _idle_forward(model, pad_id: int) -> None:
+    """One forward of a single token, as scoring makes them (packed or padded): its collectives meet the ones of
+    a peer's real forward."""
+    from prefrun.logprobs import packs, sequence_logps
+
+    was_training = model.training
+    model.eval()
+    try:
+        batch = pad_rows([([pad_id], [pad_id])], pad_id, packed=packs(model))
+        sequence_logps(model, to_device(batch, next(model.parameters()).device))
+    finally:
+        model.train(was_training)
 
 
 def attach_reference_logps(examples: list[Example], reference, tokenizer, *, cache_dir: Path,
