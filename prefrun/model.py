@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -112,11 +113,30 @@ def add_lora(model, cfg: DictConfig):
 
 def save_policy(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: dict | None = None) -> None:
     """save_pretrained; a LoRA policy saves its adapters, or the merged full model if asked.
-    `state_dict`: the full weights gathered by accelerate (sharded training), if any."""
+    `state_dict`: the full weights gathered from sharded training, if any (accelerate's state dict; with LoRA
+    merged, `full_weights`: the merged weights under the base model's names)."""
     if merge_lora and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = model.merge_and_unload() if state_dict is None else model.get_base_model()
     distributed.save_pretrained(model, path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
+
+
+@contextmanager
+def root_gathered(model) -> Iterator[None]:
+    """FSDP2 gathers a module's parameters in that module's forward. PEFT's `generate` calls the base model's
+    `generate`, past the root module's forward, so the parameters the root holds (embeddings, final norm, head)
+    would stay sharded ("mixed torch.Tensor and DTensor"): they are gathered around such a call (a collective:
+    every process makes it) and freed after. A no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 ZERO3 = ("the policy is partitioned by DeepSpeed ZeRO-3, and prefrun does not gather ZeRO-3 weights (the vLLM "

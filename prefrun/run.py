@@ -79,10 +79,11 @@ def run(cfg: DictConfig) -> float | None:
     distributed.env_from_job()  # the submitit launcher's tasks (tasks_per_node > 1) as ranks
     accelerator = make_accelerator(cfg.trainer)
     distributed.quiet_other_processes()  # one console, one train.log: the main process's
-    if cfg.model.get("lora") and accelerator.distributed_type == "FSDP":
-        raise InputError("LoRA (model.lora) under FSDP is not supported: prefrun does not gather sharded adapters "
-                         "(checkpoint-final, each online round's merge); train LoRA without the FSDP config "
-                         "(accelerate launch --multi_gpu: DDP; the adapters' optimiser state is small anyway)")
+    if cfg.model.get("lora") and accelerator.distributed_type == "FSDP" and cfg.online.algorithm != "none":
+        raise InputError("online rounds with LoRA (model.lora) under FSDP are not supported: prefrun does not yet "
+                         "restart sharded adapters after each round's merge; train them without the FSDP config "
+                         "(accelerate launch --multi_gpu: DDP; the adapters' optimiser state is small anyway), or "
+                         "offline (online=none), where LoRA under FSDP works")
     hydra_cfg = HydraConfig.get()
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
     record = RunLog(Path(hydra_cfg.runtime.output_dir), cfg, enabled=accelerator.is_main_process, sweep_name=sweep)
@@ -428,11 +429,15 @@ def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path) -> None:
     if not cfg.trainer.save_final:
         return
     lora = cfg.model.get("lora")
-    # Every process takes part: under FSDP or DeepSpeed ZeRO-3 this gathers the shards.
-    state_dict = None if lora else accelerator.get_state_dict(policy)
+    merge = bool(lora and lora.merge)
+    # Every process takes part: under FSDP or DeepSpeed ZeRO-3 this gathers the shards (with LoRA under FSDP2:
+    # the adapters, or the merged weights).
+    if lora and distributed.is_sharded(policy):
+        state_dict = full_weights(policy, buffers=True) if merge else accelerator.get_state_dict(policy)
+    else:
+        state_dict = None if lora else accelerator.get_state_dict(policy)
     if accelerator.is_main_process:
-        save_policy(policy, tokenizer, run_dir / "checkpoint-final", merge_lora=bool(lora and lora.merge),
-                    state_dict=state_dict)
+        save_policy(policy, tokenizer, run_dir / "checkpoint-final", merge_lora=merge, state_dict=state_dict)
 
 
 def _report(summary: dict, primary: str | None, run_dir: Path) -> None:

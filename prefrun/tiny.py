@@ -70,7 +70,8 @@ class TinyLlama:
                  self.num_layers, task.name, self.sft_steps)
         start = time.time()
         tokenizer = char_tokenizer()
-        model = self._warm_up(self._init_model(tokenizer), tokenizer, task)
+        with torch.random.fork_rng():  # building the cache entry leaves the run's random state as it was: a run
+            model = self._warm_up(self._init_model(tokenizer), tokenizer, task)  # is the same, cached or not
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         distributed.save_pretrained(model, tmp)  # also on a node's local main process (its own cache)

@@ -200,12 +200,33 @@ def test_mcpo_under_real_fsdp2_killed_and_resumed_from_sharded_checkpoints_equal
         torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=1e-3)
 
 
-def test_lora_under_fsdp_is_one_line_before_anything_loads(tmp_path):
+def test_lora_under_real_fsdp2_equals_one_process_and_online_lora_under_fsdp_is_one_line(tmp_path):
+    """Offline DPO with LoRA through FSDP2 on two CPU processes: the judged evaluation samples through PEFT's
+    `generate`, which skips the root module's forward (the root's parameters are gathered around it), and
+    checkpoint-final holds the adapters gathered from the shards; losses, evaluation and adapters equal one
+    process at the same global batch. Online rounds with LoRA under FSDP stay one line before anything loads."""
+    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
+    job = [*(a for a in JOB if a != "trainer.save_final=false"), "+model/lora=default"]
+    run_cli(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, env)
     config, sharded = fsdp_on_cpu(tmp_path)
-    out = launch(["train", *JOB, "+model/lora=default", sharded, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
-                 {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}, config=config, check=False)
-    said = out.stdout + out.stderr
-    assert out.returncode != 0 and "LoRA (model.lora) under FSDP is not supported" in said, said[-3000:]
+    launch(["train", *job, "trainer.batch_size=4", sharded, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path, env,
+           config=config)
+    assert "accelerate: 2 process(es), FSDP" in (tmp_path / "two" / "train.log").read_text()
+    sharded_checkpoint(tmp_path / "two" / "checkpoints" / "step-3")
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    _same_rows(one, two, ("loss", "rewards/margin", "logps/chosen", "logps/rejected"))
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert a["eval_after"]["sampled"]["per_prompt"] == b["eval_after"]["sampled"]["per_prompt"]
+    adapters = [load_file(tmp_path / d / "checkpoint-final" / "adapter_model.safetensors") for d in ("one", "two")]
+    assert sorted(adapters[0]) == sorted(adapters[1]) and any("lora_B" in name for name in adapters[0])
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-5, rtol=1e-4)
+
+    online = launch(["train", *JOB, "experiment=iterdpo_tiny", "generator=hf", "+model/lora=default", sharded,
+                     f"hydra.run.dir={tmp_path / 'online'}"], tmp_path, env, config=config, check=False)
+    said = online.stdout + online.stderr
+    assert online.returncode != 0 and "online rounds with LoRA (model.lora) under FSDP are not supported" in said, \
+        said[-3000:]
 
 
 def test_prefrun_generate_on_two_processes_writes_what_one_process_writes(tmp_path):

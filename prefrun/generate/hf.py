@@ -19,6 +19,7 @@ from transformers import (
 from prefrun import distributed
 from prefrun.errors import InputError
 from prefrun.generate.base import Candidates, Sampling, _candidates, _eos_ids, _log_rate, _tokenize
+from prefrun.model import root_gathered
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -101,7 +102,7 @@ class HFGenerator(Sampling):
         # The caller's RNG (training's dropout, say) is left as it was: sampling draws from a forked one.
         rng_devices = [device] if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=rng_devices):
+            with torch.random.fork_rng(devices=rng_devices), root_gathered(model):
                 torch.manual_seed(self.seed)
                 for begin in range(0, len(ids), self.batch_size):
                     chunk = ids[begin : begin + self.batch_size]
