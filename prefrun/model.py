@@ -121,6 +121,19 @@ def save_policy(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: d
     tokenizer.save_pretrained(path)
 
 
+def adapter_state(model) -> dict[str, torch.Tensor] | None:
+    """A LoRA policy's adapters as `save_pretrained(state_dict=...)` takes them, gathered when sharded (FSDP2: a
+    collective, every process calls it, in the same order); None when they are not sharded (save_pretrained
+    reads them itself)."""
+    from torch.distributed.tensor import DTensor
+
+    adapters = {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
+    if not any(isinstance(tensor, DTensor) for tensor in adapters.values()):
+        return None
+    return {name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+            for name, tensor in adapters.items()}
+
+
 @contextmanager
 def root_gathered(model) -> Iterator[None]:
     """FSDP2 gathers a module's parameters in that module's forward. PEFT's `generate` calls the base model's

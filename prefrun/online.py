@@ -34,7 +34,7 @@ from prefrun import distributed, faults, storage
 from prefrun.data import split_candidate_logps
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
-from prefrun.model import full_weights
+from prefrun.model import adapter_state, full_weights
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,27 @@ def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
         torch.manual_seed(seed)
         for module in lora.values():
             for adapter in list(module.lora_A):
-                module.reset_lora_parameters(adapter, True)
+                _reset_adapter(module, adapter)
         torch.random.set_rng_state(state)
+
+
+def _reset_adapter(module, adapter: str) -> None:
+    """PEFT's own adapter initialisation (B = 0, A drawn). Sharded adapters (FSDP2) are drawn in full, as one
+    process draws them, in plain tensors put in their place for the call, then cut to this process's shard:
+    drawn on the shards, they came out other than one process's (round 2 of an online LoRA run diverged)."""
+    from torch.distributed.tensor import DTensor
+
+    layers = [module.lora_A[adapter], module.lora_B[adapter]]
+    sharded = {layer: layer.weight for layer in layers if isinstance(layer.weight, DTensor)}
+    for layer, param in sharded.items():
+        layer.weight = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device))
+    try:
+        module.reset_lora_parameters(adapter, True)
+    finally:
+        for layer, param in sharded.items():
+            full = layer.weight.detach()
+            layer.weight = param
+            param.copy_(_like(full, param))
 
 
 def save_weights(model, tokenizer, weights: dict[str, Tensor], path: Path) -> None:
@@ -375,11 +394,13 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
     needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled \
         or distributed.is_sharded(policy)
     hat = full_weights(policy) if needs_weights else None
+    adapters = adapter_state(policy) if lora and not merges_adapters(online, lora) else None  # gathered if sharded
+
     def keep_hat() -> None:  # one writer; a full disk there stops every process with its line
         if rounds.enabled:
             save_weights(policy, tokenizer, hat, where / "policy_hat")
-            if lora and not merges_adapters(online, lora):
-                policy.save_pretrained(where / "adapter")  # what resume restores: the adapters keep training
+            if lora and not merges_adapters(online, lora):  # what resume restores: the adapters keep training
+                policy.save_pretrained(where / "adapter", **({} if adapters is None else {"state_dict": adapters}))
 
     distributed.together(keep_hat)
     clock = time.perf_counter()

@@ -37,6 +37,7 @@ from prefrun.judgments import JudgmentCache
 from prefrun.logprobs import use_packed_attention
 from prefrun.model import (
     ZERO3,
+    adapter_state,
     fingerprint,
     full_weights,
     load_policy,
@@ -79,11 +80,6 @@ def run(cfg: DictConfig) -> float | None:
     distributed.env_from_job()  # the submitit launcher's tasks (tasks_per_node > 1) as ranks
     accelerator = make_accelerator(cfg.trainer)
     distributed.quiet_other_processes()  # one console, one train.log: the main process's
-    if cfg.model.get("lora") and accelerator.distributed_type == "FSDP" and cfg.online.algorithm != "none":
-        raise InputError("online rounds with LoRA (model.lora) under FSDP are not supported: prefrun does not yet "
-                         "restart sharded adapters after each round's merge; train them without the FSDP config "
-                         "(accelerate launch --multi_gpu: DDP; the adapters' optimiser state is small anyway), or "
-                         "offline (online=none), where LoRA under FSDP works")
     hydra_cfg = HydraConfig.get()
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
     record = RunLog(Path(hydra_cfg.runtime.output_dir), cfg, enabled=accelerator.is_main_process, sweep_name=sweep)
@@ -433,7 +429,7 @@ def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path) -> None:
     # Every process takes part: under FSDP or DeepSpeed ZeRO-3 this gathers the shards (with LoRA under FSDP2:
     # the adapters, or the merged weights).
     if lora and distributed.is_sharded(policy):
-        state_dict = full_weights(policy, buffers=True) if merge else accelerator.get_state_dict(policy)
+        state_dict = full_weights(policy, buffers=True) if merge else adapter_state(policy)
     else:
         state_dict = None if lora else accelerator.get_state_dict(policy)
     if accelerator.is_main_process:
