@@ -236,6 +236,97 @@ def _weight_entries(model, *, tied: bool, buffers: bool) -> list[tuple[str, torc
     return entries
 
 
+def resharded(model) -> None:
+    """FSDP2 leaves the root module's parameters gathered after a forward (it expects the backward next): the
+    module then registers the gathered copies as its parameters, the next forward uses them, and resharding
+    frees them. Weights written in that state are lost (or written into freed memory). Reshard every FSDP2
+    module first, so that the registered parameters are the shards (a no-op for a model that is not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in (model.get_base_model() if hasattr(model, "peft_config") else model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def shard_of(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`full` as `target` holds it: a sharded target (an FSDP2 DTensor) gets this process's shard of it. Every
+    process holds the same full tensor, so each cuts its own shard locally (src_data_rank=None: nothing sent)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(full, DTensor):
+        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+    return full
+
+
+class LocalShards(dict):
+    """name -> this process's shard (a plain CPU tensor) of each weight of a sharded policy (FSDP2), LoRA merged,
+    under the names `full_weights` gives: what APO's extrapolation (elementwise) and a round's merge work on,
+    without a whole copy of the model on every process. `gathered_on_main` makes the whole of it for a writer."""
+
+
+def local_weights(model) -> LocalShards:
+    """`full_weights` of a sharded policy, each process keeping only its own shard of every weight (the shards
+    are read in place; only a LoRA delta is gathered, one tensor at a time, a collective: every process calls
+    this, in the same order). A weight that is not sharded is kept whole."""
+    from torch.distributed.tensor import DTensor
+
+    resharded(model)
+    out = LocalShards()
+    for name, tensor, lora in _weight_entries(model, tied=False, buffers=False):
+        sharded = isinstance(tensor, DTensor)
+        value = (tensor.to_local() if sharded else tensor).detach().to("cpu", copy=True)
+        for delta in lora:
+            full = delta().detach()
+            full = full.full_tensor() if isinstance(full, DTensor) else full
+            part = shard_of(full, tensor).to_local() if sharded else full
+            value = value + part.to("cpu", value.dtype)
+        out[name] = value
+    return out
+
+
+def local_shards(model, weights: dict[str, torch.Tensor]) -> LocalShards:
+    """Whole weights (`full_weights`, or read from disk) as this process's shards of the sharded policy."""
+    params = plain_parameters(model)
+    return LocalShards({name: shard_of(value, params[name]).to_local().to("cpu", copy=True)
+                        if _is_dtensor(params[name]) else value for name, value in weights.items()})
+
+
+def gathered_on_main(model, shards: LocalShards, *, stream: bool = False):
+    """The whole weights from every process's shards, tensor by tensor (a collective: every process calls it);
+    the main process keeps them (to write them), the others drop each at once and get None. `stream`: an
+    iterator of (name, whole tensor) instead, on every process, one tensor at a time (every process must run
+    it to the end)."""
+    items = _gathered(model, shards)
+    if stream:
+        return items
+    out = {name: value for name, value in items if distributed.is_main()}
+    return out if distributed.is_main() else None
+
+
+def _gathered(model, shards: LocalShards) -> Iterator[tuple[str, torch.Tensor]]:
+    from torch.distributed.tensor import DTensor
+
+    params = plain_parameters(model)
+    for name, value in shards.items():
+        param = params[name]
+        if _is_dtensor(param):
+            value = DTensor.from_local(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                       run_check=False, shape=param.shape, stride=param.stride()).full_tensor()
+        yield name, value.to("cpu")
+
+
+def plain_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The base model's parameters (no LoRA factors) under plain checkpoint names (`.base_layer.` dropped)."""
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    return {name.replace(".base_layer.", "."): param for name, param in base.named_parameters() if "lora_" not in name}
+
+
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def fingerprint(model) -> str:
     """A hash of the starting weights' bytes: what the reference log-prob cache is keyed by. Fresh
     LoRA adapters are left out: they start as the identity (B = 0), so the function is the base's."""

@@ -34,7 +34,18 @@ from prefrun import distributed, faults, storage
 from prefrun.data import split_candidate_logps
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
-from prefrun.model import adapter_state, full_weights
+from prefrun.generate.weights import _buckets
+from prefrun.model import (
+    LocalShards,
+    adapter_state,
+    full_weights,
+    gathered_on_main,
+    local_shards,
+    local_weights,
+    plain_parameters,
+    resharded,
+    shard_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +187,24 @@ def _base(model):
 
 @torch.no_grad()
 def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
-    """Write `weights` (as `prefrun.model.full_weights` returns them) into the model. With LoRA they go into the base
-    layers and the adapters restart (B = 0, A drawn from `seed`): the policy's function is exactly `weights`,
-    and "adapters off" is now this policy, the next round's reference."""
+    """Write `weights` (as `prefrun.model.full_weights` returns them, or a sharded policy's `LocalShards`) into the
+    model. With LoRA they go into the base layers and the adapters restart (B = 0, A drawn from `seed`): the
+    policy's function is exactly `weights`, and "adapters off" is now this policy, the next round's reference."""
     resharded(model)  # before the parameters are read: a gathered FSDP2 module registers its gathered copies
-    params = {name.replace(".base_layer.", "."): param for name, param in _base(model).named_parameters()
-              if "lora_" not in name}
+    params = plain_parameters(model)
     missing, unknown = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unknown:
         raise InputError(f"online: saved weights do not fit the policy (missing {missing[:3]}, unknown {unknown[:3]}): "
                          "was the run directory made with another model?")
+    from torch.distributed.tensor import DTensor
+
+    local = isinstance(weights, LocalShards)
     for name, param in params.items():
-        param.copy_(_like(weights[name].to(param.device, param.dtype), param))
+        value = weights[name].to(param.device, param.dtype)
+        if local and isinstance(param, DTensor):
+            param.to_local().copy_(value)  # this process's shard, in place
+        else:
+            param.copy_(shard_of(value, param))
     lora = _lora_layers(model)
     if lora:
         state = torch.random.get_rng_state()
@@ -214,7 +231,7 @@ def _reset_adapter(module, adapter: str) -> None:
         for layer, param in sharded.items():
             full = layer.weight.detach()
             layer.weight = param
-            param.copy_(_like(full, param))
+            param.copy_(shard_of(full, param))
 
 
 def save_weights(model, tokenizer, weights: dict[str, Tensor], path: Path) -> None:
@@ -233,6 +250,63 @@ def save_weights(model, tokenizer, weights: dict[str, Tensor], path: Path) -> No
         raise
     _remove(path)
     os.replace(tmp, path)
+
+
+WRITE_BUCKET_BYTES = 2**30  # the sharded policy's round weights are written in files of at most this size
+
+
+def save_sharded_weights(model, tokenizer, shards: LocalShards, path: Path, *, writer: bool) -> None:
+    """A sharded policy's weights (each process's `LocalShards`) as a model directory, like `save_weights`:
+    gathered tensor by tensor from every process (every process calls this) and written by `writer` alone, in
+    files of at most WRITE_BUCKET_BYTES with an index (`model.safetensors.index.json`, as transformers writes
+    sharded checkpoints), so that no process ever holds more of the whole than one file. A disk error of the
+    writer is raised on every process once the gather is through (one line: a full disk names the path)."""
+    from safetensors.torch import save_file
+
+    tmp, failed, index = path.with_name(path.name + ".tmp"), [], {}
+    params = plain_parameters(model)
+    needed = int(sum(params[n].numel() * params[n].element_size() for n in shards) * 1.05)
+
+    def attempt(work) -> None:  # only the writer writes; its first error waits for the end of the gather
+        if writer and not failed:
+            try:
+                work()
+            except OSError as err:
+                failed.append(err)
+
+    def start() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        storage.ensure_space(path.parent, needed, f"the round's weights ({path.name})")
+        tmp.mkdir(parents=True)
+
+    attempt(start)
+    for i, bucket in enumerate(_buckets(gathered_on_main(model, shards, stream=True), WRITE_BUCKET_BYTES)):
+        name = f"model-{i + 1:05d}.safetensors"
+        attempt(lambda bucket=bucket, name=name: save_file({n: t.contiguous() for n, t in bucket.items()},
+                                                          str(tmp / name), metadata={"format": "pt"}))
+        index.update(dict.fromkeys(bucket, name))
+
+    def finish() -> None:
+        base = _base(model)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": needed}, "weight_map": index}, indent=2))
+        base.config.save_pretrained(tmp)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _remove(path)
+        os.replace(tmp, path)
+
+    attempt(finish)
+
+    def raise_failure() -> None:
+        if failed:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if storage.is_full(failed[0]):
+                raise storage.disk_full(path, needed, failed[0]) from None
+            raise failed[0]
+
+    distributed.together(raise_failure)
 
 
 def link_weights(target: Path, path: Path) -> None:
@@ -271,28 +345,6 @@ def complete_tied(model, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: value for name, value in out.items() if name in kept}
 
 
-def resharded(model) -> None:
-    """FSDP2 leaves the root module's parameters gathered after a forward (it expects the backward next): the
-    module then registers the gathered copies as its parameters, the next forward uses them, and resharding
-    frees them. Weights written in that state are lost (or written into freed memory). Reshard every FSDP2
-    module first, so that the registered parameters are the shards (a no-op for a model that is not sharded)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in _base(model).modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-def _like(full: Tensor, target: Tensor) -> Tensor:
-    """`full` as `target` holds it: a sharded target (an FSDP2 DTensor) gets this process's shard of it. Every
-    process holds the same full tensor, so each cuts its own shard locally (src_data_rank=None: nothing sent)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(target, DTensor) and not isinstance(full, DTensor):
-        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-    return full
-
-
 @contextmanager
 def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
     """Run the block with `state` (a full `model.state_dict()` copy, taken before the model was sharded or not)
@@ -303,7 +355,7 @@ def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
     own = model.state_dict()
     current = {name: tensor.detach().to("cpu", copy=True) for name, tensor in own.items()}
     for name, value in state.items():
-        shard = _like(value, own[name])
+        shard = shard_of(value, own[name])
         if shard is not value:
             state[name] = shard.to("cpu")
     model.load_state_dict(state)
@@ -390,15 +442,22 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
     (no usable pools), so θ_t = θ̂_t = θ_{t-1}, kept on disk like a trained round's, never extrapolated (APO's
     next momentum starts from θ_{t-1}), and its evaluation is `carried`, θ_{t-1}'s."""
     where, last_round = rounds.dir(t), t == online.rounds
-    # Gathering a sharded policy's weights is a collective: every process takes part, also those that write nothing.
-    needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled \
-        or distributed.is_sharded(policy)
-    hat = full_weights(policy) if needs_weights else None
+    # A sharded policy: each process keeps its own shard of θ̂_t (the extrapolation and the merge are elementwise)
+    # and the writer gets the whole, gathered tensor by tensor: every process takes part, also those that write
+    # nothing. Never a whole copy of the model on every process.
+    sharded = distributed.is_sharded(policy)
+    needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled or sharded
+    hat = None if not needs_weights else local_weights(policy) if sharded else full_weights(policy)
+    if sharded and previous_hat is not None and not isinstance(previous_hat, LocalShards):
+        previous_hat = local_shards(policy, previous_hat)  # kept whole since the start, or read back on resume
     adapters = adapter_state(policy) if lora and not merges_adapters(online, lora) else None  # gathered if sharded
+    if sharded:  # gathered by all, written by one, a file at a time
+        save_sharded_weights(policy, tokenizer, hat, where / "policy_hat", writer=rounds.enabled)
 
     def keep_hat() -> None:  # one writer; a full disk there stops every process with its line
         if rounds.enabled:
-            save_weights(policy, tokenizer, hat, where / "policy_hat")
+            if not sharded:
+                save_weights(policy, tokenizer, hat, where / "policy_hat")
             if lora and not merges_adapters(online, lora):  # what resume restores: the adapters keep training
                 policy.save_pretrained(where / "adapter", **({} if adapters is None else {"state_dict": adapters}))
 
@@ -409,9 +468,14 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
     if online.extrapolates and not last_round and carried is None:
         faults.inject("extrapolate", t)
         extrapolated = extrapolate_parameters(hat, previous_hat, online.alpha)
+        if sharded:
+            extrapolated = LocalShards(extrapolated)
         set_policy_weights(policy, extrapolated, seed=seed * 1_000 + t + 1)
-        distributed.together(lambda: save_weights(policy, tokenizer, extrapolated, where / "policy")
-                             if rounds.enabled else None)
+        if sharded:
+            save_sharded_weights(policy, tokenizer, extrapolated, where / "policy", writer=rounds.enabled)
+        else:
+            distributed.together(lambda: save_weights(policy, tokenizer, extrapolated, where / "policy")
+                                 if rounds.enabled else None)
         clock = time.perf_counter()
         evaluated["policy"] = evaluate(policy, before)
         eval_s += time.perf_counter() - clock

@@ -207,8 +207,9 @@ def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
     (on the shards they came out other, and round 2 diverged); checkpoint-final holds the adapters gathered from
     the shards. Pools, losses, evaluation and adapters equal one process at the same global batch."""
     env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
-    job = [*(a for a in ONLINE if a != "online.rounds=3"), "online.rounds=2", "+model/lora=default",
-           "trainer.save_every=3"]
+    job = [*(a for a in ONLINE if a not in ("online.rounds=3", "data.num_prompts=600", "generator.shard_size=64")),
+           "online.rounds=2", "data.num_prompts=128", "generator.shard_size=32", "+model/lora=default",
+           "trainer.save_every=3"]  # 64 prompts a round, 2 shards
     run_cli(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, env)
     config, sharded = fsdp_on_cpu(tmp_path)
     launch(["train", *job, "trainer.batch_size=4", sharded, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path, env,
