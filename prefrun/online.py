@@ -280,7 +280,11 @@ def save_sharded_weights(model, tokenizer, shards: LocalShards, path: Path, *, w
         tmp.mkdir(parents=True)
 
     attempt(start)
-    for i, bucket in enumerate(_buckets(gathered_on_main(model, shards, stream=True), WRITE_BUCKET_BYTES)):
+    stream = gathered_on_main(model, shards, stream=True)
+    if not writer:  # take part in every gather, keep nothing
+        for _ in stream:
+            pass
+    for i, bucket in enumerate(_buckets(stream, WRITE_BUCKET_BYTES) if writer else []):
         name = f"model-{i + 1:05d}.safetensors"
         attempt(lambda bucket=bucket, name=name: save_file({n: t.contiguous() for n, t in bucket.items()},
                                                           str(tmp / name), metadata={"format": "pt"}))

@@ -27,12 +27,9 @@ from bench_memory import build  # scripts/ is on sys.path when this file runs
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(name: str, processes: int, workdir: Path, model_dir: Path, data: Path, args, extra: list[str]) -> dict:
-    run_dir = workdir / name
-    overrides = ["model=hf", f"model.name_or_path={model_dir}", "model.dtype=float32", "data=jsonl",
-                 f"data.path={data}", "~task", f"trainer.batch_size={args.batch // processes}",
-                 f"trainer.max_steps={args.steps}", f"trainer.save_every={args.steps // 2}", "trainer.log_every=1",
-                 "trainer.save_final=false", f"hydra.run.dir={run_dir}", *extra]
+def launcher(processes: int, workdir: Path) -> tuple[list[str], dict]:
+    """The command prefix and environment of `prefrun` on `processes` processes: `python -m prefrun`, or
+    `accelerate launch` with the shipped FSDP config (DDP on CPUs unless trainer.cpu_fsdp=true)."""
     if processes == 1:
         prefix = [sys.executable, "-m", "prefrun"]
     else:
@@ -44,6 +41,16 @@ def run(name: str, processes: int, workdir: Path, model_dir: Path, data: Path, a
     # share of the cores.
     env = {**os.environ, "PREFRUN_CACHE": str(workdir / "cache"), "MALLOC_MMAP_THRESHOLD_": "65536",
            "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+    return prefix, env
+
+
+def run(name: str, processes: int, workdir: Path, model_dir: Path, data: Path, args, extra: list[str]) -> dict:
+    run_dir = workdir / name
+    overrides = ["model=hf", f"model.name_or_path={model_dir}", "model.dtype=float32", "data=jsonl",
+                 f"data.path={data}", "~task", f"trainer.batch_size={args.batch // processes}",
+                 f"trainer.max_steps={args.steps}", f"trainer.save_every={args.steps // 2}", "trainer.log_every=1",
+                 "trainer.save_final=false", f"hydra.run.dir={run_dir}", *extra]
+    prefix, env = launcher(processes, workdir)
     subprocess.run([*prefix, "train", *overrides], check=True, capture_output=True, env=env, cwd=workdir)
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_fsdp import launcher  # scripts/ is on sys.path when this file runs
 
 
 class TreeMemory:
@@ -68,17 +64,7 @@ def run(name: str, processes: int, workdir: Path, args, extra: list[str]) -> dic
                  f"trainer.batch_size={args.batch // processes}", f"trainer.max_steps={args.steps}", "trainer.epochs=1",
                  "trainer.log_every=1", "trainer.save_every=0", "trainer.save_final=false", f"hydra.run.dir={run_dir}",
                  *extra]
-    if processes == 1:
-        prefix = [sys.executable, "-m", "prefrun"]
-    else:
-        config = workdir / "fsdp.yaml"
-        shutil.copy(REPO / "docs" / "accelerate" / "fsdp.yaml", config)
-        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                  "--num_processes", str(processes), "-m", "prefrun"]
-    # glibc's heap keeps freed memory unless told otherwise (see bench_memory.py); each process gets an equal
-    # share of the cores.
-    env = {**os.environ, "PREFRUN_CACHE": str(workdir / "cache"), "MALLOC_MMAP_THRESHOLD_": "65536",
-           "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+    prefix, env = launcher(processes, workdir)
     proc = subprocess.Popen([*prefix, "train", *overrides], env=env, cwd=workdir, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     memory = TreeMemory(proc.pid)
