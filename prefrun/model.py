@@ -261,7 +261,7 @@ def shard_of(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class LocalShards(dict):
     """name -> this process's shard (a plain CPU tensor) of each weight of a sharded policy (FSDP2), LoRA merged,
     under the names `full_weights` gives: what APO's extrapolation (elementwise) and a round's merge work on,
-    without a whole copy of the model on every process. `gathered_on_main` makes the whole of it for a writer."""
+    without a whole copy of the model on every process. `iter_gathered` gives the whole of it, a tensor at a time, to a writer."""
 
 
 def local_weights(model) -> LocalShards:
@@ -291,19 +291,9 @@ def local_shards(model, weights: dict[str, torch.Tensor]) -> LocalShards:
                         if _is_dtensor(params[name]) else value for name, value in weights.items()})
 
 
-def gathered_on_main(model, shards: LocalShards, *, stream: bool = False):
-    """The whole weights from every process's shards, tensor by tensor (a collective: every process calls it);
-    the main process keeps them (to write them), the others drop each at once and get None. `stream`: an
-    iterator of (name, whole tensor) instead, on every process, one tensor at a time (every process must run
-    it to the end)."""
-    items = _gathered(model, shards)
-    if stream:
-        return items
-    out = {name: value for name, value in items if distributed.is_main()}
-    return out if distributed.is_main() else None
-
-
-def _gathered(model, shards: LocalShards) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gathered(model, shards: LocalShards) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) from every process's shards, one tensor at a time on every process (a collective:
+    every process runs it to the end); what the writer of the round's weights writes, file by file."""
     from torch.distributed.tensor import DTensor
 
     params = plain_parameters(model)

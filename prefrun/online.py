@@ -39,7 +39,7 @@ from prefrun.model import (
     LocalShards,
     adapter_state,
     full_weights,
-    gathered_on_main,
+    iter_gathered,
     local_shards,
     local_weights,
     plain_parameters,
@@ -280,7 +280,7 @@ def save_sharded_weights(model, tokenizer, shards: LocalShards, path: Path, *, w
         tmp.mkdir(parents=True)
 
     attempt(start)
-    stream = gathered_on_main(model, shards, stream=True)
+    stream = iter_gathered(model, shards)
     if not writer:  # take part in every gather, keep nothing
         for _ in stream:
             pass

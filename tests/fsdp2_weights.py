@@ -2,7 +2,7 @@
 FSDP2 (`fully_shard` per decoder layer and on the root) trains one AdamW step; then `full_weights` gathers
 it on every process, tensor by tensor, and APO's extrapolation runs on what it gathered; and shard-wise, as online
 rounds do it: each process extrapolates its own shards (`local_weights`), writes them into the policy
-(`set_policy_weights`), and the main process alone gets the whole (`gathered_on_main`). Each process writes what
+(`set_policy_weights`), and what is gathered from the shards for the writer (`iter_gathered`) is the whole. Each process writes what
 it saw next to the output path for the test to compare with the same step on the unsharded model."""
 
 import sys
@@ -14,7 +14,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefrun.extrapolate import extrapolate_parameters
-from prefrun.model import LocalShards, full_weights, gathered_on_main, local_shards, local_weights
+from prefrun.model import LocalShards, full_weights, iter_gathered, local_shards, local_weights
 from prefrun.online import set_policy_weights
 
 
@@ -49,7 +49,7 @@ def main(out: str) -> None:
     shard_sizes = {n: v.numel() for n, v in shards.items()}
     local = LocalShards(extrapolate_parameters(shards, local_shards(model, initial), 0.3))
     set_policy_weights(model, local, seed=0)
-    written = gathered_on_main(model, local)
+    written = dict(iter_gathered(model, local))
     torch.save({"sharded": sharded, "gathered": gathered, "extrapolated": extrapolated, "shard_sizes": shard_sizes,
                 "written": written, "in_policy": full_weights(model),
                 "engine": {n: tuple(t.shape) for n, t in full_weights(model, tied=True, buffers=True, to_cpu=False).items()}},
