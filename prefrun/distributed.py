@@ -216,6 +216,14 @@ def is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
+def is_fsdp2(model) -> bool:
+    """True when `model`'s parameters are FSDP2 DTensors: its collectives do not depend on a forward's input, so
+    processes may run different inputs as long as they make as many forwards (`map_shards_in_step`)."""
+    from torch.distributed.tensor import DTensor
+
+    return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True,
                shards: range | None = None) -> list[T]:
     """`[work(0), ..., work(num_shards - 1)]` on every process, each shard computed once, by `owner(shard)`; a
@@ -235,14 +243,17 @@ def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True,
     return [done[shard] for shard in todo]
 
 
-def map_shards_in_step(num_shards: int, work: Callable[[int], T], *, forwards: Callable[[int], int],
+def map_shards_in_step(num_shards: int, work: Callable[[int], T], *, steps: Callable[[int], int],
                        idle: Callable[[], None]) -> list[T]:
     """`map_shards` for work that runs a sharded model (FSDP2: each forward is a collective): the shards are
-    still split, and a process that has made fewer forwards than the busiest makes `idle()` forwards (a token's)
-    until they are even, so that every forward meets its peers'. `forwards(shard)` is how many forwards
-    `work(shard)` makes, known before any runs (every process must be told the same)."""
+    still split, and a process that has made fewer steps than the busiest makes `idle()` steps until they are
+    even, so that every step meets its peers'. A step is a unit of collectives that is the same whatever the
+    input: a forward (reference scoring; idle: a token's forward), or a synced model.generate() call, which
+    keeps forwarding until every process's call has ended (HF generation; idle: a call that samples one token).
+    `steps(shard)` is how many steps `work(shard)` makes, known before any runs (every process must be told
+    the same)."""
     mine = [shard for shard in range(num_shards) if owner(shard) == rank()]
-    counts = gather(sum(forwards(shard) for shard in mine))
+    counts = gather(sum(steps(shard) for shard in mine))
 
     def run() -> dict[int, T]:
         done = {shard: work(shard) for shard in mine}

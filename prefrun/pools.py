@@ -150,7 +150,9 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     num_shards = distributed.num_shards(len(prompts), shard_size)
     start, progress = time.perf_counter(), {"prompts": 0, "tokens": 0}
     mine = len(range(distributed.rank(), num_shards, distributed.world_size()))
-    # HF generation runs the policy: sharded (FSDP2, ZeRO-3), every process must make every shard (see map_shards).
+    # HF generation runs the policy. Sharded by FSDP2, the shards stay split and each generate() call is a step
+    # the processes make together (distributed.map_shards_in_step); under ZeRO-3 every process makes every shard.
+    in_step = generator.uses_model and distributed.is_fsdp2(model) and distributed.world_size() > 1
     split = not generator.uses_model or not distributed.is_sharded(model)
     # Which shards are on disk is decided together: a process must not read a shard that another generates.
     finished = distributed.gather([(out_dir / f"shard-{i:05d}.jsonl").exists() for i in range(num_shards)])
@@ -218,8 +220,14 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
         return rows, work
 
     fed = getattr(generator, "fed_by_main", False)
-    shards = distributed.map_waves(num_shards, generate_wave, make_shard) if fed else \
-        distributed.map_shards(num_shards, make_shard, split=split)
+    if fed:
+        shards = distributed.map_waves(num_shards, generate_wave, make_shard)
+    elif in_step:
+        shards = distributed.map_shards_in_step(
+            num_shards, make_shard, steps=lambda shard: 0 if finished[shard] else generator.calls(len(chunk_of(shard))),
+            idle=lambda: generator.idle(model, tokenizer))
+    else:
+        shards = distributed.map_shards(num_shards, make_shard, split=split)
     records = [row for rows, _ in shards for row in rows]
     resumed = sum(work.get("resumed", 0) for _, work in shards)
     if resumed:

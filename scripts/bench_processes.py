@@ -7,11 +7,15 @@ Runs `prefrun train experiment=iterdpo_tiny generator=hf` as a user would and re
 On a CPU the processes share the machine's cores (each gets OMP_NUM_THREADS = cores / N), so the wall time
 says how well the split uses them; on GPUs each process has its own device. `--generator vllm` runs the rounds
 with a vLLM engine per process, and adds N processes with one engine the main process feeds
-(`generator.engines=main`: it generates every shard, the processes judge their own).
+(`generator.engines=main`: it generates every shard, the processes judge their own). `--fsdp` runs the N
+processes under the shipped FSDP config as real FSDP2 (`trainer.cpu_fsdp=true`): from round 2 on the policy is
+sharded and each HF generate() call is a collective the processes make together (synced, idle calls for the
+process with fewer), so the split is measured where every forward also gathers each layer.
 
     python scripts/bench_processes.py
     python scripts/bench_processes.py --processes 2 --rounds 2 --prompts 512 -- trainer.max_steps=10
     python scripts/bench_processes.py --generator vllm -- generator.shard_size=64
+    python scripts/bench_processes.py --fsdp --rounds 3
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,9 +41,15 @@ def run(processes: int, args, out: Path, extra: tuple[str, ...] = ()) -> dict:
                  f"online.prompts_per_round={args.prompts}", f"data.num_prompts={args.rounds * args.prompts}",
                  "eval.num_prompts=256", "eval.batch_size=64", "trainer.epochs=1", f"trainer.batch_size={batch}",
                  "trainer.save_final=false", f"hydra.run.dir={run_dir}", *args.overrides]
+    if processes > 1 and args.fsdp:
+        overrides.append("trainer.cpu_fsdp=true")
+        config = out / "fsdp.yaml"
+        shutil.copy(Path(__file__).resolve().parents[1] / "docs" / "accelerate" / "fsdp.yaml", config)
+        how = ["--config_file", str(config)]
+    else:
+        how = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
     prefix = [sys.executable, "-m", "prefrun"] if processes == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--num_machines", "1", "--num_processes", str(processes), "-m", "prefrun"]
+        sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes), "-m", "prefrun"]
     threads = max(1, (os.cpu_count() or 1) // processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PREFRUN_CACHE": str(out / "cache")}
     start = time.perf_counter()
@@ -56,8 +67,11 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--generator", choices=("hf", "vllm"), default="hf")
+    parser.add_argument("--fsdp", action="store_true", help="the N processes under real FSDP2 (docs/accelerate/fsdp.yaml)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.fsdp and args.rounds < 2:
+        parser.error("--fsdp needs --rounds 2 or more: the policy is sharded from round 2 on")
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-processes-"))
     run(1, args, out / "warm")  # builds the embedded model into the shared cache: neither side pays for it
     n = args.processes
@@ -67,13 +81,14 @@ def main() -> None:
     results = {name: run(processes, args, out, extra) for name, (processes, extra) in setups.items()}
 
     print(f"iterative DPO, {args.rounds} rounds x {args.prompts} prompts x 4 candidates ({args.generator}), global batch "
-          f"{args.global_batch}, 1 epoch per round; seconds per round, mean over the rounds\n")
+          f"{args.global_batch}, 1 epoch per round{', N processes under FSDP2' if args.fsdp else ''}; seconds per round, "
+          f"mean over the rounds{' after the first (the first generates before the policy is sharded)' if args.fsdp else ''}\n")
     print("| processes | prompts per process | largest share | " + " | ".join(p.removesuffix("_s") for p in PARTS)
           + " | round | whole command |")
     print("|---" * (len(PARTS) + 5) + "|")
     means = {}
     for n, result in results.items():
-        rounds = result["rounds"]
+        rounds = result["rounds"][1:] if args.fsdp else result["rounds"]  # round 1 generates before sharding
         means[n] = {p: statistics.fmean(r[f"round/time/{p}"] for r in rounds) for p in PARTS}
         means[n]["round"] = sum(means[n][p] for p in PARTS)
         shares = [max(r["generate/prompts_per_process"]) / sum(r["generate/prompts_per_process"]) for r in rounds]

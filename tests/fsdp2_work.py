@@ -1,10 +1,11 @@
 """Run by tests/test_fsdp2.py under torchrun (2 CPU processes, gloo): with an FSDP2-sharded policy (its forwards
 are collectives) the split work — reference scoring and HF generation of pools, here 3 shards over 2 processes —
-must not leave the processes running different numbers of forwards (a hang). Reference scoring stays split: each
-process scores its own shards and the one with fewer forwards makes a token's forwards until they are even; HF
-generation (its forwards depend on when samples end) has every process do every shard. Both give the results of
-one process with the unsharded model; each shard file has one writer. A vLLM engine lost on one process is not
-restarted with a sharded policy (one line instead of a hang)."""
+must not leave the processes running different numbers of forwards (a hang). Both stay split: in reference
+scoring the process with fewer forwards makes a token's forwards until they are even; in HF generation (whose
+forwards depend on when samples end) each generate() call is synced (it forwards until every process's samples
+have ended) and the process with fewer calls makes idle calls. Both give the results of one process with the
+unsharded model; each shard file has one writer. A vLLM engine lost on one process is not restarted with a
+sharded policy (one line instead of a hang)."""
 
 import sys
 from pathlib import Path
@@ -46,12 +47,23 @@ def work(model, tokenizer, out_dir: Path):
     logps, _ = split_candidate_logps(model, examples, tokenizer.pad_token_id, batch_size=4)
     hook.remove()
     shards_scored = faults._counts.get("reference", 0) - scored
-    generator = HFGenerator(num_candidates=2, max_new_tokens=6, seed=3, batch_size=2)
+    # Samples of different lengths on the two processes: the synced calls must still meet.
+    generator = HFGenerator(num_candidates=2, max_new_tokens=6, seed=3, batch_size=2, stop=["1"])
     judge = lambda: None  # noqa: E731
     judge.score = lambda chunk, texts: [[task.score(p, t) for t in row] for p, row in zip(chunk, texts)]
+    calls, generate = [0], model.generate
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return generate(*args, **kwargs)
+
+    model.generate = counted
+    made = faults._counts.get("generate", 0)
     pools = make_pools(prompts, generator=generator, judge=judge, model=model, tokenizer=tokenizer,
                        out_dir=out_dir, shard_size=2)
-    return {"logps": logps, "pools": pools, "forwards": forwards[0], "shards_scored": shards_scored}
+    del model.generate
+    return {"logps": logps, "pools": pools, "forwards": forwards[0], "shards_scored": shards_scored,
+            "shards_generated": faults._counts.get("generate", 0) - made, "generate_calls": calls[0]}
 
 
 def main(out: str) -> None:

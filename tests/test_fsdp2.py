@@ -47,6 +47,9 @@ def test_split_work_with_a_sharded_policy_keeps_every_process_in_step_and_does_n
         # made one real forward and one of a token.
         assert (seen["single"]["shards_scored"], seen["sharded"]["shards_scored"]) == (3, [2, 1][rank])
         assert (seen["single"]["forwards"], seen["sharded"]["forwards"]) == (3, 2)
+        # Generation too: shards 0 and 2 on process 0, shard 1 on process 1, which then made an idle call.
+        assert (seen["single"]["shards_generated"], seen["sharded"]["shards_generated"]) == (3, [2, 1][rank])
+        assert (seen["single"]["generate_calls"], seen["sharded"]["generate_calls"]) == (3, 2)
         assert "not restarted: the policy is sharded" in seen["restart"]
     assert sorted(p.name for p in (tmp_path / "sharded-shards").glob("shard-*")) == [
         "shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]

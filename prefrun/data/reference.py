@@ -75,13 +75,13 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
         faults.inject("reference")
         return candidate_logps(model, examples[shard * size : (shard + 1) * size], pad_id, batch_size=batch_size)
 
-    def forwards(shard: int) -> int:
+    def steps(shard: int) -> int:  # forwards
         return -(-sum(len(ex.completion_ids) for ex in examples[shard * size : (shard + 1) * size]) // batch_size)
 
     if not distributed.is_sharded(model):
         parts = distributed.map_shards(num_shards, score)
-    elif _fsdp2(model) and (not packs(model) or packing_checked(model)):
-        parts = distributed.map_shards_in_step(num_shards, score, forwards=forwards,
+    elif distributed.is_fsdp2(model) and (not packs(model) or packing_checked(model)):
+        parts = distributed.map_shards_in_step(num_shards, score, steps=steps,
                                                idle=lambda: _idle_forward(model, pad_id))
     else:
         parts = distributed.map_shards(num_shards, score, split=False)
@@ -93,12 +93,6 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
         logps[rows, : part_logps.shape[1]] = part_logps
         lengths[rows, : part_lengths.shape[1]] = part_lengths
     return logps, lengths
-
-
-def _fsdp2(model) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 @torch.no_grad()

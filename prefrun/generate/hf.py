@@ -63,6 +63,16 @@ class _StopStrings(StoppingCriteria):
         return self.done.to(input_ids.device)
 
 
+NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0}
+
+
+def _synced(model) -> bool:
+    """A sharded policy (FSDP2, ZeRO-3) forwards collectively: each process's generate() call then keeps making
+    forwards until every process's samples have ended (transformers' `synced_gpus`), so that processes sampling
+    different prompts, or one sampling and one idle (`HFGenerator.idle`), stay in step."""
+    return distributed.is_sharded(model) and distributed.world_size() > 1
+
+
 @dataclass
 class HFGenerator(Sampling):
     """Sampling with `model.generate` on the in-memory policy."""
@@ -92,7 +102,6 @@ class HFGenerator(Sampling):
         # the model's generation config (repetition penalties, n-gram bans) may add to them.
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0} \
             if self.temperature > 0 else {"do_sample": False}
-        neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0}
         was_training = model.training
         model.eval()
         results: list[Candidates] = []
@@ -101,8 +110,9 @@ class HFGenerator(Sampling):
                    disable=not distributed.is_main())
         # The caller's RNG (training's dropout, say) is left as it was: sampling draws from a forked one.
         rng_devices = [device] if device.type == "cuda" else []
+        synced = _synced(model)
         try:
-            with torch.random.fork_rng(devices=rng_devices), root_gathered(model):
+            with torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(self.seed)
                 for begin in range(0, len(ids), self.batch_size):
                     chunk = ids[begin : begin + self.batch_size]
@@ -115,14 +125,15 @@ class HFGenerator(Sampling):
                     if self.min_new_tokens:  # after the recorder, so the recorded log-probs stay raw
                         processors.append(MinNewTokensLengthLogitsProcessor(width, self.min_new_tokens, eos_ids,
                                                                             device=device))
-                    out = model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
-                        num_return_sequences=per_prompt, pad_token_id=pad_id, eos_token_id=eos_ids,
-                        logits_processor=LogitsProcessorList(processors),
-                        stopping_criteria=StoppingCriteriaList([_StopStrings(tokenizer, self.stop, width)]
-                                                               if self.stop else []),
-                        **neutral, **sampling,
-                    )
+                    with root_gathered(model):  # per call: a call is the unit that peers' calls meet (`idle`)
+                        out = model.generate(
+                            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
+                            num_return_sequences=per_prompt, pad_token_id=pad_id, eos_token_id=eos_ids,
+                            logits_processor=LogitsProcessorList(processors),
+                            stopping_criteria=StoppingCriteriaList([_StopStrings(tokenizer, self.stop, width)]
+                                                                   if self.stop else []),
+                            synced_gpus=synced, **NEUTRAL, **sampling,
+                        )
                     new_tokens = out[:, width:]
                     logps = recorder.logprobs(new_tokens).cpu().tolist()
                     rows = new_tokens.cpu().tolist()
@@ -142,3 +153,27 @@ class HFGenerator(Sampling):
                            "generated_tokens": generated, "generate_s": elapsed, "total_s": elapsed}
         _log_rate("hf", self.last_stats)
         return results
+
+    def calls(self, num_prompts: int) -> int:
+        """The model.generate() calls that `num_prompts` prompts take: under a sharded policy each is one step
+        that every process makes together (`distributed.map_shards_in_step`)."""
+        return -(-num_prompts // self.batch_size)
+
+    @torch.no_grad()
+    def idle(self, model, tokenizer) -> None:
+        """One model.generate() call that samples nothing of use (one greedy token after one token), made by a
+        process that has fewer calls to make than a peer under a sharded policy: synced, it keeps forwarding
+        until the peer's call has ended, and so meets each of the peer's collective forwards."""
+        eos_ids = _eos_ids(tokenizer, model.generation_config)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with root_gathered(model):
+                model.generate(input_ids=torch.tensor([[pad_id]], device=device),
+                               attention_mask=torch.ones(1, 1, dtype=torch.long, device=device), max_new_tokens=1,
+                               do_sample=False, pad_token_id=pad_id, eos_token_id=eos_ids, synced_gpus=_synced(model),
+                               **NEUTRAL)
+        finally:
+            model.train(was_training)
