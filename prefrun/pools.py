@@ -153,7 +153,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     # HF generation runs the policy. Sharded by FSDP2, the shards stay split and each generate() call is a step
     # the processes make together (distributed.map_shards_in_step); under ZeRO-3 every process makes every shard.
     in_step = generator.uses_model and distributed.is_fsdp2(model) and distributed.world_size() > 1
-    split = not generator.uses_model or not distributed.is_sharded(model)
+    split = in_step or not generator.uses_model or not distributed.is_sharded(model)
     # Which shards are on disk is decided together: a process must not read a shard that another generates.
     finished = distributed.gather([(out_dir / f"shard-{i:05d}.jsonl").exists() for i in range(num_shards)])
     finished = [all(flags) for flags in zip(*finished)] if num_shards else []
@@ -235,7 +235,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     if timings is not None:
         per_process: list[dict] = [{} for _ in range(distributed.world_size())]
         for shard, (_, work) in enumerate(shards):
-            into = per_process[distributed.owner(shard)]
+            into = per_process[distributed.owner(shard) if split else 0]  # not split: every process made each
             for key, value in work.items():
                 into[key] = into.get(key, 0) + value
         for key in ("generate_s", "judge_s"):

@@ -34,8 +34,8 @@ from pathlib import Path
 PARTS = ("generate_s", "judge_s", "reference_s", "train_s", "eval_s")
 
 
-def run(processes: int, args, out: Path, extra: tuple[str, ...] = ()) -> dict:
-    run_dir = out / f"processes-{processes}{'-'.join(('', *extra)).replace('=', '-')}"
+def run(processes: int, args, out: Path, extra: tuple[str, ...] = (), name: str | None = None) -> dict:
+    run_dir = out / (name or f"processes-{processes}{'-'.join(('', *extra)).replace('=', '-')}")
     batch = args.global_batch // processes
     overrides = ["experiment=iterdpo_tiny", f"generator={args.generator}", *extra, f"online.rounds={args.rounds}",
                  f"online.prompts_per_round={args.prompts}", f"data.num_prompts={args.rounds * args.prompts}",
@@ -73,7 +73,7 @@ def main() -> None:
     if args.fsdp and args.rounds < 2:
         parser.error("--fsdp needs --rounds 2 or more: the policy is sharded from round 2 on")
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-processes-"))
-    run(1, args, out / "warm")  # builds the embedded model into the shared cache: neither side pays for it
+    run(1, args, out, name="warm")  # builds the embedded model into the shared cache: neither side pays for it
     n = args.processes
     setups = {"1": (1, ()), str(n): (n, ())}
     if args.generator == "vllm":

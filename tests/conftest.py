@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,19 @@ def fsdp_on_cpu(where) -> tuple[str, str]:
     config = where / "fsdp.yaml"
     shutil.copy(REPO / "docs" / "accelerate" / "fsdp.yaml", config)
     return str(config), "trainer.cpu_fsdp=true"
+
+
+def free_port() -> str:
+    """A port no one listens on now: each multi-process job its own rendezvous (pytest-xdist runs two tests at once,
+    and accelerate's default port, 29500, is one for every job)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def accelerate_launch(*how: str) -> list[str]:
+    """`accelerate launch <how>` on a rendezvous port of its own; `how` ends with `-m prefrun` and its arguments."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", free_port(), *how]
 
 
 def sharded_checkpoint(path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO, TINY_JOB, fsdp_on_cpu, run_cli, sharded_checkpoint
+from .conftest import REPO, TINY_JOB, accelerate_launch, fsdp_on_cpu, run_cli, sharded_checkpoint
 from .test_faults import signal_at_fault
 
 pytestmark = pytest.mark.slow
@@ -37,8 +37,7 @@ def launch(args: list[str], cwd, env: dict, *, config: str | None = None, proces
     without GPUs `--multi_gpu` is accelerate's multi-process launcher (torchrun); the processes then train on the
     CPU with gloo, and an FSDP config becomes multi-process DDP (accelerate wraps with FSDP on GPUs only)."""
     how = ["--config_file", config] if config else ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
-               "--num_machines", "1", "-m", "prefrun", *args]
+    command = accelerate_launch(*how, "--num_processes", str(processes), "--num_machines", "1", "-m", "prefrun", *args)
     proc = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}")
@@ -136,8 +135,8 @@ def test_a_two_process_run_stopped_by_sigterm_in_round_2_resumes_and_changes_pro
     broken = root / "broken"
     config, sharded = fsdp_on_cpu(root)
     job = [*ONLINE, "trainer.save_every=2", f"hydra.run.dir={broken}"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-               "--num_machines", "1", "-m", "prefrun", "train", *job, "trainer.batch_size=4", sharded]
+    command = accelerate_launch("--config_file", config, "--num_processes", "2", "--num_machines", "1", "-m", "prefrun",
+                                "train", *job, "trainer.batch_size=4", sharded)
     # SIGTERM to the whole job (as SLURM preempts) while process 0 waits at round 2's step 3 (its 9th step): both
     # stop at that step boundary and save (test_faults.py has the rest of the stop signal's drill).
     code, said = signal_at_fault(command, {**env, "PREFRUN_FAULT": "train:9:hang@0"}, root)
@@ -218,6 +217,9 @@ def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
     for t in (1, 2):
         assert (tmp_path / "two" / "rounds" / str(t) / "pools.jsonl").read_text() == \
             (tmp_path / "one" / "rounds" / str(t) / "pools.jsonl").read_text()
+        # Split in both rounds, also in round 2, where the policy is sharded (synced generate() calls).
+        done = json.loads((tmp_path / "two" / "rounds" / str(t) / "round.json").read_text())
+        assert done["generate/prompts_per_process"] == [32, 32], (t, done["generate/prompts_per_process"])
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     _same_rows(one, two, tuple(k for k in ROUND_KEYS if k != "grad_norm"))  # (sharded: summed in another order)
     assert [r["loss"] for r in two if r.get("round_step") == 1] == pytest.approx([0.6931472] * 2, abs=1e-5)

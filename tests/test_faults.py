@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from .conftest import TINY_JOB, run_cli
+from .conftest import TINY_JOB, accelerate_launch, run_cli
 
 OFFLINE = [*TINY_JOB, "eval.num_prompts=16", "trainer.max_steps=8", "trainer.log_every=1", "trainer.save_every=100",
            "trainer.save_final=false"]
 ENV = {"OMP_NUM_THREADS": "1"}
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-          "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1", "-m", "prefrun"]
+LAUNCH = ("--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1",
+          "-m", "prefrun")
 
 
 def _rows(run_dir) -> list[dict]:
@@ -46,13 +46,13 @@ def test_sigterm_to_a_two_process_launcher_saves_at_the_step_boundary_and_the_sa
     run = tmp_path / "run"
     job = ["train", *OFFLINE, "trainer.batch_size=4", f"hydra.run.dir={run}"]
     # Process 0 waits at step 3's boundary until the signal comes; the launcher forwards it too (twice is once).
-    code, said = signal_at_fault([*LAUNCH, *job], {**env, "PREFRUN_FAULT": "train:3:hang@0"}, tmp_path)
+    code, said = signal_at_fault([*accelerate_launch(*LAUNCH), *job], {**env, "PREFRUN_FAULT": "train:3:hang@0"}, tmp_path)
     assert code != 0, said[-3000:]
     assert "stopped by SIGTERM at step 3 of 8" in said and "the same command continues" in said, said[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3"]  # save_every=100: the stop saved it
     assert [r["step"] for r in _rows(run)] == [1, 2, 3]
 
-    subprocess.run([*LAUNCH, *job], cwd=tmp_path, env={**os.environ, **env}, check=True, capture_output=True)
+    subprocess.run([*accelerate_launch(*LAUNCH), *job], cwd=tmp_path, env={**os.environ, **env}, check=True, capture_output=True)
     assert "resuming from" in (run / "train.log").read_text()
     whole = tmp_path / "whole"  # one process at the same global batch, never stopped
     run_cli(["train", *OFFLINE, "trainer.batch_size=8", f"hydra.run.dir={whole}"], tmp_path, env)

