@@ -243,22 +243,38 @@ def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True,
     return [done[shard] for shard in todo]
 
 
-def map_shards_in_step(num_shards: int, work: Callable[[int], T], *, steps: Callable[[int], int],
-                       idle: Callable[[], None]) -> list[T]:
+def map_shards_in_step(num_shards: int, work: Callable[[int], Any], *, steps: Callable[[int], int],
+                       idle: Callable[[], None], then: Callable[[int, Any], T] | None = None) -> list[T]:
     """`map_shards` for work that runs a sharded model (FSDP2: each forward is a collective): the shards are
     still split, and a process that has made fewer steps than the busiest makes `idle()` steps until they are
     even, so that every step meets its peers'. A step is a unit of collectives that is the same whatever the
     input: a forward (reference scoring; idle: a token's forward), or a synced model.generate() call, which
     keeps forwarding until every process's call has ended (HF generation; idle: a call that samples one token).
     `steps(shard)` is how many steps `work(shard)` makes, known before any runs (every process must be told
-    the same)."""
+    the same). `then(shard, made)`: the shard's work that makes no step (judging, writing), given what
+    `work(shard)` made; a one-line error there is held until this process has made all its steps (the rest as
+    idle ones), then stops every process with it, as in map_shards, instead of leaving the others waiting in a
+    step it will never make."""
     mine = [shard for shard in range(num_shards) if owner(shard) == rank()]
     counts = gather(sum(steps(shard) for shard in mine))
 
     def run() -> dict[int, T]:
-        done = {shard: work(shard) for shard in mine}
+        done: dict[int, T] = {}
+        failed: PrefrunError | None = None
+        for shard in mine:
+            if failed is not None:
+                for _ in range(steps(shard)):
+                    idle()
+                continue
+            made = work(shard)
+            try:
+                done[shard] = made if then is None else then(shard, made)
+            except PrefrunError as err:
+                failed = err
         for _ in range(max(counts) - counts[rank()]):
             idle()
+        if failed is not None:
+            raise failed
         return done
 
     results: dict[int, T] = {}

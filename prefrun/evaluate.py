@@ -45,13 +45,15 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
         def chunk_of(shard: int) -> list:
             return prompts[shard * size : (shard + 1) * size]
 
-        def complete_and_judge(shard: int, completions: list | None = None, settings=settings) -> tuple[list, list]:
+        def sample(shard: int, settings=settings) -> list[list[str]]:
+            shard_settings = {**settings, "seed": distributed.shard_seed(seed, shard)}
+            generator = HFGenerator(**shard_settings, batch_size=size) if engine is None else \
+                dataclasses.replace(engine, **shard_settings)  # a copy shares the engine
+            return [c.texts for c in generator.generate(chunk_of(shard), model=model, tokenizer=tokenizer)]
+
+        def complete_and_judge(shard: int, completions: list | None = None) -> tuple[list, list]:
             faults.inject("evaluate")
-            if completions is None:
-                shard_settings = {**settings, "seed": distributed.shard_seed(seed, shard)}
-                generator = HFGenerator(**shard_settings, batch_size=size) if engine is None else \
-                    dataclasses.replace(engine, **shard_settings)  # a copy shares the engine
-                completions = [c.texts for c in generator.generate(chunk_of(shard), model=model, tokenizer=tokenizer)]
+            completions = sample(shard) if completions is None else completions
             return completions, judge.score(chunk_of(shard), completions)
 
         def sample_wave(wave: list[int], settings=settings) -> dict[int, list]:
@@ -63,9 +65,9 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
 
         if split and getattr(engine, "fed_by_main", False):
             shards = distributed.map_waves(num_shards, sample_wave, complete_and_judge)
-        elif in_step:  # one generate() call a shard (a shard is one batch)
+        elif in_step:  # one generate() call a shard (a shard is one batch); the judge's errors wait for the steps
             shards = distributed.map_shards_in_step(
-                num_shards, complete_and_judge, steps=lambda shard: 1,
+                num_shards, sample, then=complete_and_judge, steps=lambda shard: 1,
                 idle=lambda: HFGenerator(batch_size=size).idle(model, tokenizer))
         else:
             shards = distributed.map_shards(num_shards, complete_and_judge, split=split)

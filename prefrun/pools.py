@@ -154,8 +154,12 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     # the processes make together (distributed.map_shards_in_step); under ZeRO-3 every process makes every shard.
     in_step = generator.uses_model and distributed.is_fsdp2(model) and distributed.world_size() > 1
     split = in_step or not generator.uses_model or not distributed.is_sharded(model)
-    # Which shards are on disk is decided together: a process must not read a shard that another generates.
-    finished = distributed.gather([(out_dir / f"shard-{i:05d}.jsonl").exists() for i in range(num_shards)])
+    # Which shards are on disk is decided together: a process must not read a shard that another generates, and
+    # a damaged one (checked by its owner) is made again, in the steps counted for it (map_shards_in_step).
+    paths = [out_dir / f"shard-{i:05d}.jsonl" for i in range(num_shards)]
+    finished = distributed.gather([path.exists() and (distributed.owner(i) != distributed.rank()
+                                                      or storage.read_checked(path) is not None)
+                                   for i, path in enumerate(paths)])
     finished = [all(flags) for flags in zip(*finished)] if num_shards else []
 
     first_seed = generator.seed if seed is None else seed
@@ -177,22 +181,28 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
         seconds = (time.perf_counter() - began) / max(1, len(todo))
         return {shard: (candidates, seconds) for shard, candidates in zip(todo, sets)}
 
+    def generate_shard(shard: int, again: bool = False) -> tuple[list, float] | None:
+        """The shard's candidates and the seconds they took; None for a shard already on disk (unless `again`)."""
+        if finished[shard] and not again:
+            return None
+        shard_generator = dataclasses.replace(generator, seed=distributed.shard_seed(first_seed, shard))
+        faults.inject("generate")
+        began = time.perf_counter()
+        candidates = shard_generator.generate(chunk_of(shard), model=model, tokenizer=tokenizer, model_path=model_path)
+        return candidates, time.perf_counter() - began
+
     def make_shard(shard: int, made: tuple[list, float] | None = None) -> tuple[list[dict], dict]:
-        path = out_dir / f"shard-{shard:05d}.jsonl"
+        """The shard's records: read back, or generated (here, or already: `made`, by the main process's engine
+        or in step with the other processes), judged and written."""
+        path = paths[shard]
         lo, hi = shard * shard_size, min(len(prompts), (shard + 1) * shard_size)
         done = storage.read_checked(path) if finished[shard] else None  # a damaged shard is made again
         if done is not None:
             return [json.loads(line) for line in done.decode().splitlines() if line.strip()], {"resumed": hi - lo}
         chunk = chunk_of(shard)
-        began = time.perf_counter()
-        if made is not None:  # the main process's engine sampled it (map_waves)
-            candidates, seconds = made
-            began -= seconds
-        else:
-            shard_generator = dataclasses.replace(generator, seed=distributed.shard_seed(first_seed, shard))
-            faults.inject("generate")
-            candidates = shard_generator.generate(chunk, model=model, tokenizer=tokenizer, model_path=model_path)
+        candidates, seconds = made or generate_shard(shard, again=True)  # (again: damaged since it was checked)
         generated = time.perf_counter()
+        began = generated - seconds
         texts = [c.texts for c in candidates]
         scores = None  # judge None: completions only (prefrun eval judges pairs, not pools)
         try:
@@ -222,10 +232,10 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     fed = getattr(generator, "fed_by_main", False)
     if fed:
         shards = distributed.map_waves(num_shards, generate_wave, make_shard)
-    elif in_step:
+    elif in_step:  # judging and writing make no step: their one-line errors wait for the peers' steps
         shards = distributed.map_shards_in_step(
-            num_shards, make_shard, steps=lambda shard: 0 if finished[shard] else generator.calls(len(chunk_of(shard))),
-            idle=lambda: generator.idle(model, tokenizer))
+            num_shards, generate_shard, then=make_shard, idle=lambda: generator.idle(model, tokenizer),
+            steps=lambda shard: 0 if finished[shard] else generator.calls(len(chunk_of(shard))))
     else:
         shards = distributed.map_shards(num_shards, make_shard, split=split)
     records = [row for rows, _ in shards for row in rows]

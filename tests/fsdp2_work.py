@@ -7,8 +7,10 @@ have ended) and the process with fewer calls makes idle calls. Both give the res
 unsharded model; each shard file has one writer. A vLLM engine lost on one process is not restarted with a
 sharded policy (one line instead of a hang)."""
 
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -19,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import prefrun.data.reference as reference
 from prefrun import faults
 from prefrun.data import Example, split_candidate_logps
-from prefrun.errors import PrefrunError
+from prefrun.errors import InputError, PrefrunError
 from prefrun.generate import HFGenerator
 from prefrun.generate.vllm import VLLMGenerator
 from prefrun.generate.worker_process import EngineLost
@@ -62,14 +64,38 @@ def work(model, tokenizer, out_dir: Path):
     pools = make_pools(prompts, generator=generator, judge=judge, model=model, tokenizer=tokenizer,
                        out_dir=out_dir, shard_size=2)
     del model.generate
+    generated = faults._counts.get("generate", 0) - made
+
+    # A shard damaged on disk (shard 2, process 0's) is made again, in step: process 1 makes an idle call.
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (out_dir / "shard-00002.jsonl").write_text("damaged")
+    if dist.is_initialized():
+        dist.barrier()
+    again = make_pools(prompts, generator=generator, judge=judge, model=model, tokenizer=tokenizer,
+                       out_dir=out_dir, shard_size=2)
+
+    # A judge's error on shard 1 (process 1's) stops every process with its line while process 0 is still
+    # generating shard 2: process 1 makes an idle call first, so nobody waits in a step never made.
+    def refusing(chunk, texts):
+        if chunk == prompts[2:4]:
+            raise InputError("the judge refused shard 1")
+        return judge.score(chunk, texts)
+
+    try:
+        make_pools(prompts, generator=generator, judge=SimpleNamespace(score=refusing), model=model,
+                   tokenizer=tokenizer, out_dir=out_dir.with_name(out_dir.name + "-refused"), shard_size=2)
+        refused = None
+    except PrefrunError as err:
+        refused = str(err)
     return {"logps": logps, "pools": pools, "forwards": forwards[0], "shards_scored": shards_scored,
-            "shards_generated": faults._counts.get("generate", 0) - made, "generate_calls": calls[0]}
+            "shards_generated": generated, "generate_calls": calls[0], "again": again, "refused": refused}
 
 
 def main(out: str) -> None:
     reference.SCORING_SHARD = 2  # 5 examples: 3 shards over 2 processes
     tokenizer = char_tokenizer()
-    single = work(tiny(tokenizer), tokenizer, Path(out).with_name("single-shards"))  # before the process group
+    # Before the process group, each process alone, in a directory of its own.
+    single = work(tiny(tokenizer), tokenizer, Path(out).with_name(f"single-shards-{os.environ['RANK']}"))
     dist.init_process_group("gloo")
     model = tiny(tokenizer)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))

@@ -137,10 +137,13 @@ def test_a_two_process_run_stopped_by_sigterm_in_round_2_resumes_and_changes_pro
     job = [*ONLINE, "trainer.save_every=2", f"hydra.run.dir={broken}"]
     command = accelerate_launch("--config_file", config, "--num_processes", "2", "--num_machines", "1", "-m", "prefrun",
                                 "train", *job, "trainer.batch_size=4", sharded)
-    # SIGTERM to the whole job (as SLURM preempts) while process 0 waits at round 2's step 3 (its 9th step): both
-    # stop at that step boundary and save (test_faults.py has the rest of the stop signal's drill).
+    # SIGTERM to the whole job (as SLURM preempts; the launcher forwards it too: twice is once) while process 0
+    # waits at round 2's step 3 (its 9th step): both stop at that step boundary and save there, off the
+    # save_every=2 grid (test_faults.py has the rest of the stop signal's drill).
     code, said = signal_at_fault(command, {**env, "PREFRUN_FAULT": "train:9:hang@0"}, root)
-    assert code != 0 and "stopped by SIGTERM at step 3 of 6" in said, said[-3000:]
+    assert code != 0 and "stopped by SIGTERM at step 3 of 6" in said and "the same command continues" in said, \
+        said[-3000:]
+    assert sorted(p.name for p in (broken / "rounds" / "2" / "checkpoints").iterdir()) == ["step-2", "step-3"]
     sharded_checkpoint(broken / "rounds" / "2" / "checkpoints" / "step-3")
     assert not (broken / "rounds" / "2" / "round.json").exists()
 

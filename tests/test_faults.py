@@ -12,13 +12,11 @@ import time
 
 import pytest
 
-from .conftest import TINY_JOB, accelerate_launch, run_cli
+from .conftest import TINY_JOB, run_cli
 
 OFFLINE = [*TINY_JOB, "eval.num_prompts=16", "trainer.max_steps=8", "trainer.log_every=1", "trainer.save_every=100",
            "trainer.save_final=false"]
 ENV = {"OMP_NUM_THREADS": "1"}
-LAUNCH = ("--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1",
-          "-m", "prefrun")
 
 
 def _rows(run_dir) -> list[dict]:
@@ -38,30 +36,6 @@ def signal_at_fault(command: list[str], env: dict, cwd, signum=signal.SIGTERM) -
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.wait(), "".join(lines)
-
-
-@pytest.mark.slow
-def test_sigterm_to_a_two_process_launcher_saves_at_the_step_boundary_and_the_same_command_continues(tmp_path):
-    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
-    run = tmp_path / "run"
-    job = ["train", *OFFLINE, "trainer.batch_size=4", f"hydra.run.dir={run}"]
-    # Process 0 waits at step 3's boundary until the signal comes; the launcher forwards it too (twice is once).
-    code, said = signal_at_fault([*accelerate_launch(*LAUNCH), *job], {**env, "PREFRUN_FAULT": "train:3:hang@0"}, tmp_path)
-    assert code != 0, said[-3000:]
-    assert "stopped by SIGTERM at step 3 of 8" in said and "the same command continues" in said, said[-3000:]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3"]  # save_every=100: the stop saved it
-    assert [r["step"] for r in _rows(run)] == [1, 2, 3]
-
-    subprocess.run([*accelerate_launch(*LAUNCH), *job], cwd=tmp_path, env={**os.environ, **env}, check=True, capture_output=True)
-    assert "resuming from" in (run / "train.log").read_text()
-    whole = tmp_path / "whole"  # one process at the same global batch, never stopped
-    run_cli(["train", *OFFLINE, "trainer.batch_size=8", f"hydra.run.dir={whole}"], tmp_path, env)
-    resumed, uninterrupted = _rows(run), _rows(whole)
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    for a, b in zip(resumed, uninterrupted):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    after = [json.loads((d / "summary.json").read_text())["eval_after"]["sampled"]["mean"] for d in (run, whole)]
-    assert after[0] == pytest.approx(after[1], abs=1e-6)
 
 
 def test_a_signal_outside_training_stops_at_once_with_status_75(tmp_path):

@@ -50,6 +50,10 @@ def test_split_work_with_a_sharded_policy_keeps_every_process_in_step_and_does_n
         # Generation too: shards 0 and 2 on process 0, shard 1 on process 1, which then made an idle call.
         assert (seen["single"]["shards_generated"], seen["sharded"]["shards_generated"]) == (3, [2, 1][rank])
         assert (seen["single"]["generate_calls"], seen["sharded"]["generate_calls"]) == (3, 2)
+        # A damaged shard made again (in step), and a judge's error on one process: one line on both, no hang.
+        assert seen["sharded"]["again"] == seen["single"]["again"] == seen["single"]["pools"]
+        assert "the judge refused shard 1" in seen["sharded"]["refused"] and "judging shard 2 of 3" in seen["sharded"]["refused"]
+        assert seen["single"]["refused"].startswith("the judge refused shard 1")
         assert "not restarted: the policy is sharded" in seen["restart"]
     assert sorted(p.name for p in (tmp_path / "sharded-shards").glob("shard-*")) == [
         "shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]
