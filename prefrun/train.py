@@ -47,6 +47,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     with _fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
         accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
                                   cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+    _deepspeed_clips(accelerator, cfg.max_grad_norm)
     if accelerator.is_main_process and fsdp_config and not torch.cuda.is_available() and not cfg.get("cpu_fsdp"):
         log.info("an FSDP config on CPU processes: accelerate trains it as multi-process DDP; trainer.cpu_fsdp=true "
                  "runs FSDP2 for real (sharded weights, optimiser state and checkpoints)")
@@ -55,6 +56,22 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
                     if torch.cuda.is_available() else "no FSDP config was launched (accelerate launch --config_file "
                     "docs/accelerate/fsdp.yaml ...): nothing to shard, the key does nothing")
     return accelerator
+
+
+def _deepspeed_clips(accelerator: Accelerator, max_grad_norm: float | None) -> None:
+    """Under DeepSpeed the engine clips gradients inside its step (accelerate's clip_grad_norm_ does nothing
+    there), at its config's `gradient_clipping`, which accelerate fills with 1.0 when left to it ("auto"):
+    trainer.max_grad_norm goes there instead, so the key means the same under DDP, FSDP and DeepSpeed. A value
+    the user's DeepSpeed config sets itself is kept, and a different max_grad_norm is said in a line."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = float(max_grad_norm or 0.0)  # 0: DeepSpeed does not clip
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = wanted
+    elif float(config["gradient_clipping"]) != wanted and accelerator.is_main_process:
+        log.warning("the DeepSpeed config clips gradients at %s, not at trainer.max_grad_norm=%s: DeepSpeed's value "
+                    "is used", config["gradient_clipping"], max_grad_norm)
 
 
 @contextlib.contextmanager

@@ -120,3 +120,17 @@ def test_slurm_step_variables_become_torch_ranks(monkeypatch):
     assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")] == [
         "9", "16", "1", "8", "gpu07"]
     assert not env_from_job()  # a launcher (or this) has set WORLD_SIZE: nothing more to do
+
+
+def test_the_shipped_deepspeed_config_leaves_accumulation_and_clipping_to_prefrun():
+    """accelerate's launcher turns these two keys of a config file into variables that `Accelerator()` reads
+    as numbers: "auto" there stopped every ZeRO-3 job at start-up ("invalid literal for int() with base 10:
+    'auto'", seen with DeepSpeed 0.19.8 on 2 CPU processes). Left out, trainer.grad_accum and
+    trainer.max_grad_norm fill them (train._deepspeed_clips)."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "docs" / "accelerate" / "deepspeed_zero3.yaml").read_text())
+    assert config["distributed_type"] == "DEEPSPEED" and config["deepspeed_config"]["zero_stage"] == 3
+    for key in ("gradient_accumulation_steps", "gradient_clipping"):
+        value = config["deepspeed_config"].get(key)
+        assert value is None or isinstance(value, int | float), (key, value)
