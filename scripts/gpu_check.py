@@ -15,6 +15,8 @@ on its own (its row then says why) so that one failure does not cost the others:
 - dpo: an offline DPO run, tokens/s and model FLOPs utilisation (6·N·tokens/s over the GPU's bf16 peak);
 - fsdp: the same DPO run under `accelerate launch --config_file docs/accelerate/fsdp.yaml --num_processes 1`
   (FSDP2 for real on a GPU): step 1's loss must be ln 2;
+- zero3: the same DPO run under the shipped DeepSpeed ZeRO-3 config on one process (needs the `deepspeed`
+  extra: `pip install -e ".[vllm,deepspeed]"`; skipped, and said so, without it): step 1's loss must be ln 2;
 - fsdp_online: 2 rounds of APO under that FSDP2 config with the vLLM engine beside the sharded trainer: each
   round's weights gathered from the shards into the engine (a layer per file: generator.push_bucket_mb=16) and
   probed, APO's extrapolation and the round's reference written into the shards; every round's first loss
@@ -37,7 +39,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-CHECKS = ("generate", "online", "dpo", "fsdp", "fsdp_online")
+CHECKS = ("generate", "online", "dpo", "fsdp", "zero3", "fsdp_online")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense, per GPU
 MARKERS = ("<!-- gpu_check: begin -->", "<!-- gpu_check: end -->")
 
@@ -158,6 +160,28 @@ def check_fsdp(ctx) -> dict:
     return {"step-1 loss": round(loss, 6), "steps": len(metrics)}
 
 
+def check_zero3(ctx) -> dict | str:
+    """DeepSpeed ZeRO-3 through the shipped config, one process. On a CPU accelerate would run it as DDP (and
+    DeepSpeed may be missing): skipped there, with the reason as the row."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return "skipped (deepspeed is not installed: pip install -e '.[vllm,deepspeed]')"
+    if not torch.cuda.is_available():
+        return "skipped (no GPU: accelerate runs a DeepSpeed config on CPU processes as multi-process DDP)"
+    config = ctx.work / "zero3.yaml"
+    config.write_text((REPO / "docs" / "accelerate" / "deepspeed_zero3.yaml").read_text()
+                      .replace("num_processes: 8", "num_processes: 1"))
+    run_dir = ctx.work / "zero3"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefrun"]
+    run([*launch, *_dpo_job(ctx, run_dir), "trainer.max_grad_norm=0.5"], ctx.work, ctx.env, 600)
+    metrics = rows(run_dir)
+    loss = metrics[0]["loss"]
+    if abs(loss - math.log(2)) > 1e-3:
+        raise RuntimeError(f"step-1 loss {loss:.6f}, not ln 2")
+    return {"step-1 loss": round(loss, 6), "steps": len(metrics)}
+
+
 def check_fsdp_online(ctx) -> dict:
     run_dir = ctx.work / "fsdp_online"
     size = ["model.build.sft_steps=20", "model.build.hidden_size=64", "model.build.num_heads=1", "generator=hf"] \
@@ -226,7 +250,8 @@ def main() -> int:
             parser.error(f"--only: unknown check {name!r}; choose from {', '.join(CHECKS)}")
         began = time.perf_counter()
         try:
-            results[name] = {**globals()[f"check_{name}"](ctx), "s": round(time.perf_counter() - began)}
+            result = globals()[f"check_{name}"](ctx)
+            results[name] = result if isinstance(result, str) else {**result, "s": round(time.perf_counter() - began)}
         except Exception as err:  # noqa: BLE001 - a failed check is a row of the table, not the end of the run
             failed += 1
             results[name] = f"FAILED ({type(err).__name__}: {str(err)[:300]})"
