@@ -201,6 +201,16 @@ def broadcast(value: T) -> T:
     return box[0]
 
 
+def scatter(values: list | None) -> Any:
+    """`values[rank()]` of the main process's list on every process (one value per process; the others pass
+    None): each process receives only its own part, where `broadcast` would send all of it to all."""
+    if not _active():
+        return values[0]
+    box: list[Any] = [None]
+    dist.scatter_object_list(box, values if is_main() else None, src=0)
+    return box[0]
+
+
 def from_main(work: Callable[[], T]) -> T:
     """`work()` on the main process only; every process gets its result (a one-line error there stops all)."""
     return broadcast(together(lambda: work() if is_main() else None))

@@ -57,11 +57,14 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
             return completions, judge.score(chunk_of(shard), completions)
 
         def sample_wave(wave: list[int], settings=settings) -> dict[int, list]:
-            """The main process's engine samples the wave's shards for every process (generator.engines=main)."""
+            """The main process's engine samples the wave's shards for every process (generator.engines=main); each
+            process receives its own shard's samples."""
             sets = dataclasses.replace(engine, **settings).generate_many(
                 [chunk_of(shard) for shard in wave], model=model, tokenizer=tokenizer,
+                to=[distributed.owner(shard) for shard in wave],
                 variants=[{"seed": distributed.shard_seed(seed, shard)} for shard in wave])
-            return {shard: [c.texts for c in candidates] for shard, candidates in zip(wave, sets)}
+            return {shard: [c.texts for c in candidates] for shard, candidates in zip(wave, sets)
+                    if candidates is not None}
 
         if split and getattr(engine, "fed_by_main", False):
             shards = distributed.map_waves(num_shards, sample_wave, complete_and_judge)

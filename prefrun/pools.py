@@ -169,17 +169,17 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
 
     def generate_wave(wave: list[int]) -> dict[int, tuple[list, float]]:
         """One engine, fed by the main process, samples the wave's shards for every process, each shard with its
-        own seed (as make_shard would); every process calls this at once."""
+        own seed (as make_shard would); every process calls this at once and receives its own shard's samples."""
         todo = [shard for shard in wave if not finished[shard]]
         for _ in todo:
             faults.inject("generate")
         began = time.perf_counter()
         sets = generator.generate_many([chunk_of(shard) for shard in todo], model=model, tokenizer=tokenizer,
-                                       model_path=model_path,
+                                       model_path=model_path, to=[distributed.owner(s) for s in todo],
                                        variants=[{"seed": distributed.shard_seed(first_seed, s)} for s in todo]) \
             if todo else []
         seconds = (time.perf_counter() - began) / max(1, len(todo))
-        return {shard: (candidates, seconds) for shard, candidates in zip(todo, sets)}
+        return {shard: (candidates, seconds) for shard, candidates in zip(todo, sets) if candidates is not None}
 
     def generate_shard(shard: int, again: bool = False) -> tuple[list, float] | None:
         """The shard's candidates and the seconds they took; None for a shard already on disk (unless `again`)."""

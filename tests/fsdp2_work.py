@@ -9,6 +9,7 @@ sharded policy (one line instead of a hang)."""
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ from prefrun import faults
 from prefrun.data import Example, split_candidate_logps
 from prefrun.errors import InputError, PrefrunError
 from prefrun.generate import HFGenerator
-from prefrun.generate.vllm import VLLMGenerator
+from prefrun.generate.vllm import VLLMGenerator, _EngineSession, _sets_for
 from prefrun.generate.worker_process import EngineLost
 from prefrun.pools import make_pools
 from prefrun.tasks import SortDigits
@@ -109,7 +110,15 @@ def main(out: str) -> None:
         refused = None
     except PrefrunError as err:
         refused = str(err)
-    torch.save({"single": single, "sharded": sharded, "restart": refused}, f"{out}.{dist.get_rank()}")
+    # One engine fed by the main process (generator.engines=main): its answer for two prompt sets reaches each
+    # process as its own set only (scattered), the other set as its time and token count.
+    session = _EngineSession()
+    session.fed = True
+    answer = {"sets": [{"generate_s": 1.0, "outputs": [[{"token_ids": [5, 6], "logprobs": [-1.0, -2.0]}]]},
+                       {"generate_s": 2.0, "outputs": [[{"token_ids": [7], "logprobs": [-0.5]}]]}]}
+    delivered = session.on_engine(lambda: answer if dist.get_rank() == 0 else None, partial(_sets_for, [0, 1]))
+    torch.save({"single": single, "sharded": sharded, "restart": refused, "delivered": delivered},
+               f"{out}.{dist.get_rank()}")
     dist.barrier()  # both done before either tears the group down (a peer gone mid-teardown aborts gloo)
     dist.destroy_process_group()
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,10 +118,12 @@ class _EngineSession:
         """Whether the engine lives in this process (always, unless the main process feeds it for all)."""
         return not self.fed or distributed.is_main()
 
-    def on_engine(self, work):
+    def on_engine(self, work, deliver=None):
         """`work()` where the engine lives. With an engine the main process feeds (generator.engines=main) every
         process calls this at the same point and gets the main process's result, or its error (an EngineLost
-        stays one, so that every process restarts together): the processes never part ways."""
+        stays one, so that every process restarts together): the processes never part ways. `deliver(result,
+        rank)`: the part of the result that process `rank` receives (scattered: each process gets its own part
+        only), else every process receives all of it."""
         if not self.fed:
             return work()
         outcome, error = None, None
@@ -129,11 +132,15 @@ class _EngineSession:
                 outcome = ("done", work())
             except Exception as err:  # noqa: BLE001 - every error must reach the processes waiting below
                 outcome, error = ("lost" if isinstance(err, EngineLost) else "error", str(err)), err
-        kind, value = distributed.broadcast(outcome)
+        kind, value = distributed.broadcast(outcome if outcome is None or outcome[0] != "done" or deliver is None
+                                            else ("done", None))
         if error is not None:
             raise error
         if kind == "done":
-            return value
+            if deliver is None:
+                return value
+            return distributed.scatter([deliver(outcome[1], rank) for rank in range(distributed.world_size())]
+                                       if distributed.is_main() else None)
         raise (EngineLost if kind == "lost" else PrefrunError)(f"on the main process: {value}")
 
     def shared(self, value):
@@ -141,12 +148,13 @@ class _EngineSession:
         everywhere), else this process's."""
         return distributed.broadcast(value) if self.fed else value
 
-    def call(self, op: str, *, what: str, timeout_s: float, **payload) -> dict:
-        """One command to the live engine; any failure stops the engine and is repeated by later calls."""
+    def call(self, op: str, *, what: str, timeout_s: float, deliver=None, **payload) -> dict:
+        """One command to the live engine; any failure stops the engine and is repeated by later calls.
+        `deliver`: as in on_engine."""
         if self.failure:
             raise PrefrunError(self.failure)
         try:
-            return self.on_engine(lambda: self.worker.call(op, what=what, timeout_s=timeout_s, **payload))
+            return self.on_engine(lambda: self.worker.call(op, what=what, timeout_s=timeout_s, **payload), deliver)
         except PrefrunError as err:
             self.failure = str(err)
             self.worker.kill()
@@ -291,9 +299,11 @@ class VLLMGenerator(Sampling):
         return self.generate_many([prompts], model=model, tokenizer=tokenizer, model_path=model_path)[0]
 
     def generate_many(self, prompt_sets: list[list], *, variants: list[dict] | None = None, model=None, tokenizer,
-                      model_path: str | None = None) -> list[list[Candidates]]:
+                      model_path: str | None = None, to: list[int] | None = None) -> list[list[Candidates] | None]:
         """Several generate() calls served by one engine (one child): set i is sampled with this generator's
-        settings updated by `variants[i]` (e.g. {"seed": 1}); engine settings cannot vary."""
+        settings updated by `variants[i]` (e.g. {"seed": 1}); engine settings cannot vary. `to[i]`: the process
+        that needs set i, where the main process's engine samples for all (generator.engines=main): each process
+        receives only its own sets, the others come back as None."""
         variants = [{} for _ in prompt_sets] if variants is None else list(variants)
         if len(variants) != len(prompt_sets):
             raise ValueError(f"{len(prompt_sets)} prompt sets but {len(variants)} variants")
@@ -310,16 +320,20 @@ class VLLMGenerator(Sampling):
         if not any(ids_sets):
             return [[] for _ in prompt_sets]
         max_new_tokens = max(s.max_new_tokens for s in settings)
-        run = self._generate_fresh if self.mode == "fresh" else self._generate_persistent
-        result, eos_ids, extra = run(settings, ids_sets, model=model, tokenizer=tokenizer, model_path=model_path,
-                                     max_new_tokens=max_new_tokens)
+        if self.mode == "fresh":
+            result, eos_ids, extra = self._generate_fresh(settings, ids_sets, model=model, tokenizer=tokenizer,
+                                                          model_path=model_path, max_new_tokens=max_new_tokens)
+        else:
+            result, eos_ids, extra = self._generate_persistent(
+                settings, ids_sets, model=model, tokenizer=tokenizer, model_path=model_path,
+                max_new_tokens=max_new_tokens, deliver=None if to is None else partial(_sets_for, to))
         sets = []
         for s, spec in zip(settings, result["sets"]):
             copies = s.num_candidates // s.samples_per_prompt
-            sets.append([_candidates(tokenizer, [(o["token_ids"], o["logprobs"]) for o in outputs], eos_ids=eos_ids,
-                                     stop=s.stop, copies=copies) for outputs in spec["outputs"]])
-        generated = sum(len(o["token_ids"]) for spec in result["sets"] for outputs in spec["outputs"]
-                        for o in outputs)
+            sets.append(None if spec["outputs"] is None else [
+                _candidates(tokenizer, [(o["token_ids"], o["logprobs"]) for o in outputs], eos_ids=eos_ids,
+                            stop=s.stop, copies=copies) for outputs in spec["outputs"]])
+        generated = sum(spec["generated"] if spec["outputs"] is None else _tokens(spec) for spec in result["sets"])
         self.last_stats = {"backend": "vllm", "mode": self.mode, "num_prompts": sum(map(len, ids_sets)),
                            "num_candidates": self.num_candidates, "generated_tokens": generated,
                            "generate_s": sum(spec["generate_s"] for spec in result["sets"]),
@@ -363,7 +377,7 @@ class VLLMGenerator(Sampling):
             raise PrefrunError(_worker_error(result["stage"], result["error"]))
         return result, eos_ids, {"import_s": result["import_s"], "engine_start_s": result["engine_start_s"], **worker}
 
-    def _generate_persistent(self, settings, ids_sets, *, model, tokenizer, model_path, max_new_tokens):
+    def _generate_persistent(self, settings, ids_sets, *, model, tokenizer, model_path, max_new_tokens, deliver=None):
         resync = False
         while True:
             try:
@@ -375,7 +389,7 @@ class VLLMGenerator(Sampling):
                                                                           self.sync_stats["sync/max_abs_logp_diff"])})
                     resync = False
                 return self._generate_on_engine(settings, ids_sets, model=model, tokenizer=tokenizer,
-                                                model_path=model_path, max_new_tokens=max_new_tokens)
+                                                model_path=model_path, max_new_tokens=max_new_tokens, deliver=deliver)
             except EngineLost as lost:
                 self._restart(lost, "generation", model)
                 resync = self._session.probe is not None
@@ -399,7 +413,7 @@ class VLLMGenerator(Sampling):
                     self.max_restarts, during)
         session.drop_engine()
 
-    def _generate_on_engine(self, settings, ids_sets, *, model, tokenizer, model_path, max_new_tokens):
+    def _generate_on_engine(self, settings, ids_sets, *, model, tokenizer, model_path, max_new_tokens, deliver=None):
         session = self._session
         extra = self._ensure_engine(model, tokenizer, model_path, version=0)
         longest = max(len(ids) for ids_set in ids_sets for ids in ids_set)
@@ -410,7 +424,7 @@ class VLLMGenerator(Sampling):
             session.asleep = False
         generation_config = model.generation_config if model is not None else session.generation_config
         eos_ids = _eos_ids(tokenizer, generation_config)
-        result = session.call("generate", what="generation", timeout_s=self.call_timeout_s,
+        result = session.call("generate", what="generation", timeout_s=self.call_timeout_s, deliver=deliver,
                               sets=self._job_sets(settings, ids_sets, eos_ids))
         return result, eos_ids, {**extra, "worker_pid": self.worker_pid, "weight_version": session.version}
 
@@ -791,3 +805,16 @@ def _sampling_params(s: Sampling, eos_ids: list[int]) -> dict:
             "max_tokens": s.max_new_tokens, "min_tokens": s.min_new_tokens, "stop": s.stop,
             "stop_token_ids": eos_ids, "logprobs": 1, "skip_special_tokens": True,
             "detokenize": bool(s.stop)}  # vLLM needs text only to find stop strings; we decode here
+
+
+def _tokens(spec: dict) -> int:
+    """The tokens an engine's answer for one prompt set generated."""
+    return sum(len(o["token_ids"]) for outputs in spec["outputs"] for o in outputs)
+
+
+def _sets_for(to: list[int], result: dict, rank: int) -> dict:
+    """The part of an engine's answer that process `rank` receives: the prompt sets `to` sends it, and of the
+    others only their time and token count."""
+    return {**result, "sets": [spec if to[i] == rank else {"generate_s": spec["generate_s"], "outputs": None,
+                                                            "generated": _tokens(spec)}
+                               for i, spec in enumerate(result["sets"])]}
