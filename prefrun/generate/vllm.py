@@ -132,8 +132,8 @@ class _EngineSession:
                 outcome = ("done", work())
             except Exception as err:  # noqa: BLE001 - every error must reach the processes waiting below
                 outcome, error = ("lost" if isinstance(err, EngineLost) else "error", str(err)), err
-        kind, value = distributed.broadcast(outcome if outcome is None or outcome[0] != "done" or deliver is None
-                                            else ("done", None))
+        scattered = deliver is not None and outcome is not None and outcome[0] == "done"
+        kind, value = distributed.broadcast(("done", None) if scattered else outcome)  # (the others' is ignored)
         if error is not None:
             raise error
         if kind == "done":
