@@ -51,7 +51,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from prefrun import distributed
 from prefrun.errors import InputError, PrefrunError
-from prefrun.model import DTYPES
+from prefrun.model import DTYPES, loaded_whole
 from prefrun.model import fingerprint as weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -313,9 +313,10 @@ class _ModelJudge(Judge):
             return
         key, trust = f"judge.name_or_path={self.name_or_path!r}", self.trust_remote_code
         own_code, tokenizer = self._config_and_tokenizer(key)
-        model, info = self.auto_class.from_pretrained(
-            self.name_or_path, dtype="auto" if self.dtype == "auto" else DTYPES[self.dtype],
-            trust_remote_code=trust, device_map=str(self.device), output_loading_info=True)
+        with loaded_whole():  # never partitioned by a ZeRO-3 config: the judge is not prepared
+            model, info = self.auto_class.from_pretrained(
+                self.name_or_path, dtype="auto" if self.dtype == "auto" else DTYPES[self.dtype],
+                trust_remote_code=trust, device_map=str(self.device), output_loading_info=True)
         missing = info.get("missing_keys") or []
         if missing and not own_code:
             raise InputError(f"{key}: the checkpoint lacks {reprlib.repr(sorted(missing))}, which would start at "

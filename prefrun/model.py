@@ -71,6 +71,27 @@ def load_reference(cfg: DictConfig):
     return load_causal_lm(cfg.reference, cfg, key="model.reference").eval()
 
 
+@contextmanager
+def loaded_whole() -> Iterator[None]:
+    """Models loaded in this block are whole on every process. Under a DeepSpeed ZeRO-3 config accelerate tells
+    transformers (HfDeepSpeedConfig, whatever zero3_init_flag says) to partition every model it loads
+    (deepspeed.zero.Init): parameters stay empty until deepspeed.initialize wraps the model. prefrun generates,
+    scores and fingerprints with the policy before prepare() (which partitions it), and never wraps a reference
+    or a judge: they are loaded whole ("'weight' must be 2-D" in the first forward otherwise)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # what accelerate set (transformers keeps only a weak ref)
+    config = ref() if ref is not None else None
+    if config is None or not config.is_zero3():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)  # prepare() partitions the policy under the same config
+
+
 def load_causal_lm(name_or_path: str, cfg: DictConfig, *, key: str):
     """AutoModelForCausalLM.from_pretrained with prefrun's checks: one clear line for a bad path or
     a model that is not a causal LM."""
@@ -89,12 +110,13 @@ def load_causal_lm(name_or_path: str, cfg: DictConfig, *, key: str):
         )
     if cfg.dtype not in ("auto", *DTYPES):
         raise InputError(f"model.dtype={cfg.dtype!r}: choose auto, float32, bfloat16 or float16")
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=trust,
-    )
+    with loaded_whole():
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=trust,
+        )
 
 
 def add_lora(model, cfg: DictConfig):

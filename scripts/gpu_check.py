@@ -16,7 +16,9 @@ on its own (its row then says why) so that one failure does not cost the others:
 - fsdp: the same DPO run under `accelerate launch --config_file docs/accelerate/fsdp.yaml --num_processes 1`
   (FSDP2 for real on a GPU): step 1's loss must be ln 2;
 - zero3: the same DPO run under the shipped DeepSpeed ZeRO-3 config on one process (needs the `deepspeed`
-  extra: `pip install -e ".[vllm,deepspeed]"`; skipped, and said so, without it): step 1's loss must be ln 2;
+  extra: `pip install -e ".[vllm,deepspeed]"`; skipped, and said so, without it): the task's pools generated
+  before prepare() by a policy loaded whole (model.loaded_whole), then trained partitioned; step 1's loss must
+  be ln 2;
 - fsdp_online: 2 rounds of APO under that FSDP2 config with the vLLM engine beside the sharded trainer: each
   round's weights gathered from the shards into the engine (a layer per file: generator.push_bucket_mb=16) and
   probed, APO's extrapolation and the round's reference written into the shards; every round's first loss

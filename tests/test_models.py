@@ -88,3 +88,36 @@ def test_building_the_embedded_model_leaves_the_runs_random_state_as_it_was(tmp_
     before = torch.random.get_rng_state()
     path = TinyLlama(hidden_size=64, num_heads=1, intermediate_size=128, sft_steps=2).materialize(tmp_path, SortDigits())
     assert (path / "config.json").exists() and torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_models_are_loaded_whole_under_a_zero3_config(bpe_model_dir):
+    """Under a DeepSpeed ZeRO-3 config accelerate leaves transformers a ZeRO-3 config (HfDeepSpeedConfig), and
+    from_pretrained then partitions the model at load (deepspeed.zero.Init): empty parameters until
+    deepspeed.initialize, while prefrun generates and scores with the policy before prepare() and never prepares
+    a reference or a judge. prefrun loads them whole. (DeepSpeed is not in the test install, so the config object
+    transformers consults is a stand-in answering is_zero3(); without prefrun's guard from_pretrained reaches
+    for deepspeed.zero.Init.)"""
+    from omegaconf import OmegaConf
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from prefrun.model import load_causal_lm
+
+    class Zero3:
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self) -> bool:
+            return True
+
+    config = Zero3()
+    hf_deepspeed.set_hf_deepspeed_config(config)
+    try:
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+        with pytest.raises((ImportError, ModuleNotFoundError)):  # what a plain load does here: zero.Init
+            AutoModelForCausalLM.from_pretrained(bpe_model_dir)
+        cfg = OmegaConf.create({"trust_remote_code": False, "dtype": "float32", "attn_implementation": "sdpa"})
+        model = load_causal_lm(str(bpe_model_dir), cfg, key="model.name_or_path")
+        assert all(p.numel() > 0 and p.dim() >= 1 for p in model.parameters())
+        assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.shape[-1] == model.config.vocab_size
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()  # prepare() partitions the policy under the same config
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
