@@ -330,3 +330,5 @@ def test_the_submitit_launcher_runs_each_job_as_two_processes_and_a_preempted_jo
         assert "accelerate: 2 process(es)" in log
         assert "stopped by SIGUSR2 at step 4 of 6" in log and "resuming from" in log, log[-3000:]
         assert [r["step"] for r in _rows(sweep / job)] == list(range(1, 7))
+        assert (sweep / job / "summary.json").exists()
+    assert list(sweep.glob(".submitit/*/*_log.out"))  # the jobs really went through submitit

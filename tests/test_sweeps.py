@@ -1,5 +1,6 @@
 """Sweeps through Hydra: a grid over seeds and β then `prefrun report`; an optuna search that
-maximises the job's returned score; the submitit launcher running jobs as local subprocesses."""
+maximises the job's returned score. (The submitit launcher: tests/test_distributed.py runs a grid through it, two
+tasks a job, preempted and requeued.)"""
 
 import csv
 
@@ -41,12 +42,3 @@ def test_optuna_search_maximises_the_returned_score(tmp_path, cache_dir):
     assert set(best["best_params"]) == {"loss.beta", "optim.lr"} and 0 <= best["best_value"] <= 1
     summaries = list(results.parent.glob("*/summary.json"))
     assert len(summaries) == 2
-
-
-def test_submitit_local_launcher(tmp_path, cache_dir):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    run_cli(["train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "loss.beta=0.2,0.6",
-             *FAST, "eval.num_prompts=0"], tmp_path)
-    [sweep] = tmp_path.glob("outputs/multirun/*/*")
-    assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == ["0", "1"]
-    assert list(sweep.glob(".submitit/*/*_log.out"))  # the jobs really went through submitit
