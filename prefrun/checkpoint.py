@@ -129,10 +129,15 @@ class Checkpoints:
 
     def _needed(self, accelerator: Accelerator) -> int:
         """What the next checkpoint will take: the last one's size, else the model and optimiser state (each
-        process's share, times the processes when the weights are sharded) plus 5%."""
+        process's share, times the processes when the weights are sharded; under DeepSpeed four fp32 copies of
+        the weights) plus 5%."""
         done = self._done()
         if done:
             return sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
+        if accelerator.distributed_type == "DEEPSPEED":  # its optimiser's state is its own; ZeRO-3 empties params
+            weights = sum(getattr(p, "ds_numel", p.numel()) * 4 for model in accelerator._models
+                          for p in model.parameters())
+            return int(weights * 4 * 1.05)  # fp32 weights, AdamW's two moments, ZeRO's fp32 master copy
         tensors = [t for model in accelerator._models for t in model.state_dict().values()]
         for optimizer in accelerator._optimizers:
             tensors += [t for slot in optimizer.state_dict()["state"].values() for t in slot.values()

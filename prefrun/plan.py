@@ -35,12 +35,14 @@ class Launch:
     sharding: str  # none (DDP) | fsdp | zero1 | zero2 | zero3
 
     @classmethod
-    def from_env(cls, cpu_fsdp: bool = False) -> Launch:
-        """`cpu_fsdp`: trainer.cpu_fsdp; without it accelerate trains an FSDP config as DDP on CPU processes."""
+    def from_env(cls, cpu_fsdp: bool = False, cpu_deepspeed: bool = False) -> Launch:
+        """`cpu_fsdp`, `cpu_deepspeed`: trainer.cpu_fsdp / cpu_deepspeed; without them accelerate trains an FSDP
+        or DeepSpeed config as DDP on CPU processes."""
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and (torch.cuda.is_available() or cpu_fsdp):
             return cls(processes, "fsdp")
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and (torch.cuda.is_available()
+                                                                                 or cpu_deepspeed):
             return cls(processes, f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}")
         return cls(processes, "none")
 
@@ -101,7 +103,7 @@ def _devices(processes: int) -> tuple[str, float]:
 
 def plan(cfg: DictConfig, task) -> dict:
     """Print the plan (on the main process) and return it; InputError when a phase does not fit."""
-    launch = Launch.from_env(bool(cfg.trainer.get("cpu_fsdp")))
+    launch = Launch.from_env(bool(cfg.trainer.get("cpu_fsdp")), bool(cfg.trainer.get("cpu_deepspeed")))
     config = model_config(cfg, task)
     lora = cfg.model.get("lora")
     total, trainable = parameters(config, lora)

@@ -430,8 +430,10 @@ def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path) -> None:
     # the adapters, or the merged weights).
     if lora and distributed.is_sharded(policy):
         state_dict = full_weights(policy, buffers=True) if merge else adapter_state(policy)
-    else:
-        state_dict = None if lora else accelerator.get_state_dict(policy)
+    else:  # DeepSpeed gathers through its engine (the prepared model), not the module it wraps
+        engine = next((m for m in accelerator._models if hasattr(m, "zero_gather_16bit_weights_on_model_save")),
+                      policy)
+        state_dict = None if lora else accelerator.get_state_dict(engine)
     if accelerator.is_main_process:
         save_policy(policy, tokenizer, run_dir / "checkpoint-final", merge_lora=merge, state_dict=state_dict)
 

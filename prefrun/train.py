@@ -42,15 +42,24 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     # A collective waits this long for the slowest process (a long judge or engine start on one of them).
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.get("dist_timeout_s") or 1800))
     fsdp_config = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    deepspeed_config = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     sharded_on_cpu = bool(cfg.get("cpu_fsdp")) and not torch.cuda.is_available() and fsdp_config
+    zero_on_cpu = bool(cfg.get("cpu_deepspeed")) and not torch.cuda.is_available() and deepspeed_config
     # cpu=True on a machine without CUDA: that is what makes several processes use gloo (MULTI_CPU).
-    with _fsdp_on_cpu() if sharded_on_cpu else contextlib.nullcontext():
+    with _fsdp_on_cpu() if sharded_on_cpu else _deepspeed_on_cpu() if zero_on_cpu else contextlib.nullcontext():
         accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
                                   cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
-    _deepspeed_clips(accelerator, cfg.max_grad_norm)
+    _deepspeed_settings(accelerator, cfg)
     if accelerator.is_main_process and fsdp_config and not torch.cuda.is_available() and not cfg.get("cpu_fsdp"):
         log.info("an FSDP config on CPU processes: accelerate trains it as multi-process DDP; trainer.cpu_fsdp=true "
                  "runs FSDP2 for real (sharded weights, optimiser state and checkpoints)")
+    if accelerator.is_main_process and deepspeed_config and not torch.cuda.is_available() and not zero_on_cpu:
+        log.info("a DeepSpeed config on CPU processes: accelerate trains it as multi-process DDP; "
+                 "trainer.cpu_deepspeed=true runs DeepSpeed for real (its CPU accelerator, over gloo)")
+    if accelerator.is_main_process and cfg.get("cpu_deepspeed") and not zero_on_cpu:
+        log.warning("trainer.cpu_deepspeed=true: %s", "this machine has GPUs, where a DeepSpeed config runs "
+                    "DeepSpeed anyway" if torch.cuda.is_available() else "no DeepSpeed config was launched "
+                    "(accelerate launch --config_file docs/accelerate/deepspeed_zero3.yaml ...): the key does nothing")
     if accelerator.is_main_process and cfg.get("cpu_fsdp") and not sharded_on_cpu:
         log.warning("trainer.cpu_fsdp=true: %s", "this machine has GPUs, where an FSDP config runs FSDP anyway"
                     if torch.cuda.is_available() else "no FSDP config was launched (accelerate launch --config_file "
@@ -58,20 +67,50 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return accelerator
 
 
-def _deepspeed_clips(accelerator: Accelerator, max_grad_norm: float | None) -> None:
-    """Under DeepSpeed the engine clips gradients inside its step (accelerate's clip_grad_norm_ does nothing
-    there), at its config's `gradient_clipping`, which accelerate fills with 1.0 when left to it ("auto"):
-    trainer.max_grad_norm goes there instead, so the key means the same under DDP, FSDP and DeepSpeed. A value
-    the user's DeepSpeed config sets itself is kept, and a different max_grad_norm is said in a line."""
+def _deepspeed_settings(accelerator: Accelerator, cfg: DictConfig) -> None:
+    """What DeepSpeed's config leaves to the trainer ("auto", or absent), from prefrun's keys: the batch per
+    process (`train_micro_batch_size_per_gpu` = trainer.batch_size: prefrun prepares its batches apart from the
+    model, so accelerate cannot read it off a data loader, and stops at prepare() without it) and the clipping
+    (`gradient_clipping` = trainer.max_grad_norm: DeepSpeed clips inside its step, where accelerate's
+    clip_grad_norm_ does nothing, and accelerate would fill in 1.0). A value the user's DeepSpeed config sets
+    itself is kept; a different max_grad_norm is said in a line."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    wanted = float(max_grad_norm or 0.0)  # 0: DeepSpeed does not clip
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = int(cfg.batch_size)
+    wanted = float(cfg.max_grad_norm or 0.0)  # 0: DeepSpeed does not clip
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = wanted
     elif float(config["gradient_clipping"]) != wanted and accelerator.is_main_process:
         log.warning("the DeepSpeed config clips gradients at %s, not at trainer.max_grad_norm=%s: DeepSpeed's value "
-                    "is used", config["gradient_clipping"], max_grad_norm)
+                    "is used", config["gradient_clipping"], cfg.max_grad_norm)
+
+
+@contextlib.contextmanager
+def _deepspeed_on_cpu():
+    """`_fsdp_on_cpu` for DeepSpeed (`trainer.cpu_deepspeed`): accelerate runs a DeepSpeed config on CPU
+    processes as multi-process DDP; DeepSpeed itself runs there (its CPU accelerator, collectives over the gloo
+    group accelerate starts), so this lifts the job to accelerate's DeepSpeed path while the Accelerator is
+    built, with the plugin accelerate read from the launcher's variables: ZeRO partitions, DeepSpeed's own
+    checkpoints, the 16-bit gathered checkpoint-final, as on GPUs."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init = AcceleratorState.__init__
+
+    def init_with_deepspeed(self, *args, deepspeed_plugin=None, **kwargs):
+        init(self, *args, deepspeed_plugin=deepspeed_plugin, **kwargs)
+        if deepspeed_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.DEEPSPEED
+            deepspeed_plugin.set_mixed_precision(self._mixed_precision)
+            deepspeed_plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = deepspeed_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+
+    AcceleratorState.__init__ = init_with_deepspeed
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = init
 
 
 @contextlib.contextmanager

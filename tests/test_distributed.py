@@ -202,6 +202,40 @@ def test_mcpo_under_real_fsdp2_killed_and_resumed_from_sharded_checkpoints_equal
         torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=1e-3)
 
 
+def test_dpo_under_real_zero3_killed_and_resumed_equals_one_process_and_online_rounds_are_refused(tmp_path):
+    """The shipped DeepSpeed ZeRO-3 config on two CPU processes, run by DeepSpeed for real (trainer.cpu_deepspeed:
+    its CPU accelerator over gloo; accelerate alone would train it as DDP), with an empty cache: the task's pairs
+    are generated and scored before prepare() by a policy loaded whole (under a ZeRO-3 config transformers
+    partitions what it loads: empty weights), the run is SIGKILLed after its ZeRO-3 checkpoint at step 3 and the
+    same command resumes; losses and the gathered checkpoint-final equal one process at the same global batch.
+    Online rounds under ZeRO-3 stop in one line. (Each of these met a defect the shipped config had on GPUs too:
+    its "auto" values stopped Accelerator() at start-up, prepare() had no micro-batch size, the checkpoint's
+    space estimate read a ZeRO optimiser as a torch one, checkpoint-final was asked of the module, not the
+    engine.)"""
+    pytest.importorskip("deepspeed")
+    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
+    job = [a for a in JOB if a != "trainer.save_final=false"]
+    run_cli(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, env)
+    config = str(REPO / "docs" / "accelerate" / "deepspeed_zero3.yaml")
+    two = ["train", *job, "trainer.batch_size=4", "trainer.cpu_deepspeed=true", f"hydra.run.dir={tmp_path / 'two'}"]
+    killed = launch(two, tmp_path, {**env, "PREFRUN_FAULT": "train:5:kill"}, config=config, check=False)
+    assert killed.returncode != 0
+    assert (tmp_path / "two" / "checkpoints" / "step-3" / "pytorch_model").is_dir()  # DeepSpeed's own format
+    launch(two, tmp_path, env, config=config)
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert "accelerate: 2 process(es), DEEPSPEED" in log and "resuming from" in log
+    one, two_rows = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    _same_rows(one, two_rows, ("loss", "rewards/margin", "logps/chosen", "logps/rejected"))
+    final_one, final_two = (load_file(tmp_path / d / "checkpoint-final" / "model.safetensors") for d in ("one", "two"))
+    assert sorted(final_one) == sorted(final_two)
+    for name in final_one:
+        torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=1e-3)
+    online = launch(["train", "experiment=apo_tiny", *TINY_JOB[:4], "generator=hf", "trainer.cpu_deepspeed=true",
+                     f"hydra.run.dir={tmp_path / 'online'}"], tmp_path, env, config=config, check=False)
+    said = online.stdout + online.stderr
+    assert online.returncode != 0 and "online rounds: the policy is partitioned by DeepSpeed ZeRO-3" in said, said[-3000:]
+
+
 def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
     """APO with LoRA, 2 rounds, through FSDP2 on two CPU processes: pools and evaluation sample through PEFT's
     `generate`, which skips the root module's forward (the root's parameters are gathered around it); round 1's

@@ -94,16 +94,17 @@ def test_models_are_loaded_whole_under_a_zero3_config(bpe_model_dir):
     """Under a DeepSpeed ZeRO-3 config accelerate leaves transformers a ZeRO-3 config (HfDeepSpeedConfig), and
     from_pretrained then partitions the model at load (deepspeed.zero.Init): empty parameters until
     deepspeed.initialize, while prefrun generates and scores with the policy before prepare() and never prepares
-    a reference or a judge. prefrun loads them whole. (DeepSpeed is not in the test install, so the config object
-    transformers consults is a stand-in answering is_zero3(); without prefrun's guard from_pretrained reaches
-    for deepspeed.zero.Init.)"""
+    a reference or a judge. prefrun loads them whole. (In one process, without the process group accelerate
+    would start, the config object transformers consults is a stand-in answering is_zero3(); without prefrun's
+    guard from_pretrained reaches for deepspeed.zero.Init, which fails here. tests/test_distributed.py runs
+    ZeRO-3 for real.)"""
     from omegaconf import OmegaConf
     from transformers.integrations import deepspeed as hf_deepspeed
 
     from prefrun.model import load_causal_lm
 
     class Zero3:
-        config = {"zero_optimization": {"stage": 3}}
+        config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
 
         def is_zero3(self) -> bool:
             return True
@@ -112,7 +113,7 @@ def test_models_are_loaded_whole_under_a_zero3_config(bpe_model_dir):
     hf_deepspeed.set_hf_deepspeed_config(config)
     try:
         assert hf_deepspeed.is_deepspeed_zero3_enabled()
-        with pytest.raises((ImportError, ModuleNotFoundError)):  # what a plain load does here: zero.Init
+        with pytest.raises(Exception):  # noqa: B017 - a plain load goes to deepspeed.zero.Init: no DeepSpeed, or no group
             AutoModelForCausalLM.from_pretrained(bpe_model_dir)
         cfg = OmegaConf.create({"trust_remote_code": False, "dtype": "float32", "attn_implementation": "sdpa"})
         model = load_causal_lm(str(bpe_model_dir), cfg, key="model.name_or_path")

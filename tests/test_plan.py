@@ -43,8 +43,9 @@ def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(t
     assert "DOES NOT FIT" not in lora and "policy weights 13.6 GiB, gradients 80.0 MiB" in lora  # bf16; adapters only train
 
 
-def test_an_fsdp_launch_on_cpu_processes_is_planned_as_ddp_unless_trainer_cpu_fsdp(monkeypatch):
-    """accelerate trains an FSDP config as DDP on CPU processes; trainer.cpu_fsdp makes it shard for real."""
+def test_an_fsdp_or_deepspeed_launch_on_cpu_processes_is_planned_as_ddp_unless_trainer_cpu_fsdp(monkeypatch):
+    """accelerate trains an FSDP or DeepSpeed config as DDP on CPU processes; trainer.cpu_fsdp / cpu_deepspeed make
+    them shard for real."""
     from prefrun.plan import Launch
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -52,6 +53,12 @@ def test_an_fsdp_launch_on_cpu_processes_is_planned_as_ddp_unless_trainer_cpu_fs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert Launch.from_env().sharding == "none" and Launch.from_env(cpu_fsdp=True).sharding == "fsdp"
     assert Launch.from_env(cpu_fsdp=True).share("optimiser") == 2 and Launch.from_env().share("optimiser") == 1
+    # The same for DeepSpeed, and trainer.cpu_deepspeed.
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert Launch.from_env().sharding == "none" and Launch.from_env(cpu_deepspeed=True).sharding == "zero3"
+    assert Launch.from_env(cpu_deepspeed=True).share("weights") == 2
 
 
 def test_the_plan_places_one_engine_fed_by_the_main_process_off_the_training_devices():
