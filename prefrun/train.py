@@ -93,7 +93,7 @@ def _deepspeed_on_cpu():
     processes as multi-process DDP; DeepSpeed itself runs there (its CPU accelerator, collectives over the gloo
     group accelerate starts), so this lifts the job to accelerate's DeepSpeed path while the Accelerator is
     built, with the plugin accelerate read from the launcher's variables: ZeRO partitions, DeepSpeed's own
-    checkpoints, the 16-bit gathered checkpoint-final, as on GPUs."""
+    checkpoints, the checkpoint-final DeepSpeed gathers, as on GPUs."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init = AcceleratorState.__init__
 

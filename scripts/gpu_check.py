@@ -170,7 +170,8 @@ def check_zero3(ctx) -> dict | str:
     if importlib.util.find_spec("deepspeed") is None:
         return "skipped (deepspeed is not installed: pip install -e '.[vllm,deepspeed]')"
     if not torch.cuda.is_available():
-        return "skipped (no GPU: accelerate runs a DeepSpeed config on CPU processes as multi-process DDP)"
+        return ("skipped (no GPU: ZeRO-3 on CPU processes, trainer.cpu_deepspeed=true, is tested by "
+                "tests/test_distributed.py)")
     config = ctx.work / "zero3.yaml"
     config.write_text((REPO / "docs" / "accelerate" / "deepspeed_zero3.yaml").read_text()
                       .replace("num_processes: 8", "num_processes: 1"))
