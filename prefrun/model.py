@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,6 +150,11 @@ def adapter_state(model) -> dict[str, torch.Tensor] | None:
     reads them itself)."""
     from torch.distributed.tensor import DTensor
 
+    zero3 = [p for name, p in model.named_parameters() if "lora_" in name and _zero3(p)]
+    if zero3:  # DeepSpeed ZeRO-3: the partitioned adapters gathered (they are small), copied, released
+        with _zero3_gathered(zero3):
+            return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()
+                    if "lora_" in name}
     adapters = {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
     if not any(isinstance(tensor, DTensor) for tensor in adapters.values()):
         return None
@@ -174,9 +180,25 @@ def root_gathered(model) -> Iterator[None]:
         model.reshard()
 
 
-ZERO3 = ("the policy is partitioned by DeepSpeed ZeRO-3, and prefrun does not gather ZeRO-3 weights (the vLLM "
-         "engine's push, APO's extrapolation, each online round's weights): use FSDP2, which shards the same state "
-         "(accelerate launch --config_file docs/accelerate/fsdp.yaml), or ZeRO-2")
+ZERO3 = ("the policy is partitioned by DeepSpeed ZeRO-3, and prefrun gathers ZeRO-3 weights only for "
+         "checkpoint-final, not for what online rounds need (the vLLM engine's push, APO's extrapolation, each "
+         "round's weights): use FSDP2, which shards the same state (accelerate launch --config_file "
+         "docs/accelerate/fsdp.yaml), or ZeRO-2")
+
+
+def _zero3(tensor) -> bool:
+    return hasattr(tensor, "ds_id")
+
+
+def _zero3_gathered(params: list):
+    """DeepSpeed ZeRO-3 partitions: `params` gathered whole on every process inside the block (a collective),
+    released after; a no-op for parameters that are not partitioned."""
+    params = [p for p in params if _zero3(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def full_weights(model, *, tied: bool = False, buffers: bool = False, to_cpu: bool = True) -> dict[str, torch.Tensor]:
@@ -199,6 +221,9 @@ def iter_full_weights(model, *, tied: bool = False, buffers: bool = False,
     from torch.distributed.tensor import DTensor
 
     def whole(tensor: torch.Tensor) -> torch.Tensor:
+        if _zero3(tensor):  # gathered, copied, released
+            with _zero3_gathered([tensor]):
+                return tensor.detach().to("cpu" if to_cpu else tensor.device, copy=True)
         tensor = tensor.detach()
         tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         return tensor.to("cpu", copy=True) if to_cpu else tensor
@@ -224,24 +249,28 @@ def iter_full_weights(model, *, tied: bool = False, buffers: bool = False,
 def weight_shapes(model, *, tied: bool = False, buffers: bool = False) -> dict[str, tuple[int, ...]]:
     """name -> shape of what `iter_full_weights` gives, without gathering anything (a DTensor knows its global
     shape): what a push can be checked against before any of it is sent."""
-    return {name: tuple(tensor.shape) for name, tensor, _ in _weight_entries(model, tied=tied, buffers=buffers)}
+    return {name: tuple(tensor.ds_shape if _zero3(tensor) else tensor.shape)
+            for name, tensor, _ in _weight_entries(model, tied=tied, buffers=buffers)}
 
 
 def _weight_entries(model, *, tied: bool, buffers: bool) -> list[tuple[str, torch.Tensor, list]]:
     """(plain checkpoint name, the model's tensor, the LoRA deltas to add: callables) in state_dict order."""
     peft = hasattr(model, "peft_config")
     base = model.get_base_model() if peft else model
-    if any(hasattr(p, "ds_id") for p in base.parameters()):  # ZeRO-3 partitions: each process holds a slice
-        raise InputError(ZERO3)
     deltas: dict[str, list] = {}
     if peft:
         from peft.tuners.lora import LoraLayer
 
+        def delta(module, adapter: str) -> torch.Tensor:  # B·A; ZeRO-3: from the factors gathered
+            factors = [*module.lora_A[adapter].parameters(), *module.lora_B[adapter].parameters()]
+            with _zero3_gathered(factors):
+                value = module.get_delta_weight(adapter)
+                return value.clone() if any(_zero3(p) for p in factors) else value
+
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer) and not module.merged:
-                deltas[f"{name}.weight"] = [
-                    (lambda module=module, adapter=adapter: module.get_delta_weight(adapter))
-                    for adapter in module.active_adapters if adapter in module.lora_A]
+                deltas[f"{name}.weight"] = [(lambda module=module, adapter=adapter: delta(module, adapter))
+                                            for adapter in module.active_adapters if adapter in module.lora_A]
     entries, seen = [], set()
     parameters = {id(p) for p in base.parameters()}
     for name, tensor in base.state_dict(keep_vars=True).items():
@@ -292,6 +321,8 @@ def local_weights(model) -> LocalShards:
     this, in the same order). A weight that is not sharded is kept whole."""
     from torch.distributed.tensor import DTensor
 
+    if any(_zero3(p) for p in model.parameters()):
+        raise InputError(ZERO3)
     resharded(model)
     out = LocalShards()
     for name, tensor, lora in _weight_entries(model, tied=False, buffers=False):
