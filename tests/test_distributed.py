@@ -202,14 +202,14 @@ def test_mcpo_under_real_fsdp2_killed_and_resumed_from_sharded_checkpoints_equal
         torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=1e-3)
 
 
-def test_dpo_under_real_zero3_killed_and_resumed_and_lora_merged_equal_one_process_and_online_is_refused(tmp_path):
+def test_dpo_under_real_zero3_killed_and_resumed_and_lora_merged_equal_one_process(tmp_path):
     """The shipped DeepSpeed ZeRO-3 config on two CPU processes, run by DeepSpeed for real (trainer.cpu_deepspeed:
     its CPU accelerator over gloo; accelerate alone would train it as DDP), with an empty cache: the task's pairs
     are generated and scored before prepare() by a policy loaded whole (under a ZeRO-3 config transformers
     partitions what it loads: empty weights), the run is SIGKILLed after its ZeRO-3 checkpoint at step 3 and the
     same command resumes; losses and the gathered checkpoint-final equal one process at the same global batch.
     With LoRA merged, checkpoint-final gathers the partitioned base weights and adapter factors and equals one
-    process. Online rounds under ZeRO-3 stop in one line. (Each of these met a defect the shipped config had on GPUs too:
+    process. (Each of these met a defect the shipped config had on GPUs too:
     its "auto" values stopped Accelerator() at start-up, prepare() had no micro-batch size, the checkpoint's
     space estimate read a ZeRO optimiser as a torch one, checkpoint-final was asked of the module, not the
     engine.)"""
@@ -241,10 +241,6 @@ def test_dpo_under_real_zero3_killed_and_resumed_and_lora_merged_equal_one_proce
     assert sorted(merged[0]) == sorted(merged[1]) and not any("lora_" in name for name in merged[0])
     for name in merged[0]:
         torch.testing.assert_close(merged[1][name], merged[0][name], atol=1e-4, rtol=1e-3)
-    online = launch(["train", "experiment=apo_tiny", *TINY_JOB[:4], "generator=hf", "trainer.cpu_deepspeed=true",
-                     f"hydra.run.dir={tmp_path / 'online'}"], tmp_path, env, config=config, check=False)
-    said = online.stdout + online.stderr
-    assert online.returncode != 0 and "online rounds: the policy is partitioned by DeepSpeed ZeRO-3" in said, said[-3000:]
 
 
 def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
