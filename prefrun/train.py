@@ -95,22 +95,14 @@ def _deepspeed_on_cpu():
     built, with the plugin accelerate read from the launcher's variables: ZeRO partitions, DeepSpeed's own
     checkpoints, the checkpoint-final DeepSpeed gathers, as on GPUs."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    init = AcceleratorState.__init__
 
-    def init_with_deepspeed(self, *args, deepspeed_plugin=None, **kwargs):
-        init(self, *args, deepspeed_plugin=deepspeed_plugin, **kwargs)
-        if deepspeed_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.DEEPSPEED
-            deepspeed_plugin.set_mixed_precision(self._mixed_precision)
-            deepspeed_plugin.select(_from_accelerator_state=True)
-            self.deepspeed_plugins = deepspeed_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    def lift(state, plugin) -> None:
+        plugin.set_mixed_precision(state._mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        state.deepspeed_plugins = plugin
 
-    AcceleratorState.__init__ = init_with_deepspeed
-    try:
+    with _lifted_on_cpu("deepspeed_plugin", DistributedType.DEEPSPEED, lift):
         yield
-    finally:
-        AcceleratorState.__init__ = init
 
 
 @contextlib.contextmanager
@@ -121,18 +113,32 @@ def _fsdp_on_cpu():
     checkpoints through torch.distributed.checkpoint, gathered final weights, so a sharded job can be rehearsed
     (and tested) without a GPU. accelerate's state keeps a CPU job at MULTI_CPU; this lifts it to FSDP while
     the Accelerator is built, with the plugin accelerate read from the launcher's FSDP_* variables."""
+
+    def lift(state, plugin) -> None:
+        state.fsdp_plugin = plugin
+        if state._mixed_precision != "no":
+            plugin.set_mixed_precision(state._mixed_precision)
+
+    with _lifted_on_cpu("fsdp_plugin", DistributedType.FSDP, lift):
+        yield
+
+
+@contextlib.contextmanager
+def _lifted_on_cpu(plugin_key: str, distributed_type: DistributedType, lift):
+    """While the block runs, an AcceleratorState that accelerate would leave at MULTI_CPU although it was given
+    a plugin (`plugin_key`: fsdp_plugin, deepspeed_plugin) becomes `distributed_type`, the plugin installed by
+    `lift(state, plugin)`."""
     init = AcceleratorState.__init__
 
-    def init_with_fsdp(self, *args, fsdp_plugin=None, **kwargs):
-        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            if self._mixed_precision != "no":
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    def init_lifted(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        plugin = kwargs.get(plugin_key)
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = distributed_type
+            lift(self, plugin)
+            PartialState._shared_state["distributed_type"] = distributed_type
 
-    AcceleratorState.__init__ = init_with_fsdp
+    AcceleratorState.__init__ = init_lifted
     try:
         yield
     finally:
