@@ -218,20 +218,14 @@ def from_main(work: Callable[[], T]) -> T:
 
 def is_sharded(model) -> bool:
     """True when `model`'s parameters are sharded over the processes (FSDP2 DTensors, DeepSpeed ZeRO-3): its
-    forward is then a collective, which every process must run the same number of times."""
+    forward is then a collective, which every process must run the same number of times. Which collectives a
+    forward makes does not depend on its input (each layer gathers its parameters), so processes may forward
+    different inputs, as long as they make as many forwards (`map_shards_in_step`)."""
     if model is None:
         return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
-
-
-def is_fsdp2(model) -> bool:
-    """True when `model`'s parameters are FSDP2 DTensors: its collectives do not depend on a forward's input, so
-    processes may run different inputs as long as they make as many forwards (`map_shards_in_step`)."""
-    from torch.distributed.tensor import DTensor
-
-    return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True,
@@ -255,7 +249,7 @@ def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True,
 
 def map_shards_in_step(num_shards: int, work: Callable[[int], Any], *, steps: Callable[[int], int],
                        idle: Callable[[], None], then: Callable[[int, Any], T] | None = None) -> list[T]:
-    """`map_shards` for work that runs a sharded model (FSDP2: each forward is a collective): the shards are
+    """`map_shards` for work that runs a sharded model (FSDP2, ZeRO-3: each forward is a collective): the shards are
     still split, and a process that has made fewer steps than the busiest makes `idle()` steps until they are
     even, so that every step meets its peers'. A step is a unit of collectives that is the same whatever the
     input: a forward (reference scoring; idle: a token's forward), or a synced model.generate() call, which

@@ -29,14 +29,13 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
     judged by one process: the scores do not depend on the number of processes. `engine`: a generator whose
     engine already serves `model`'s weights (a synced persistent vLLM engine) samples instead of HF `generate`
     in this process, with each decoding's settings; results name the backend (`generator`). A sharded `model`
-    runs collectives: under FSDP2 the shards stay split and each HF generate() call is a step that the processes
-    make together (`distributed.map_shards_in_step`); under ZeRO-3 every process does every shard, unless the
-    engine samples and the judge does not run the policy."""
+    (FSDP2, ZeRO-3) runs collectives: the shards stay split and each HF generate() call is a step that the
+    processes make together (`distributed.map_shards_in_step`)."""
     results = {}
     size = cfg.batch_size
     policy_free = engine is not None and not getattr(judge, "judges_with_the_policy", False)
     split = policy_free or not distributed.is_sharded(model)
-    in_step = engine is None and distributed.is_fsdp2(model) and distributed.world_size() > 1
+    in_step = engine is None and distributed.is_sharded(model) and distributed.world_size() > 1
     num_shards = distributed.num_shards(len(prompts), size)
     for name, decoding in cfg.decodings.items():
         settings = {"num_candidates": decoding.num_samples, "temperature": decoding.temperature,

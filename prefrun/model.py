@@ -180,12 +180,6 @@ def root_gathered(model) -> Iterator[None]:
         model.reshard()
 
 
-ZERO3 = ("the policy is partitioned by DeepSpeed ZeRO-3, and prefrun gathers ZeRO-3 weights only for "
-         "checkpoint-final, not for what online rounds need (the vLLM engine's push, APO's extrapolation, each "
-         "round's weights): use FSDP2, which shards the same state (accelerate launch --config_file "
-         "docs/accelerate/fsdp.yaml), or ZeRO-2")
-
-
 def _zero3(tensor) -> bool:
     return hasattr(tensor, "ds_id")
 
@@ -299,63 +293,108 @@ def resharded(model) -> None:
             module.reshard()
 
 
-def shard_of(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """`full` as `target` holds it: a sharded target (an FSDP2 DTensor) gets this process's shard of it. Every
-    process holds the same full tensor, so each cuts its own shard locally (src_data_rank=None: nothing sent)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def local(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of `param`, in place (writing it writes the parameter): an FSDP2 shard, a DeepSpeed
+    ZeRO-3 partition (the flattened parameter's slice for this rank, zero-padded at the end of the last one),
+    else the parameter itself."""
+    if _zero3(param):
+        return param.ds_tensor
+    return param.to_local() if _is_dtensor(param) else param
 
-    if isinstance(target, DTensor) and not isinstance(full, DTensor):
-        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+
+@torch.no_grad()
+def write_local(param: torch.Tensor, part: torch.Tensor) -> None:
+    """Write this process's part of `param` (as `local` holds it), in place. A ZeRO-3 parameter that is gathered
+    at the moment (a small one DeepSpeed keeps whole between steps, or one a forward left gathered for reuse)
+    would go on being used as gathered: it is released, so that its next use gathers what was written."""
+    target = local(param)
+    target.copy_(part.to(target.device, target.dtype))
+    if _zero3(param) and param.ds_status.name == "AVAILABLE":
+        param.partition()
+
+
+def part_of(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`full` cut as `local(target)` holds it. Every process holds the same full tensor and cuts its own part
+    (nothing is sent)."""
+    if _zero3(target):
+        import torch.distributed as dist
+
+        size = target.ds_tensor.ds_numel
+        start = size * dist.get_rank(group=target.ds_process_group)
+        part = full.reshape(-1)[start : start + size]
+        return torch.cat([part, part.new_zeros(size - part.numel())]) if part.numel() < size else part
+    if _is_dtensor(target) and not _is_dtensor(full):  # (src_data_rank=None: each process cuts its own shard)
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
     return full
 
 
+def is_partitioned(param: torch.Tensor) -> bool:
+    """True when this process holds only a part of `param` (FSDP2, ZeRO-3)."""
+    return _zero3(param) or _is_dtensor(param)
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(param.ds_shape if _zero3(param) else param.shape)
+
+
+def _whole_from_parts(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Every process's `part` of `param` (as `local` holds it) put together, on every process (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    if _zero3(param):
+        import torch.distributed as dist
+
+        group = param.ds_process_group
+        part = part.to(param.ds_tensor.device, param.dtype)
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(parts, part.contiguous(), group=group)
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+    if _is_dtensor(param):
+        return DTensor.from_local(part.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                  run_check=False, shape=param.shape, stride=param.stride()).full_tensor()
+    return part
+
+
 class LocalShards(dict):
-    """name -> this process's shard (a plain CPU tensor) of each weight of a sharded policy (FSDP2), LoRA merged,
+    """name -> this process's part (a plain CPU tensor, `local`) of each weight of a sharded policy (FSDP2 shards,
+    ZeRO-3 partitions), LoRA merged,
     under the names `full_weights` gives: what APO's extrapolation (elementwise) and a round's merge work on,
     without a whole copy of the model on every process. `iter_gathered` gives the whole of it, a tensor at a time, to a writer."""
 
 
 def local_weights(model) -> LocalShards:
-    """`full_weights` of a sharded policy, each process keeping only its own shard of every weight (the shards
-    are read in place; only a LoRA delta is gathered, one tensor at a time, a collective: every process calls
-    this, in the same order). A weight that is not sharded is kept whole."""
+    """`full_weights` of a sharded policy, each process keeping only its own part of every weight (`local`: read
+    in place; only a LoRA delta is gathered, one tensor at a time, a collective: every process calls this, in the
+    same order). A weight that is not sharded is kept whole."""
     from torch.distributed.tensor import DTensor
 
-    if any(_zero3(p) for p in model.parameters()):
-        raise InputError(ZERO3)
     resharded(model)
     out = LocalShards()
     for name, tensor, lora in _weight_entries(model, tied=False, buffers=False):
-        sharded = isinstance(tensor, DTensor)
-        value = (tensor.to_local() if sharded else tensor).detach().to("cpu", copy=True)
+        value = local(tensor).detach().to("cpu", copy=True)
         for delta in lora:
             full = delta().detach()
             full = full.full_tensor() if isinstance(full, DTensor) else full
-            part = shard_of(full, tensor).to_local() if sharded else full
-            value = value + part.to("cpu", value.dtype)
+            value = value + part_of(full, tensor).to("cpu", value.dtype)
         out[name] = value
     return out
 
 
 def local_shards(model, weights: dict[str, torch.Tensor]) -> LocalShards:
-    """Whole weights (`full_weights`, or read from disk) as this process's shards of the sharded policy."""
+    """Whole weights (`full_weights`, or read from disk) as this process's parts of the sharded policy."""
     params = plain_parameters(model)
-    return LocalShards({name: shard_of(value, params[name]).to_local().to("cpu", copy=True)
-                        if _is_dtensor(params[name]) else value for name, value in weights.items()})
+    return LocalShards({name: part_of(value, params[name]).to("cpu", copy=True)
+                        if is_partitioned(params[name]) else value for name, value in weights.items()})
 
 
 def iter_gathered(model, shards: LocalShards) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, whole tensor) from every process's shards, one tensor at a time on every process (a collective:
+    """(name, whole tensor) from every process's parts, one tensor at a time on every process (a collective:
     every process runs it to the end); what the writer of the round's weights writes, file by file."""
-    from torch.distributed.tensor import DTensor
-
     params = plain_parameters(model)
     for name, value in shards.items():
-        param = params[name]
-        if _is_dtensor(param):
-            value = DTensor.from_local(value.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                       run_check=False, shape=param.shape, stride=param.stride()).full_tensor()
-        yield name, value.to("cpu")
+        yield name, _whole_from_parts(value, params[name]).to("cpu")
 
 
 def plain_parameters(model) -> dict[str, torch.nn.Parameter]:

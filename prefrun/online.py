@@ -38,13 +38,17 @@ from prefrun.generate.weights import _buckets
 from prefrun.model import (
     LocalShards,
     adapter_state,
+    full_shape,
     full_weights,
+    is_partitioned,
     iter_gathered,
+    local,
     local_shards,
     local_weights,
+    part_of,
     plain_parameters,
     resharded,
-    shard_of,
+    write_local,
 )
 
 log = logging.getLogger(__name__)
@@ -196,15 +200,10 @@ def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
     if missing or unknown:
         raise InputError(f"online: saved weights do not fit the policy (missing {missing[:3]}, unknown {unknown[:3]}): "
                          "was the run directory made with another model?")
-    from torch.distributed.tensor import DTensor
-
-    local = isinstance(weights, LocalShards)
-    for name, param in params.items():
-        value = weights[name].to(param.device, param.dtype)
-        if local and isinstance(param, DTensor):
-            param.to_local().copy_(value)  # this process's shard, in place
-        else:
-            param.copy_(shard_of(value, param))
+    parts = isinstance(weights, LocalShards)
+    for name, param in params.items():  # this process's part, written in place
+        value = weights[name]
+        write_local(param, value if parts and is_partitioned(param) else part_of(value, param))
     lora = _lora_layers(model)
     if lora:
         state = torch.random.get_rng_state()
@@ -216,22 +215,20 @@ def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
 
 
 def _reset_adapter(module, adapter: str) -> None:
-    """PEFT's own adapter initialisation (B = 0, A drawn). Sharded adapters (FSDP2) are drawn in full, as one
-    process draws them, in plain tensors put in their place for the call, then cut to this process's shard:
+    """PEFT's own adapter initialisation (B = 0, A drawn). Sharded adapters (FSDP2, ZeRO-3) are drawn in full, as
+    one process draws them, in plain tensors put in their place for the call, then cut to this process's part:
     drawn on the shards, they came out other than one process's (round 2 of an online LoRA run diverged)."""
-    from torch.distributed.tensor import DTensor
-
     layers = [module.lora_A[adapter], module.lora_B[adapter]]
-    sharded = {layer: layer.weight for layer in layers if isinstance(layer.weight, DTensor)}
+    sharded = {layer: layer.weight for layer in layers if is_partitioned(layer.weight)}
     for layer, param in sharded.items():
-        layer.weight = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device))
+        layer.weight = torch.nn.Parameter(torch.empty(full_shape(param), dtype=param.dtype, device=local(param).device))
     try:
         module.reset_lora_parameters(adapter, True)
     finally:
         for layer, param in sharded.items():
             full = layer.weight.detach()
             layer.weight = param
-            param.copy_(shard_of(full, param))
+            write_local(param, part_of(full, param))
 
 
 def save_weights(model, tokenizer, weights: dict[str, Tensor], path: Path) -> None:
@@ -353,21 +350,29 @@ def complete_tied(model, weights: dict[str, Tensor]) -> dict[str, Tensor]:
 def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
     """Run the block with `state` (a full `model.state_dict()` copy, taken before the model was sharded or not)
     in the model, then put its weights back: the initial weights' log-probs without a second model in memory
-    (one extra copy on the CPU). Once the model is sharded (FSDP2), `state` keeps only this process's shard of
-    each tensor from then on (replaced in place): 1/N of the copy."""
+    (one extra copy on the CPU). Once the model is sharded (FSDP2, ZeRO-3), `state` keeps only this process's
+    part of each tensor from then on (replaced in place): 1/N of the copy. Written part by part, in place
+    (`local`): a ZeRO-3 module's state_dict holds no weights."""
     resharded(model)
-    own = model.state_dict()
-    current = {name: tensor.detach().to("cpu", copy=True) for name, tensor in own.items()}
-    for name, value in state.items():
-        shard = shard_of(value, own[name])
-        if shard is not value:
-            state[name] = shard.to("cpu")
-    model.load_state_dict(state)
+    own = model.state_dict(keep_vars=True)
+    if set(own) != set(state):
+        raise InputError(f"online: the initial weights do not fit the policy (missing "
+                         f"{sorted(set(own) - set(state))[:3]}, unknown {sorted(set(state) - set(own))[:3]})")
+    current = {name: local(tensor).detach().to("cpu", copy=True) for name, tensor in own.items()}
+    for name, value in state.items():  # whole the first time (a part's shape is another, or cuts to itself)
+        if is_partitioned(own[name]) and tuple(value.shape) == full_shape(own[name]):
+            state[name] = part_of(value, own[name]).to("cpu", copy=True)
+
+    def write(values: dict[str, Tensor]) -> None:
+        for name, tensor in own.items():
+            write_local(tensor, values[name])
+
+    write(state)
     try:
         yield
     finally:
         resharded(model)
-        model.load_state_dict(current)
+        write(current)
 
 
 # -- the pieces of a round that run.run_rounds calls ------------------------------------------------------

@@ -150,10 +150,9 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     num_shards = distributed.num_shards(len(prompts), shard_size)
     start, progress = time.perf_counter(), {"prompts": 0, "tokens": 0}
     mine = len(range(distributed.rank(), num_shards, distributed.world_size()))
-    # HF generation runs the policy. Sharded by FSDP2, the shards stay split and each generate() call is a step
-    # the processes make together (distributed.map_shards_in_step); under ZeRO-3 every process makes every shard.
-    in_step = generator.uses_model and distributed.is_fsdp2(model) and distributed.world_size() > 1
-    split = in_step or not generator.uses_model or not distributed.is_sharded(model)
+    # HF generation runs the policy. Sharded (FSDP2, ZeRO-3), the shards stay split and each generate() call is a
+    # step the processes make together (distributed.map_shards_in_step).
+    in_step = generator.uses_model and distributed.is_sharded(model) and distributed.world_size() > 1
     # Which shards are on disk is decided together: a process must not read a shard that another generates, and
     # a damaged one (checked by its owner) is made again, in the steps counted for it (map_shards_in_step).
     paths = [out_dir / f"shard-{i:05d}.jsonl" for i in range(num_shards)]
@@ -218,7 +217,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
         rows = [{"prompt": p, "candidates": t} for p, t in zip(chunk, texts)]
         for row, row_scores in zip(rows, scores or []):
             row["scores"] = row_scores
-        if distributed.owner(shard) == distributed.rank():  # one writer per shard, split or not
+        if distributed.owner(shard) == distributed.rank():  # one writer per shard
             storage.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows), checked=True)
         progress["prompts"] += hi - lo
         progress["tokens"] += work["generated_tokens"]
@@ -237,7 +236,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
             num_shards, generate_shard, then=make_shard, idle=lambda: generator.idle(model, tokenizer),
             steps=lambda shard: 0 if finished[shard] else generator.calls(len(chunk_of(shard))))
     else:
-        shards = distributed.map_shards(num_shards, make_shard, split=split)
+        shards = distributed.map_shards(num_shards, make_shard)
     records = [row for rows, _ in shards for row in rows]
     resumed = sum(work.get("resumed", 0) for _, work in shards)
     if resumed:
@@ -245,7 +244,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     if timings is not None:
         per_process: list[dict] = [{} for _ in range(distributed.world_size())]
         for shard, (_, work) in enumerate(shards):
-            into = per_process[distributed.owner(shard) if split else 0]  # not split: every process made each
+            into = per_process[distributed.owner(shard)]
             for key, value in work.items():
                 into[key] = into.get(key, 0) + value
         for key in ("generate_s", "judge_s"):
@@ -258,7 +257,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
         generated = [p.get("prompts", 0) for p in per_process]
         if fed:  # the main process generated every shard; the others judged theirs
             generated = [sum(generated), *[0] * (len(generated) - 1)]
-        timings["prompts_per_process"] = generated if split else [sum(generated)] * len(generated)
+        timings["prompts_per_process"] = generated
         pids = distributed.gather(getattr(generator, "worker_pid", None))
         timings["engine_processes"] = [rank for rank, pid in enumerate(pids) if pid is not None]
     return records

@@ -36,7 +36,6 @@ from prefrun.judges import RuleJudge
 from prefrun.judgments import JudgmentCache
 from prefrun.logprobs import use_packed_attention
 from prefrun.model import (
-    ZERO3,
     adapter_state,
     fingerprint,
     full_weights,
@@ -137,9 +136,6 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     a round from its pools on disk and its last training checkpoint."""
     data, sampler = instantiate(cfg.data), instantiate(cfg.sampler)
     _check_online(cfg, online, data)
-    deepspeed = accelerator.state.deepspeed_plugin if accelerator.distributed_type == "DEEPSPEED" else None
-    if deepspeed is not None and deepspeed.zero_stage == 3:  # refused before anything runs, not after round 1
-        raise InputError(f"online rounds: {ZERO3}")
     _warn_if_biased(cfg, sampler)
     cache_dir = Path(cfg.cache_dir).expanduser()
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)

@@ -22,7 +22,9 @@ on its own (its row then says why) so that one failure does not cost the others:
 - fsdp_online: 2 rounds of APO under that FSDP2 config with the vLLM engine beside the sharded trainer: each
   round's weights gathered from the shards into the engine (a layer per file: generator.push_bucket_mb=16) and
   probed, APO's extrapolation and the round's reference written into the shards; every round's first loss
-  must be ln 2 (ref=previous: a round that trained from other weights than its reference's shows here).
+  must be ln 2 (ref=previous: a round that trained from other weights than its reference's shows here);
+- zero3_online: the same 2 rounds under the ZeRO-3 config: each round's weights gathered from ZeRO-3's
+  partitions into the engine, APO's extrapolation and the round's reference written into the partitions.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-CHECKS = ("generate", "online", "dpo", "fsdp", "zero3", "fsdp_online")
+CHECKS = ("generate", "online", "dpo", "fsdp", "zero3", "fsdp_online", "zero3_online")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense, per GPU
 MARKERS = ("<!-- gpu_check: begin -->", "<!-- gpu_check: end -->")
 
@@ -162,9 +164,9 @@ def check_fsdp(ctx) -> dict:
     return {"step-1 loss": round(loss, 6), "steps": len(metrics)}
 
 
-def check_zero3(ctx) -> dict | str:
-    """DeepSpeed ZeRO-3 through the shipped config, one process. On a CPU accelerate would run it as DDP (and
-    DeepSpeed may be missing): skipped there, with the reason as the row."""
+def _zero3_launch(ctx) -> list[str] | str:
+    """`accelerate launch` with the shipped DeepSpeed ZeRO-3 config on one process, or why the check is skipped:
+    on a CPU accelerate would run it as DDP (and DeepSpeed may be missing)."""
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -175,8 +177,14 @@ def check_zero3(ctx) -> dict | str:
     config = ctx.work / "zero3.yaml"
     config.write_text((REPO / "docs" / "accelerate" / "deepspeed_zero3.yaml").read_text()
                       .replace("num_processes: 8", "num_processes: 1"))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefrun"]
+
+
+def check_zero3(ctx) -> dict | str:
+    launch = _zero3_launch(ctx)
+    if isinstance(launch, str):
+        return launch
     run_dir = ctx.work / "zero3"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "prefrun"]
     run([*launch, *_dpo_job(ctx, run_dir), "trainer.max_grad_norm=0.5"], ctx.work, ctx.env, 600)
     metrics = rows(run_dir)
     loss = metrics[0]["loss"]
@@ -186,7 +194,15 @@ def check_zero3(ctx) -> dict | str:
 
 
 def check_fsdp_online(ctx) -> dict:
-    run_dir = ctx.work / "fsdp_online"
+    return _sharded_online(ctx, _fsdp_launch(ctx), ctx.work / "fsdp_online")
+
+
+def check_zero3_online(ctx) -> dict | str:
+    launch = _zero3_launch(ctx)
+    return launch if isinstance(launch, str) else _sharded_online(ctx, launch, ctx.work / "zero3_online")
+
+
+def _sharded_online(ctx, launch: list[str], run_dir: Path) -> dict:
     size = ["model.build.sft_steps=20", "model.build.hidden_size=64", "model.build.num_heads=1", "generator=hf"] \
         if ctx.smoke else ["model.build.hidden_size=768", "model.build.num_heads=12", "model.build.num_layers=12",
                            "model.build.intermediate_size=3072", "generator.dtype=bfloat16",
@@ -195,7 +211,7 @@ def check_fsdp_online(ctx) -> dict:
            "trainer.max_steps=4" if ctx.smoke else "trainer.max_steps=20", "eval.num_prompts=16",
            f"online.prompts_per_round={16 if ctx.smoke else 256}", f"data.num_prompts={32 if ctx.smoke else 512}",
            "trainer.save_final=false", f"hydra.run.dir={run_dir}"]
-    run([*_fsdp_launch(ctx), *job], ctx.work, ctx.env, 600)
+    run([*launch, *job], ctx.work, ctx.env, 600)
     first = {r["round"]: r["loss"] for r in reversed(rows(run_dir)) if "loss" in r and r.get("round_step") == 1}
     if any(abs(loss - math.log(2)) > 1e-2 for loss in first.values()) or len(first) != 2:
         raise RuntimeError(f"each round's first loss must be ln 2 (ref=previous); got {first}")

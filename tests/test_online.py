@@ -17,7 +17,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
 from prefrun.model import full_weights as policy_weights
-from prefrun.model import local_weights
 from prefrun.online import OnlineConfig, load_weights, prompt_folds, set_policy_weights
 
 from .conftest import TINY_JOB, run_cli
@@ -79,16 +78,6 @@ def test_lora_extrapolation_acts_on_the_merged_deltas_not_on_a_and_b():
     b = extrapolate_parameters(factors_2[b_name], factors_1[b_name], alpha)
     separately = base[q] + (b @ a) * (8 / 4)
     assert (separately - theta[q]).abs().max() > 1e-2
-
-
-def test_zero3_partitions_are_refused_in_one_line_not_used_as_a_rounds_weights():
-    """Under DeepSpeed ZeRO-3 each process holds a slice of every parameter (marked by `ds_id`): a round's weights
-    kept per process (APO's extrapolation, the merge) are not built from ZeRO-3 slices; they are refused in one
-    line (online rounds under ZeRO-3 stop before anything runs: tests/test_distributed.py, for real)."""
-    model = _tiny_llama()
-    next(model.parameters()).ds_id = 0  # what deepspeed.zero.Init leaves on a partitioned parameter
-    with pytest.raises(InputError, match="partitioned by DeepSpeed ZeRO-3.*use FSDP2"):
-        local_weights(model)
 
 
 def test_set_policy_weights_refuses_weights_of_another_model():

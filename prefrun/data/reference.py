@@ -62,10 +62,10 @@ SCORING_SHARD = 256  # examples per shard when scoring is split over processes (
 def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: int) -> tuple[Tensor, Tensor]:
     """`candidate_logps` of every example, the examples cut in shards of SCORING_SHARD that the processes
     share (each scores its own, all get all). One process scores the same shards one after the other. A sharded
-    model (FSDP2) runs collective forwards: the shards stay split and the processes with fewer forwards to make
-    make a token's forwards until all have made as many (`distributed.map_shards_in_step`); before packing has
-    been checked on the model (a check makes forwards of its own), and under ZeRO-3, every process scores
-    every shard."""
+    model (FSDP2, ZeRO-3) runs collective forwards: the shards stay split and the processes with fewer forwards
+    to make make a token's forwards until all have made as many (`distributed.map_shards_in_step`); before
+    packing has been checked on the model (a check makes forwards of its own), every process scores every
+    shard."""
     from prefrun.logprobs import packing_checked, packs
 
     size = SCORING_SHARD
@@ -80,7 +80,7 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
 
     if not distributed.is_sharded(model):
         parts = distributed.map_shards(num_shards, score)
-    elif distributed.is_fsdp2(model) and (not packs(model) or packing_checked(model)):
+    elif not packs(model) or packing_checked(model):
         parts = distributed.map_shards_in_step(num_shards, score, steps=steps,
                                                idle=lambda: _idle_forward(model, pad_id))
     else:
