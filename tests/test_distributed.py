@@ -204,7 +204,7 @@ def test_mcpo_under_real_fsdp2_killed_and_resumed_from_sharded_checkpoints_equal
         torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=1e-3)
 
 
-def test_dpo_under_real_zero3_killed_and_resumed_and_lora_merged_equal_one_process(tmp_path):
+def test_dpo_under_real_zero3_killed_and_resumed_equals_one_process(tmp_path):
     """The shipped DeepSpeed ZeRO-3 config on two CPU processes, run by DeepSpeed for real (trainer.cpu_deepspeed:
     its CPU accelerator over gloo; accelerate alone would train it as DDP), with an empty cache: the task's pairs
     are generated and scored before prepare() by a policy loaded whole (under a ZeRO-3 config transformers
