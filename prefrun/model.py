@@ -307,10 +307,38 @@ def write_local(param: torch.Tensor, part: torch.Tensor) -> None:
     """Write this process's part of `param` (as `local` holds it), in place. A ZeRO-3 parameter that is gathered
     at the moment (a small one DeepSpeed keeps whole between steps, or one a forward left gathered for reuse)
     would go on being used as gathered: it is released, so that its next use gathers what was written."""
+    if _zero3(param):
+        _check_writable(param)
     target = local(param)
     target.copy_(part.to(target.device, target.dtype))
     if _zero3(param) and param.ds_status.name == "AVAILABLE":
         param.partition()
+
+
+HPZ = ("DeepSpeed ZeRO++ hierarchical partitions (zero_optimization.zero_hpz_partition_size > 1) keep a second copy "
+       "of each partition that prefrun does not write: online rounds need it unset (1) in the DeepSpeed config")
+NVME = ("DeepSpeed ZeRO-3 with parameters offloaded to NVMe (zero_optimization.offload_param.device: nvme): online "
+        "rounds write each round's weights into the partitions in memory; offload them to cpu instead")
+
+
+def check_zero3_writable(config: dict) -> None:
+    """Refuse, before anything runs, a DeepSpeed config whose ZeRO-3 partitions online rounds cannot write."""
+    zero = config.get("zero_optimization", {}) or {}
+    if zero.get("stage") != 3:
+        return
+    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+        raise InputError(HPZ)
+    if str((zero.get("offload_param") or {}).get("device", "")).lower() == "nvme":
+        raise InputError(NVME)
+
+
+def _check_writable(param) -> None:
+    """A ZeRO-3 parameter whose partition is not the only copy DeepSpeed reads is refused before it is written
+    (writing the partition alone would leave the other copy stale: silently other weights)."""
+    if getattr(param, "ds_secondary_tensor", None) is not None:
+        raise InputError(HPZ)
+    if str(getattr(param.ds_tensor, "final_location", "")).endswith("nvme"):
+        raise InputError(NVME)
 
 
 def part_of(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -347,7 +375,7 @@ def _whole_from_parts(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         group = param.ds_process_group
-        part = part.to(param.ds_tensor.device, param.dtype)
+        part = part.to(distributed.device(), param.dtype)  # where the process group's collectives run
         parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
         dist.all_gather(parts, part.contiguous(), group=group)
         return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
@@ -359,9 +387,9 @@ def _whole_from_parts(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 class LocalShards(dict):
     """name -> this process's part (a plain CPU tensor, `local`) of each weight of a sharded policy (FSDP2 shards,
-    ZeRO-3 partitions), LoRA merged,
-    under the names `full_weights` gives: what APO's extrapolation (elementwise) and a round's merge work on,
-    without a whole copy of the model on every process. `iter_gathered` gives the whole of it, a tensor at a time, to a writer."""
+    ZeRO-3 partitions), LoRA merged, under the names `full_weights` gives: what APO's extrapolation (elementwise)
+    and a round's merge work on, without a whole copy of the model on every process. `iter_gathered` gives the
+    whole of it, a tensor at a time, to a writer."""
 
 
 def local_weights(model) -> LocalShards:

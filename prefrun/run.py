@@ -37,6 +37,7 @@ from prefrun.judgments import JudgmentCache
 from prefrun.logprobs import use_packed_attention
 from prefrun.model import (
     adapter_state,
+    check_zero3_writable,
     fingerprint,
     full_weights,
     load_policy,
@@ -136,6 +137,8 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     a round from its pools on disk and its last training checkpoint."""
     data, sampler = instantiate(cfg.data), instantiate(cfg.sampler)
     _check_online(cfg, online, data)
+    if accelerator.distributed_type == "DEEPSPEED":  # refused before anything runs, not after round 1
+        check_zero3_writable(accelerator.state.deepspeed_plugin.deepspeed_config)
     _warn_if_biased(cfg, sampler)
     cache_dir = Path(cfg.cache_dir).expanduser()
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)

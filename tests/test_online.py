@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
+from prefrun.model import check_zero3_writable
 from prefrun.model import full_weights as policy_weights
 from prefrun.online import OnlineConfig, load_weights, prompt_folds, set_policy_weights
 
@@ -78,6 +79,18 @@ def test_lora_extrapolation_acts_on_the_merged_deltas_not_on_a_and_b():
     b = extrapolate_parameters(factors_2[b_name], factors_1[b_name], alpha)
     separately = base[q] + (b @ a) * (8 / 4)
     assert (separately - theta[q]).abs().max() > 1e-2
+
+
+def test_zero3_configs_whose_partitions_rounds_cannot_write_are_refused_in_one_line():
+    """Online rounds write each round's weights into this process's ZeRO-3 partitions. A config where DeepSpeed
+    reads another copy (ZeRO++ hierarchical partitions) or keeps the partitions on NVMe is refused before the
+    run starts (run_rounds checks the launched config), not after round 1 with stale weights."""
+    check_zero3_writable({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    check_zero3_writable({"zero_optimization": {"stage": 2, "zero_hpz_partition_size": 8}})  # not partitioned
+    with pytest.raises(InputError, match="zero_hpz_partition_size > 1.*unset \\(1\\)"):
+        check_zero3_writable({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}})
+    with pytest.raises(InputError, match="offload_param.device: nvme.*offload them to cpu"):
+        check_zero3_writable({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})
 
 
 def test_set_policy_weights_refuses_weights_of_another_model():
