@@ -10,12 +10,14 @@ with a vLLM engine per process, and adds N processes with one engine the main pr
 (`generator.engines=main`: it generates every shard, the processes judge their own). `--fsdp` runs the N
 processes under the shipped FSDP config as real FSDP2 (`trainer.cpu_fsdp=true`): from round 2 on the policy is
 sharded and each HF generate() call is a collective the processes make together (synced, idle calls for the
-process with fewer), so the split is measured where every forward also gathers each layer.
+process with fewer), so the split is measured where every forward also gathers each layer. `--zero3` does the
+same under the shipped DeepSpeed ZeRO-3 config (`trainer.cpu_deepspeed=true`: DeepSpeed for real).
 
     python scripts/bench_processes.py
     python scripts/bench_processes.py --processes 2 --rounds 2 --prompts 512 -- trainer.max_steps=10
     python scripts/bench_processes.py --generator vllm -- generator.shard_size=64
     python scripts/bench_processes.py --fsdp --rounds 3
+    python scripts/bench_processes.py --zero3 --rounds 3
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 PARTS = ("generate_s", "judge_s", "reference_s", "train_s", "eval_s")
+SHARDED_CONFIGS = {"FSDP2": "fsdp.yaml", "DeepSpeed ZeRO-3": "deepspeed_zero3.yaml"}
 
 
 def run(processes: int, args, out: Path, extra: tuple[str, ...] = (), name: str | None = None) -> dict:
@@ -41,10 +44,10 @@ def run(processes: int, args, out: Path, extra: tuple[str, ...] = (), name: str 
                  f"online.prompts_per_round={args.prompts}", f"data.num_prompts={args.rounds * args.prompts}",
                  "eval.num_prompts=256", "eval.batch_size=64", "trainer.epochs=1", f"trainer.batch_size={batch}",
                  "trainer.save_final=false", f"hydra.run.dir={run_dir}", *args.overrides]
-    if processes > 1 and args.fsdp:
-        overrides.append("trainer.cpu_fsdp=true")
-        config = out / "fsdp.yaml"
-        shutil.copy(Path(__file__).resolve().parents[1] / "docs" / "accelerate" / "fsdp.yaml", config)
+    if processes > 1 and args.sharded:
+        overrides.append(f"trainer.cpu_{'fsdp' if args.fsdp else 'deepspeed'}=true")
+        config = out / SHARDED_CONFIGS[args.sharded]
+        shutil.copy(Path(__file__).resolve().parents[1] / "docs" / "accelerate" / config.name, config)
         how = ["--config_file", str(config)]
     else:
         how = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1"]
@@ -67,11 +70,15 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--generator", choices=("hf", "vllm"), default="hf")
-    parser.add_argument("--fsdp", action="store_true", help="the N processes under real FSDP2 (docs/accelerate/fsdp.yaml)")
+    sharding = parser.add_mutually_exclusive_group()
+    sharding.add_argument("--fsdp", action="store_true", help="the N processes under real FSDP2 (docs/accelerate/fsdp.yaml)")
+    sharding.add_argument("--zero3", action="store_true",
+                          help="the N processes under real DeepSpeed ZeRO-3 (docs/accelerate/deepspeed_zero3.yaml)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if args.fsdp and args.rounds < 2:
-        parser.error("--fsdp needs --rounds 2 or more: the policy is sharded from round 2 on")
+    args.sharded = "FSDP2" if args.fsdp else "DeepSpeed ZeRO-3" if args.zero3 else None
+    if args.sharded and args.rounds < 2:
+        parser.error("--fsdp / --zero3 need --rounds 2 or more: the policy is sharded from round 2 on")
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-processes-"))
     run(1, args, out, name="warm")  # builds the embedded model into the shared cache: neither side pays for it
     n = args.processes
@@ -81,14 +88,15 @@ def main() -> None:
     results = {name: run(processes, args, out, extra) for name, (processes, extra) in setups.items()}
 
     print(f"iterative DPO, {args.rounds} rounds x {args.prompts} prompts x 4 candidates ({args.generator}), global batch "
-          f"{args.global_batch}, 1 epoch per round{', N processes under FSDP2' if args.fsdp else ''}; seconds per round, "
-          f"mean over the rounds{' after the first (the first generates before the policy is sharded)' if args.fsdp else ''}\n")
+          f"{args.global_batch}, 1 epoch per round{f', N processes under {args.sharded}' if args.sharded else ''}; seconds "
+          f"per round, mean over the rounds"
+          f"{' after the first (the first generates before the policy is sharded)' if args.sharded else ''}\n")
     print("| processes | prompts per process | largest share | " + " | ".join(p.removesuffix("_s") for p in PARTS)
           + " | round | whole command |")
     print("|---" * (len(PARTS) + 5) + "|")
     means = {}
     for n, result in results.items():
-        rounds = result["rounds"][1:] if args.fsdp else result["rounds"]  # round 1 generates before sharding
+        rounds = result["rounds"][1:] if args.sharded else result["rounds"]  # round 1 generates before sharding
         means[n] = {p: statistics.fmean(r[f"round/time/{p}"] for r in rounds) for p in PARTS}
         means[n]["round"] = sum(means[n][p] for p in PARTS)
         shares = [max(r["generate/prompts_per_process"]) / sum(r["generate/prompts_per_process"]) for r in rounds]
