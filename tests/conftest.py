@@ -2,18 +2,63 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Several tests at a time (pytest-xdist): the cores are shared out, a thread per core, before torch starts
+# here or in the processes the tests start. (OpenMP threads spin while they wait: two tests of two threads
+# each on two cores ran up to five times slower.)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# The suite runs two tests at a time (pytest-xdist, `-n auto` in pyproject.toml; a module is a worker's unit).
+# A module marked `alone` (jobs of several processes, whose gloo collectives spin while they wait, vLLM
+# engines under timeouts, and the default job as a user runs it, with every core: its numbers depend on the
+# threads' summation order) has the machine to itself, every core included: every module holds a lock for as long as it runs, shared, or exclusive when it is `alone`; and the
+# `alone` modules are collected last, so that the others run in pairs first. Without xdist nothing is locked.
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("alone") is not None)  # stable: the order within stays
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _machine_share(request):
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        yield
+        return
+    marks = getattr(request.module, "pytestmark", [])
+    alone = any(mark.name == "alone" for mark in (marks if isinstance(marks, list) else [marks]))
+    threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    with open(Path(tempfile.gettempdir()) / f"prefrun-tests-{run}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if alone:  # the machine to itself: every core, as a run on its own has them
+            os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+            torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            yield
+        finally:
+            if alone and threads[0] is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            elif alone:
+                os.environ["OMP_NUM_THREADS"] = threads[0]
+            torch.set_num_threads(threads[1])
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build_bpe_model(path: Path, *, hidden: int = 64, layers: int = 2, heads: int = 2, vocab: int = 320,

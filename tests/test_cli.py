@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from .conftest import TINY_JOB, run_cli
 from .wandb_records import run_info
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # the default job as a user runs it: every core
 
 METRIC_KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
                "logps/chosen", "logps/rejected", "log_gamma/mean", "log_gamma/frac_positive", "lr", "grad_norm",

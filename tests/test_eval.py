@@ -22,6 +22,8 @@ from .conftest import TINY_JOB, run_cli, torchrun
 from .test_distributed import launch
 from .wandb_records import run_info
 
+pytestmark = pytest.mark.alone  # vLLM engines, several processes: tests/conftest.py
+
 
 class LengthJudge(Judge):
     """A user's judge with a known behaviour: the longer answer wins, P = σ(len(a) - len(b) + bias) for the answer

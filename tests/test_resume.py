@@ -23,8 +23,10 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# MC-PO: the negatives drawn after the kill are the ones an uninterrupted run draws (seeded by position).
-ALGORITHMS = {"dpo": [], "mcpo": ["experiment=mcpo_tiny"]}
+# MC-PO: the negatives drawn after the kill are the ones an uninterrupted run draws (seeded by position). DPO
+# resumes through the same checkpoints and training loop, with nothing drawn (its kill is left out for the
+# suite's time; online DPO rounds are killed and resumed in tests/test_online.py and test_faults.py).
+ALGORITHMS = {"mcpo": ["experiment=mcpo_tiny"]}
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

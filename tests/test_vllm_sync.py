@@ -25,6 +25,8 @@ from prefrun.tasks import SortDigits
 
 from .conftest import char_llama, teacher_forced
 
+pytestmark = pytest.mark.alone  # vLLM engines, several processes: tests/conftest.py
+
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
 K, MAX_NEW = 2, 8
