@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 # Several tests at a time (pytest-xdist): the cores are shared out, a thread per core, before torch starts
@@ -37,15 +36,15 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _machine_share(request):
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:
+def _machine_share(request, tmp_path_factory):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         yield
         return
     marks = getattr(request.module, "pytestmark", [])
     alone = any(mark.name == "alone" for mark in (marks if isinstance(marks, list) else [marks]))
     threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    with open(Path(tempfile.gettempdir()) / f"prefrun-tests-{run}.lock", "a") as lock:
+    # Every worker's base directory lies in the run's own (pytest keeps the last three runs' and removes older ones).
+    with open(tmp_path_factory.getbasetemp().parent / "machine.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
         if alone:  # the machine to itself: every core, as a run on its own has them
             os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
