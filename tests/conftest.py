@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The suite runs two tests at a time (pytest-xdist, `-n auto` in pyproject.toml; a module is a worker's unit).
 # A module marked `alone` (jobs of several processes, whose gloo collectives spin while they wait, vLLM
 # engines under timeouts, and the default job as a user runs it, with every core: its numbers depend on the
-# threads' summation order) has the machine to itself, every core included: every module holds a lock for as long as it runs, shared, or exclusive when it is `alone`; and the
-# `alone` modules are collected last, so that the others run in pairs first. Without xdist nothing is locked.
+# threads' summation order) has the machine to itself, every core included: every module holds a lock for as
+# long as it runs, shared, or exclusive when it is `alone`; and the `alone` modules are collected last, so
+# that the others run in pairs first. Without xdist nothing is locked.
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -43,7 +44,7 @@ def _machine_share(request, tmp_path_factory):
     marks = getattr(request.module, "pytestmark", [])
     alone = any(mark.name == "alone" for mark in (marks if isinstance(marks, list) else [marks]))
     threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    # Every worker's base directory lies in the run's own (pytest keeps the last three runs' and removes older ones).
+    # Every worker's base directory lies in the run's own (pytest keeps the last three runs', removes older).
     with open(tmp_path_factory.getbasetemp().parent / "machine.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
         if alone:  # the machine to itself: every core, as a run on its own has them
