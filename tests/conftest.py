@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 # Several tests at a time (pytest-xdist): the cores are shared out, a thread per core, before torch starts
@@ -33,7 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    items.sort(key=lambda item: item.get_closest_marker("alone") is not None)  # stable: the order within stays
+    """`alone` modules last; before them, the modules with the most end-to-end (`slow`) tests first, so that
+    the modules a worker still holds when the `alone` ones start (xdist hands out two at a time) are short."""
+    slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (item.get_closest_marker("alone") is not None, -slow[item.module.__name__]))
 
 
 @pytest.fixture(scope="module", autouse=True)
