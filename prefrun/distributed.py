@@ -363,15 +363,21 @@ def save_pretrained(model, path, **kwargs) -> None:
     """`model.save_pretrained(path, ...)` from whichever process prefrun chose to write it. transformers >= 5
     silently writes nothing from a process whose torch.distributed rank is not 0 (it would leave a directory
     without config.json: a node's own cache, or the weights a process pushes into its own engine); here the
-    caller has already picked the writer, so that check is lifted for this call."""
-    if not hasattr(type(model), "should_save_on_this_rank"):
-        model.save_pretrained(path, **kwargs)
-        return
-    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    caller has already picked the writer, so that check is lifted for this call. transformers also sets the
+    config's dtype to the weights' (config.json says what the files hold); the config in memory keeps the dtype
+    the model was loaded in (`model.loaded_dtype`: weights held in fp32 are still sampled and served in it)."""
+    config = getattr(model, "config", None)
+    loaded = getattr(config, "dtype", None)
+    lifted = hasattr(type(model), "should_save_on_this_rank")
+    if lifted:
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
     try:
         model.save_pretrained(path, **kwargs)
     finally:
-        del model.should_save_on_this_rank
+        if lifted:
+            del model.should_save_on_this_rank
+        if loaded is not None:
+            config.dtype = loaded
 
 
 def quiet_other_processes() -> None:

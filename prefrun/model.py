@@ -134,6 +134,38 @@ def add_lora(model, cfg: DictConfig):
         raise InputError(f"model.lora.target_modules={target!r}: {str(err).splitlines()[0]}") from None
 
 
+def hold_in_fp32(model) -> int:
+    """`trainer.master_weights=fp32`: the trainable parameters of a model loaded in 16 bits are held, and so
+    updated, in fp32 (the other parameters stay as loaded); returns how many elements were upcast. A 16-bit
+    weight cannot take an update much smaller than itself: bf16 keeps 8 significant bits, so at a 7B model's
+    learning rates (5e-7) nearly every update rounds away (docs/results.md, "Master weights"). The config keeps
+    the loaded dtype: generation computes in it (`in_loaded_precision`), engines load in it."""
+    upcast = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    for param in upcast:
+        param.data = param.data.float()
+    return sum(p.numel() for p in upcast)
+
+
+def loaded_dtype(model) -> torch.dtype | None:
+    """The dtype the model was loaded in (its config's; `hold_in_fp32` does not change it)."""
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(dtype, str):
+        return getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+@contextmanager
+def in_loaded_precision(model) -> Iterator[None]:
+    """Sampling from a policy whose weights `hold_in_fp32` upcast computes in the dtype it was loaded in
+    (autocast), as it did before: its memory and speed on a GPU, not fp32's. A no-op otherwise."""
+    dtype, first = loaded_dtype(model), next(model.parameters())
+    if first.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    with torch.autocast(first.device.type, dtype=dtype):
+        yield
+
+
 def save_policy(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: dict | None = None) -> None:
     """save_pretrained; a LoRA policy saves its adapters, or the merged full model if asked.
     `state_dict`: the full weights gathered from sharded training, if any (accelerate's state dict; with LoRA

@@ -92,6 +92,20 @@ def _dtype(cfg: DictConfig, config) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _trainable_bytes(cfg: DictConfig, launch: Launch, size: int) -> tuple[int, bool]:
+    """(bytes the trainer holds a trainable weight in, whether DeepSpeed keeps fp32 masters beside 16-bit weights):
+    trainer.master_weights=fp32 holds a 16-bit model's trainable weights in fp32 (their gradients and optimiser
+    state follow), except under DeepSpeed with mixed precision, whose optimiser keeps the fp32 copy."""
+    if size == 4 or cfg.trainer.get("master_weights", "fp32") == "model":
+        return size, False
+    precision = cfg.trainer.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if launch.sharding.startswith("zero") and precision != "no":
+        return size, True
+    return 4, False
+
+
 def _devices(processes: int) -> tuple[str, float]:
     """(what each process runs on, the bytes it may use): its GPU, or its share of the host's memory."""
     if torch.cuda.is_available():
@@ -108,18 +122,23 @@ def plan(cfg: DictConfig, task) -> dict:
     lora = cfg.model.get("lora")
     total, trainable = parameters(config, lora)
     size = BYTES.get(_dtype(cfg, config), 4)
+    held, deepspeed_masters = _trainable_bytes(cfg, launch, size)
+    weights = (total - trainable) * size + trainable * held
     optimiser = cfg.optim._target_.rsplit(".", 1)[-1]
     states = OPTIMISER_STATES.get(optimiser, 2)
     device, memory = _devices(launch.processes)
     trainer = {
-        "policy weights": total * size / launch.share("weights"),
-        "gradients": trainable * size / launch.share("grads"),
-        f"optimiser state ({optimiser}: {states} per parameter)": states * trainable * size / launch.share("optimiser"),
+        "policy weights": weights / launch.share("weights"),
+        "gradients": trainable * held / launch.share("grads"),
+        f"optimiser state ({optimiser}: {states} per parameter)":
+            states * trainable * (4 if deepspeed_masters else held) / launch.share("optimiser"),
     }
+    if deepspeed_masters:
+        trainer["fp32 master weights (DeepSpeed)"] = trainable * 4 / launch.share("optimiser")
     phases = {"train": dict(trainer)}
     # Pools, reference log-probs and the judged evaluation come before training: the full model on every
     # process (weights sent from rank 0), whatever the sharding.
-    phases["before training"] = {"policy weights (whole, every process)": total * size}
+    phases["before training"] = {"policy weights (whole, every process)": weights}
     if cfg.model.get("reference"):
         reference = _read_config(cfg.model.reference, cfg.model, key="model.reference")
         phases["before training"]["reference (scoring only)"] = parameters(reference)[0] * size
@@ -137,6 +156,7 @@ def plan(cfg: DictConfig, task) -> dict:
     rows = {name: sum(parts.values()) for name, parts in phases.items()}
     result = {"processes": launch.processes, "sharding": launch.sharding, "device": device, "device_bytes": memory,
               "parameters": total, "trainable": trainable, "dtype_bytes": size, "phases": phases, "peak": rows,
+              "held": " (trainable ones held in fp32: trainer.master_weights)" if held > size else "",
               "engines": placement}
     if int(os.environ.get("RANK", "0")) == 0:
         _print(result, cfg)
@@ -185,7 +205,7 @@ def _print(result: dict, cfg: DictConfig) -> None:
     lines = [f"plan: {result['processes']} process(es), sharding {result['sharding']}, each on {result['device']} "
              f"({_size(result['device_bytes'])})",
              f"plan: policy {result['parameters'] / 1e6:.1f}M parameters ({result['trainable'] / 1e6:.1f}M trainable), "
-             f"{result['dtype_bytes']} bytes each; generator {cfg.generator.get('_target_', '?').rsplit('.', 1)[-1]}; "
+             f"{result['dtype_bytes']} bytes each{result['held']}; generator {cfg.generator.get('_target_', '?').rsplit('.', 1)[-1]}; "
              f"judge {cfg.judge.get('_target_', '?').rsplit('.', 1)[-1]}"]
     if result["engines"]:
         lines.append(f"plan: vLLM: {result['engines']}")

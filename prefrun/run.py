@@ -40,9 +40,11 @@ from prefrun.model import (
     check_zero3_writable,
     fingerprint,
     full_weights,
+    hold_in_fp32,
     load_policy,
     load_reference,
     load_tokenizer,
+    loaded_dtype,
     resolve_model_path,
     save_policy,
 )
@@ -384,9 +386,27 @@ def _load_policy(cfg, task, cache_dir: Path, accelerator):
     # Every process generates and scores with rank 0's weights (FSDP's RAM-efficient loading leaves zeros on the
     # others until prepare()), checked by fingerprint.
     distributed.receive_weights(policy, fingerprint)
+    _master_weights(cfg.trainer, accelerator, policy)
     if cfg.trainer.get("padding_free"):
         use_packed_attention(policy)  # scoring packs rows too: reference and training compute the same numbers
     return policy, tokenizer, name_or_path
+
+
+def _master_weights(cfg, accelerator, policy) -> None:
+    """trainer.master_weights=fp32: the trainable weights of a 16-bit model held in fp32 from the start, so that
+    pools, reference log-probs and training all see the same weights (DeepSpeed with bf16 or fp16 keeps fp32
+    masters in its optimiser itself, and casts the model to 16 bits)."""
+    choice = cfg.get("master_weights", "fp32")
+    if choice not in ("fp32", "model"):
+        raise InputError(f"trainer.master_weights={choice!r}: choose fp32 (trainable weights held in fp32) or model "
+                         "(trained in the dtype the model was loaded in)")
+    if choice == "model" or (accelerator.distributed_type == "DEEPSPEED" and accelerator.mixed_precision != "no"):
+        return
+    upcast = hold_in_fp32(policy)
+    if upcast:
+        log.info("policy: %.2fM trainable weights loaded in %s are held and updated in fp32 (trainer.master_weights); "
+                 "training computes in %s, sampling in %s", upcast / 1e6, str(loaded_dtype(policy))[6:],
+                 accelerator.mixed_precision.replace("no", "fp32"), str(loaded_dtype(policy))[6:])
 
 
 def _attach_reference(cfg, accelerator, policy, tokenizer, parts, cache_dir: Path) -> None:

@@ -1,10 +1,15 @@
-"""A separate reference model and LoRA adapters, through the real CLI on tiny local models."""
+"""A separate reference model, LoRA adapters and the precision trainable weights are held in, through the real CLI
+on tiny local models."""
 
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
+from prefrun import distributed
+from prefrun.generate import VLLMGenerator
+from prefrun.model import hold_in_fp32, in_loaded_precision, loaded_dtype
 
 from .conftest import build_bpe_model, run_cli
 
@@ -122,3 +127,38 @@ def test_models_are_loaded_whole_under_a_zero3_config(bpe_model_dir):
         assert hf_deepspeed.is_deepspeed_zero3_enabled()  # prepare() partitions the policy under the same config
     finally:
         hf_deepspeed.unset_hf_deepspeed_config()
+
+
+def test_a_bf16_model_trains_in_fp32_master_weights_which_keep_the_updates_bf16_ones_lose(tmp_path, cache_dir,
+                                                                                          bpe_model_dir, pairs_jsonl):
+    """At a 7B model's learning rate (RMSprop at 5e-7, the APO paper's) an update is far below a bf16 weight's
+    resolution (8 significant bits): trained as loaded (trainer.master_weights=model) nearly every weight stays where
+    it was; held in fp32 (the default) every one moves."""
+    def run(name, *extra):
+        run_cli(["train", "model=hf", f"model.name_or_path={bpe_model_dir}", "model.dtype=bfloat16", "data=jsonl",
+                 f"data.path={pairs_jsonl}", "~task", "trainer.batch_size=8", "trainer.max_steps=6", "optim=rmsprop",
+                 f"hydra.run.dir={tmp_path / name}", *extra], tmp_path)
+        final = AutoModelForCausalLM.from_pretrained(tmp_path / name / "checkpoint-final", dtype="auto")
+        moved = [(a.float() != b.float()).float().mean().item() for a, b in zip(final.parameters(), start.parameters())]
+        return final.dtype, sum(moved) / len(moved)
+
+    start = AutoModelForCausalLM.from_pretrained(bpe_model_dir, dtype=torch.bfloat16)
+    held, moved = run("fp32")
+    assert held == torch.float32 and moved > 0.9, moved  # checkpoint-final holds the fp32 weights trained
+    assert "held and updated in fp32" in (tmp_path / "fp32" / "train.log").read_text()
+    as_loaded, moved = run("model", "trainer.master_weights=model")
+    assert as_loaded == torch.bfloat16 and moved < 0.2, moved
+
+
+def test_weights_held_in_fp32_are_still_sampled_and_served_in_the_dtype_they_were_loaded_in(bpe_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(bpe_model_dir, dtype=torch.bfloat16)
+    assert hold_in_fp32(model) == sum(p.numel() for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and loaded_dtype(model) == torch.bfloat16
+    distributed.save_pretrained(model, tmp_path / "saved")  # transformers sets the config's dtype to the files'
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["dtype"] == "float32"
+    assert loaded_dtype(model) == torch.bfloat16  # in memory, the loaded one stays
+    ids = torch.tensor([[1, 2, 3]])
+    with in_loaded_precision(model):  # HF generation samples in bf16, as before the upcast
+        assert model(ids).logits.dtype == torch.bfloat16
+    assert model(ids).logits.dtype == torch.float32  # training and scoring: the weights' own (or mixed_precision)
+    assert VLLMGenerator()._dtype(model, model.config) == "bfloat16"  # an engine loads it in bf16

@@ -39,8 +39,27 @@ def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(t
     assert "7241.7M parameters" in _said(full) and "RMSprop: 1 per parameter" in _said(full)
     [line] = [x for x in _said(full).splitlines() if "[ERROR]" in x]
     assert "phase needs" in line and "use LoRA" in line  # one line: what does not fit and what to change
+    # bf16 on disk, trainable weights held in fp32 (trainer.master_weights): 4 bytes each for weights, gradients and
+    # RMSprop's state; trained as loaded (master_weights=model), half that
+    assert "train: 81.2 GiB per process (policy weights 27.0 GiB, gradients 27.0 GiB" in _said(full)
+    as_loaded = _said(run_cli([*job, "trainer.master_weights=model"], tmp_path, check=False))
+    assert "train: 40.7 GiB per process (policy weights 13.5 GiB, gradients 13.5 GiB" in as_loaded
     lora = _said(run_cli([*job, "+model/lora=default"], tmp_path))
-    assert "DOES NOT FIT" not in lora and "policy weights 13.6 GiB, gradients 80.0 MiB" in lora  # bf16; adapters only train
+    assert "DOES NOT FIT" not in lora and "policy weights 13.6 GiB, gradients 0.2 GiB" in lora  # the fp32 adapters train
+
+
+def test_under_deepspeed_with_mixed_precision_the_plan_counts_its_fp32_masters_beside_16_bit_weights():
+    from omegaconf import OmegaConf
+
+    from prefrun.plan import Launch, _trainable_bytes
+
+    cfg = OmegaConf.create({"trainer": {"master_weights": "fp32", "mixed_precision": "bf16"}})
+    assert _trainable_bytes(cfg, Launch(8, "none"), 2) == (4, False)  # prefrun holds them in fp32 (FSDP too)
+    assert _trainable_bytes(cfg, Launch(8, "fsdp"), 2) == (4, False)
+    assert _trainable_bytes(cfg, Launch(8, "zero3"), 2) == (2, True)  # bf16 module, fp32 copy in the optimiser
+    assert _trainable_bytes(OmegaConf.merge(cfg, {"trainer": {"mixed_precision": "no"}}), Launch(8, "zero3"), 2) == (4, False)
+    assert _trainable_bytes(OmegaConf.merge(cfg, {"trainer": {"master_weights": "model"}}), Launch(8, "none"), 2) == (2, False)
+    assert _trainable_bytes(cfg, Launch(1, "none"), 4) == (4, False)  # an fp32 model: nothing to hold apart
 
 
 def test_an_fsdp_or_deepspeed_launch_on_cpu_processes_is_planned_as_ddp_unless_trainer_cpu_fsdp(monkeypatch):

@@ -19,7 +19,7 @@ from transformers import (
 from prefrun import distributed
 from prefrun.errors import InputError
 from prefrun.generate.base import Candidates, Sampling, _candidates, _eos_ids, _log_rate, _tokenize
-from prefrun.model import root_gathered
+from prefrun.model import in_loaded_precision, root_gathered
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -125,7 +125,8 @@ class HFGenerator(Sampling):
                     if self.min_new_tokens:  # after the recorder, so the recorded log-probs stay raw
                         processors.append(MinNewTokensLengthLogitsProcessor(width, self.min_new_tokens, eos_ids,
                                                                             device=device))
-                    with root_gathered(model):  # per call: a call is the unit that peers' calls meet (`idle`)
+                    # per call: a call is the unit that peers' calls meet (`idle`)
+                    with root_gathered(model), in_loaded_precision(model):
                         out = model.generate(
                             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
                             num_return_sequences=per_prompt, pad_token_id=pad_id, eos_token_id=eos_ids,
@@ -170,7 +171,7 @@ class HFGenerator(Sampling):
         was_training = model.training
         model.eval()
         try:
-            with root_gathered(model):
+            with root_gathered(model), in_loaded_precision(model):
                 model.generate(input_ids=torch.tensor([[pad_id]], device=device),
                                attention_mask=torch.ones(1, 1, dtype=torch.long, device=device), max_new_tokens=1,
                                do_sample=False, pad_token_id=pad_id, eos_token_id=eos_ids, synced_gpus=_synced(model),

@@ -768,10 +768,11 @@ class VLLMGenerator(Sampling):
     def _dtype(self, model, text_config) -> str:
         if self.dtype != "auto":
             return self.dtype
-        if model is not None:
+        # The dtype the policy was loaded in: weights the trainer holds in fp32 (trainer.master_weights) are
+        # served as loaded; the parameters' own dtype where the config names none.
+        dtype = getattr(text_config, "dtype", None) or getattr(text_config, "torch_dtype", None)
+        if dtype is None and model is not None:
             dtype = next(model.parameters()).dtype
-        else:
-            dtype = getattr(text_config, "dtype", None) or getattr(text_config, "torch_dtype", None)
         if isinstance(dtype, str):
             return dtype
         return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
