@@ -196,7 +196,7 @@ class VLLMGenerator(Sampling):
     # Where the engine runs: it does not change what is sampled, so it stays out of repr (the pools' job key).
     engines: str = field(default="per_process", repr=False, compare=False)  # per_process: one per process, on its device | main
     devices: list[int] | None = field(default=None, repr=False, compare=False)  # engines=main: the engine's GPUs
-    dtype: str = "auto"  # "auto": the policy's own dtype (vLLM's own "auto" would turn float32 into bfloat16)
+    dtype: str = "auto"  # "auto": the dtype the policy was loaded in (vLLM's own "auto" would turn float32 into bfloat16)
     kv_cache_memory_bytes: int | None = None  # None: 256 MiB on a CPU, gpu_memory_utilization on a GPU
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
@@ -612,8 +612,11 @@ class VLLMGenerator(Sampling):
         limit = self.push_bucket_mb * 2**20
         total = sum(p.numel() * p.element_size() for p in model.parameters())  # a DTensor's: the whole's
         root = session.on_engine(lambda: _push_root(min(limit, total)))
-        sent = 0
-        for bucket in _buckets(iter_full_weights(model, tied=True, buffers=True, to_cpu=False), limit):
+        sent, weights = 0, iter_full_weights(model, tied=True, buffers=True, to_cpu=False)
+        served = getattr(torch, session.dtype, None)  # "auto" (no such dtype): as held
+        if served in (torch.bfloat16, torch.float16):  # weights held in fp32 (trainer.master_weights) go as served
+            weights = ((name, t.to(served) if t.is_floating_point() else t) for name, t in weights)
+        for bucket in _buckets(weights, limit):
             push_dir = session.on_engine(lambda bucket=bucket: _write_bucket(bucket, root))
             try:
                 session.call("push", what="weight push", timeout_s=self.call_timeout_s, weights_path=push_dir,
