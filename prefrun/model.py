@@ -275,8 +275,7 @@ def iter_full_weights(model, *, tied: bool = False, buffers: bool = False,
 def weight_shapes(model, *, tied: bool = False, buffers: bool = False) -> dict[str, tuple[int, ...]]:
     """name -> shape of what `iter_full_weights` gives, without gathering anything (a DTensor knows its global
     shape): what a push can be checked against before any of it is sent."""
-    return {name: tuple(tensor.ds_shape if _zero3(tensor) else tensor.shape)
-            for name, tensor, _ in _weight_entries(model, tied=tied, buffers=buffers)}
+    return {name: full_shape(tensor) for name, tensor, _ in _weight_entries(model, tied=tied, buffers=buffers)}
 
 
 def _weight_entries(model, *, tied: bool, buffers: bool) -> list[tuple[str, torch.Tensor, list]]:
@@ -396,6 +395,7 @@ def is_partitioned(param: torch.Tensor) -> bool:
 
 
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The whole tensor's shape: a ZeRO-3 parameter's own is empty, a DTensor's is already the global one."""
     return tuple(param.ds_shape if _zero3(param) else param.shape)
 
 

@@ -42,6 +42,7 @@ from prefrun.model import (
     full_weights,
     is_partitioned,
     iter_gathered,
+    loaded_dtype,
     local,
     local_shards,
     local_weights,
@@ -379,7 +380,20 @@ def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
 
 
 def cpu_state(model) -> dict:
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    """The model's state on the CPU. A weight held in fp32 whose values the dtype the model was loaded in holds
+    exactly (the start of a bf16 model: `hold_in_fp32`) is kept in that dtype: half the host memory, nothing lost
+    (`swapped_in` writes it back in the parameter's dtype)."""
+    loaded = loaded_dtype(model)
+
+    def kept(tensor):
+        tensor = tensor.detach().to("cpu", copy=True)
+        if loaded in (torch.bfloat16, torch.float16) and tensor.dtype == torch.float32:
+            narrow = tensor.to(loaded)
+            if torch.equal(narrow.to(torch.float32), tensor):
+                return narrow
+        return tensor
+
+    return {name: kept(tensor) for name, tensor in model.state_dict().items()}
 
 
 def evaluate_start(rounds: Rounds, evaluate, policy) -> dict:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from prefrun import distributed
 from prefrun.generate import VLLMGenerator
 from prefrun.model import hold_in_fp32, in_loaded_precision, loaded_dtype
+from prefrun.online import cpu_state
 
 from .conftest import build_bpe_model, run_cli
 
@@ -162,3 +163,10 @@ def test_weights_held_in_fp32_are_still_sampled_and_served_in_the_dtype_they_wer
         assert model(ids).logits.dtype == torch.bfloat16
     assert model(ids).logits.dtype == torch.float32  # training and scoring: the weights' own (or mixed_precision)
     assert VLLMGenerator()._dtype(model, model.config) == "bfloat16"  # an engine loads it in bf16
+    # The start kept on the CPU (reference / KL swap of online rounds): in bf16 where that is exact, else fp32
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[0, 0] += 1e-6  # no longer a bf16 value
+    start = cpu_state(model)
+    assert start["model.embed_tokens.weight"].dtype == torch.float32
+    assert {t.dtype for name, t in start.items() if name != "model.embed_tokens.weight"} == {torch.bfloat16}
