@@ -478,6 +478,8 @@ def fingerprint(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name:
             continue
+        if _is_dtensor(tensor):  # a sharded model's: the whole tensor (a collective: every process, same order)
+            tensor = tensor.full_tensor()
         name = name.replace("base_model.model.", "").replace(".base_layer", "")
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())

@@ -380,13 +380,13 @@ def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
 
 
 def cpu_state(model) -> dict:
-    """The model's state on the CPU. A weight held in fp32 whose values the dtype the model was loaded in holds
+    """The model's state on the CPU (sharded: each process its own part of each tensor). A weight held in fp32 whose values the dtype the model was loaded in holds
     exactly (the start of a bf16 model: `hold_in_fp32`) is kept in that dtype: half the host memory, nothing lost
     (`swapped_in` writes it back in the parameter's dtype)."""
     loaded = loaded_dtype(model)
 
     def kept(tensor):
-        tensor = tensor.detach().to("cpu", copy=True)
+        tensor = local(tensor).detach().to("cpu", copy=True)  # a sharded model's: this process's part
         if loaded in (torch.bfloat16, torch.float16) and tensor.dtype == torch.float32:
             narrow = tensor.to(loaded)
             if torch.equal(narrow.to(torch.float32), tensor):

@@ -136,9 +136,10 @@ def plan(cfg: DictConfig, task) -> dict:
     if deepspeed_masters:
         trainer["fp32 master weights (DeepSpeed)"] = trainable * 4 / launch.share("optimiser")
     phases = {"train": dict(trainer)}
-    # Pools, reference log-probs and the judged evaluation come before training: the full model on every
-    # process (weights sent from rank 0), whatever the sharding.
-    phases["before training"] = {"policy weights (whole, every process)": weights}
+    # Pools, reference log-probs and the judged evaluation come before training: under FSDP on the shards (the
+    # policy is sharded as it is loaded), else the full model on every process (weights sent from rank 0).
+    phases["before training"] = {"policy weights (sharded)": weights / launch.share("weights")} \
+        if launch.sharding == "fsdp" else {"policy weights (whole, every process)": weights}
     if cfg.model.get("reference"):
         reference = _read_config(cfg.model.reference, cfg.model, key="model.reference")
         phases["before training"]["reference (scoring only)"] = parameters(reference)[0] * size

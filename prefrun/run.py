@@ -45,6 +45,8 @@ from prefrun.model import (
     load_reference,
     load_tokenizer,
     loaded_dtype,
+    local_weights,
+    resharded,
     resolve_model_path,
     save_policy,
 )
@@ -157,7 +159,8 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
     # Kept only where a round needs them: the starting weights (reference / KL) and θ̂_{t-1} (APO's momentum).
     initial = cpu_state(policy) if online.ref == "initial" or online.kl_estimate else None
-    previous_hat = full_weights(policy) if online.extrapolates else None
+    previous_hat = (local_weights(policy) if distributed.is_sharded(policy) else full_weights(policy)) \
+        if online.extrapolates else None
     before = evaluate_start(rounds, lambda model, start: evaluate(model, start, 0), policy)
     started = {result.get("generator", "hf") for result in before.values()}
     if started and started != {eval_backend}:  # a resumed run whose start another backend sampled
@@ -387,6 +390,7 @@ def _load_policy(cfg, task, cache_dir: Path, accelerator):
     # others until prepare()), checked by fingerprint.
     distributed.receive_weights(policy, fingerprint)
     _master_weights(cfg.trainer, accelerator, policy)
+    policy = _sharded_from_the_start(accelerator, policy)
     if cfg.trainer.get("padding_free"):
         use_packed_attention(policy)  # scoring packs rows too: reference and training compute the same numbers
     return policy, tokenizer, name_or_path
@@ -407,6 +411,26 @@ def _master_weights(cfg, accelerator, policy) -> None:
         log.info("policy: %.2fM trainable weights loaded in %s are held and updated in fp32 (trainer.master_weights); "
                  "training computes in %s, sampling in %s", upcast / 1e6, str(loaded_dtype(policy))[6:],
                  accelerator.mixed_precision.replace("no", "fp32"), str(loaded_dtype(policy))[6:])
+
+
+def _sharded_from_the_start(accelerator, policy):
+    """Under FSDP the policy is sharded as soon as it is loaded (accelerate's prepare_model: fully_shard with the
+    config's mixed precision), not when round 1 trains: pools, reference log-probs and the evaluation before
+    training run on the shards, each process holding its part of the model instead of all of it, and with the
+    numbers training computes (FSDP's mixed precision casts every parameter to bf16, norms and embeddings
+    included; autocast over whole fp32 weights does not, and the step-1 log-ratio would start off 0). train()
+    prepares the model again with its optimiser (a sharded model stays as it is)."""
+    if accelerator.distributed_type != "FSDP":
+        return policy
+    sharded = accelerator.prepare(policy)  # (FSDP2 takes a model without its optimiser through prepare() only)
+    accelerator.free_memory()  # forget it: the training's prepare() registers it (a checkpoint saves it once)
+    policy = accelerator.unwrap_model(sharded)
+    # One forward through the root module, on every process: FSDP2 learns there which module is its root. The first
+    # forward would otherwise come from PEFT's generate(), past the root (LoRA): "FSDP requires a single root".
+    with torch.no_grad():
+        policy(input_ids=torch.zeros(1, 1, dtype=torch.long, device=accelerator.device))
+    resharded(policy)
+    return policy
 
 
 def _attach_reference(cfg, accelerator, policy, tokenizer, parts, cache_dir: Path) -> None:
@@ -431,8 +455,11 @@ def _attach_reference(cfg, accelerator, policy, tokenizer, parts, cache_dir: Pat
 
 
 def _precision(accelerator) -> str:
-    """What the cache keys by: fp32 keeps the key earlier runs wrote."""
-    return "" if accelerator.mixed_precision == "no" else f"/{accelerator.mixed_precision}"
+    """What the cache keys by: fp32 keeps the key earlier runs wrote. FSDP's mixed precision computes other
+    numbers than autocast (every parameter cast, not only the matmuls'): its own key."""
+    if accelerator.mixed_precision == "no":
+        return ""
+    return f"/{accelerator.mixed_precision}" + ("/fsdp" if accelerator.distributed_type == "FSDP" else "")
 
 
 def _scoring_batch(cfg) -> int:

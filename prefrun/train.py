@@ -26,6 +26,7 @@ from prefrun.data import Example, candidate_logps, collate, to_device
 from prefrun.errors import InputError, PrefrunError
 from prefrun.logprobs import check_packing, packing_checked, sequence_logps, use_packed_attention
 from prefrun.losses import log_reference_noise, pool_log_softmax_loss
+from prefrun.model import resharded
 from prefrun.samplers import effective_sample_size, rank_under
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,6 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     draws = PoolDraws(sampler, examples, beta=beta, pad_id=pad_id, seed=seed,
                       batch_size=(cfg.reference_batch_size or cfg.batch_size) * 2) if sampler.uses_pools else None
     columns = None if draws else _fixed_columns(sampler, examples)
-    optimizer = optimizer_factory(params=[p for p in model.parameters() if p.requires_grad])
     lengths = [len(ex.prompt_ids) + max(len(c) for c in ex.completion_ids) for ex in examples]
     first_epoch = _epoch_loader(lengths, cfg, seed, 0)
     batches_per_epoch = len(accelerator.prepare(first_epoch))
@@ -176,8 +176,6 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * max(1, batches_per_epoch // cfg.grad_accum))
     # accelerate steps a prepared scheduler once per process at every optimiser step: count in those units.
     processes = accelerator.num_processes
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps) * processes,
-                              num_training_steps=total_steps * processes)
     budget = cfg.get("logits_budget_mb") or float("inf")
     if packed and not packing_checked(model):  # before prepare(): a sharded model's forwards are collectives, and
         # only the processes that have not checked this model yet (reference scoring may have) would run them
@@ -185,6 +183,12 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
         shared = columns or list(range(min(len(ex.completion_ids) for ex in first)))  # pools may differ in size
         batch, padded = (to_device(collate(first, pad_id, shared, packed=p), accelerator.device) for p in (True, False))
         packed = check_packing(model, batch, padded, logits_budget_mb=budget)
+    # A sharded model that made forwards (pools, reference, evaluation, the check above) holds its root module's
+    # parameters gathered: the optimiser must get the shards, which training updates, not the gathered copies.
+    resharded(model)
+    optimizer = optimizer_factory(params=[p for p in model.parameters() if p.requires_grad])
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps) * processes,
+                              num_training_steps=total_steps * processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
 

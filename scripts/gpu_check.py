@@ -98,7 +98,7 @@ def check_online(ctx) -> dict:
     run_dir = ctx.work / "online"
     size = ["model.build.sft_steps=20", "model.build.hidden_size=64", "model.build.num_heads=1"] if ctx.smoke else [
         "model.build.hidden_size=768", "model.build.num_heads=12", "model.build.num_layers=12",
-        "model.build.intermediate_size=3072", "generator.dtype=bfloat16"]
+        "model.build.intermediate_size=3072", "model.dtype=bfloat16"]  # as a hub 7B: loaded in bf16, fp32 masters
     job = ["train", "experiment=iterdpo_tiny", *size, "online.rounds=2",
            "trainer.max_steps=4" if ctx.smoke else "trainer.max_steps=20", "eval.num_prompts=16",
            f"online.prompts_per_round={16 if ctx.smoke else 256}", f"data.num_prompts={32 if ctx.smoke else 512}",
