@@ -4,6 +4,7 @@ shard made once) and one writer per file; a 2-process online run stopped by SIGT
 changes its number of processes at a round boundary, and a preempted submitit job requeues itself."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -202,6 +203,20 @@ def test_mcpo_under_real_fsdp2_killed_and_resumed_from_sharded_checkpoints_equal
     final_one, final_two = (load_file(tmp_path / d / "checkpoint-final" / "model.safetensors") for d in ("one", "two"))
     for name in final_one:
         torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=1e-3)
+
+
+def test_under_fsdp2_in_bf16_the_reference_is_scored_on_the_shards_and_the_first_step_is_ln_2(tmp_path):
+    """FSDP2's mixed precision casts every parameter to bf16 (embeddings and norms too), autocast over whole fp32
+    weights only the matmuls': a reference scored before sharding started the log-ratio off 0 (step-1 loss 0.69361
+    here). The policy is sharded as it is loaded, so the pools, the reference and training compute alike."""
+    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
+    config, sharded = fsdp_on_cpu(tmp_path)
+    launch(["train", *JOB, "trainer.mixed_precision=bf16", "trainer.max_steps=2", "trainer.save_every=0", sharded,
+            f"hydra.run.dir={tmp_path / 'bf16'}"], tmp_path, env, config=config)
+    log = (tmp_path / "bf16" / "train.log").read_text()
+    assert "accelerate: 2 process(es), FSDP, cpu:0, mixed precision bf16" in log
+    first = _rows(tmp_path / "bf16")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margin"] == 0.0, first
 
 
 def test_lora_apo_rounds_under_real_zero3_killed_and_resumed_equal_one_process(tmp_path):
