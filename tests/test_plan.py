@@ -40,10 +40,8 @@ def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(t
     [line] = [x for x in _said(full).splitlines() if "[ERROR]" in x]
     assert "phase needs" in line and "use LoRA" in line  # one line: what does not fit and what to change
     # bf16 on disk, trainable weights held in fp32 (trainer.master_weights): 4 bytes each for weights, gradients and
-    # RMSprop's state; trained as loaded (master_weights=model), half that
+    # RMSprop's state (trained as loaded, master_weights=model, half that: the unit test below)
     assert "train: 81.2 GiB per process (policy weights 27.0 GiB, gradients 27.0 GiB" in _said(full)
-    as_loaded = _said(run_cli([*job, "trainer.master_weights=model"], tmp_path, check=False))
-    assert "train: 40.7 GiB per process (policy weights 13.5 GiB, gradients 13.5 GiB" in as_loaded
     lora = _said(run_cli([*job, "+model/lora=default"], tmp_path))
     assert "DOES NOT FIT" not in lora and "policy weights 13.6 GiB, gradients 0.2 GiB" in lora  # the fp32 adapters train
 
