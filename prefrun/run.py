@@ -143,6 +143,12 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     _check_online(cfg, online, data)
     if accelerator.distributed_type == "DEEPSPEED":  # refused before anything runs, not after round 1
         check_zero3_writable(accelerator.state.deepspeed_plugin.deepspeed_config)
+        if accelerator.mixed_precision != "no" and online.rounds > 1:
+            log.warning("online rounds under DeepSpeed in %s: its optimiser holds fp32 master weights within a round "
+                        "only, and each round starts from the %s weights: an update smaller than half a %s step is "
+                        "lost at every round boundary (docs/results.md, \"Master weights\"). FSDP "
+                        "(docs/accelerate/fsdp.yaml) keeps the weights in fp32 across rounds",
+                        *[accelerator.mixed_precision] * 3)
     _warn_if_biased(cfg, sampler)
     cache_dir = Path(cfg.cache_dir).expanduser()
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
