@@ -365,7 +365,7 @@ def save_pretrained(model, path, **kwargs) -> None:
     without config.json: a node's own cache, or the weights a process pushes into its own engine); here the
     caller has already picked the writer, so that check is lifted for this call. transformers also sets the
     config's dtype to the weights' (config.json says what the files hold); the config in memory keeps the dtype
-    the model was loaded in (`model.loaded_dtype`: weights held in fp32 are still sampled and served in it)."""
+    the model was loaded in (`prefrun.model.loaded_dtype`: weights held in fp32 are still sampled and served in it)."""
     config = getattr(model, "config", None)
     loaded = getattr(config, "dtype", None)
     lifted = hasattr(type(model), "should_save_on_this_rank")

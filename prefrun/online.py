@@ -380,9 +380,9 @@ def swapped_in(model, state: dict[str, Tensor]) -> Iterator[None]:
 
 
 def cpu_state(model) -> dict:
-    """The model's state on the CPU (sharded: each process its own part of each tensor). A weight held in fp32 whose values the dtype the model was loaded in holds
-    exactly (the start of a bf16 model: `hold_in_fp32`) is kept in that dtype: half the host memory, nothing lost
-    (`swapped_in` writes it back in the parameter's dtype)."""
+    """The model's state on the CPU (sharded: each process its own part of each tensor). A weight held in fp32
+    whose values the dtype the model was loaded in holds exactly (the start of a bf16 model: `hold_in_fp32`) is
+    kept in that dtype: half the host memory, nothing lost (`swapped_in` writes it back in the parameter's dtype)."""
     loaded = loaded_dtype(model)
 
     def kept(tensor):

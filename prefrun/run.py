@@ -412,15 +412,15 @@ def _master_weights(cfg, accelerator, policy) -> None:
                          "(trained in the dtype the model was loaded in)")
     if choice == "model" or (accelerator.distributed_type == "DEEPSPEED" and accelerator.mixed_precision != "no"):
         return
-    upcast = hold_in_fp32(policy)
+    upcast, loaded = hold_in_fp32(policy), str(loaded_dtype(policy)).removeprefix("torch.")
     if upcast:
         log.info("policy: %.2fM trainable weights loaded in %s are held and updated in fp32 (trainer.master_weights); "
-                 "training computes in %s, sampling in %s", upcast / 1e6, str(loaded_dtype(policy))[6:],
-                 accelerator.mixed_precision.replace("no", "fp32"), str(loaded_dtype(policy))[6:])
+                 "training computes in %s, sampling in %s", upcast / 1e6, loaded,
+                 accelerator.mixed_precision.replace("no", "fp32"), loaded)
 
 
 def _sharded_from_the_start(accelerator, policy):
-    """Under FSDP the policy is sharded as soon as it is loaded (accelerate's prepare_model: fully_shard with the
+    """Under FSDP the policy is sharded as soon as it is loaded (accelerate's prepare(): fully_shard with the
     config's mixed precision), not when round 1 trains: pools, reference log-probs and the evaluation before
     training run on the shards, each process holding its part of the model instead of all of it, and with the
     numbers training computes (FSDP's mixed precision casts every parameter to bf16, norms and embeddings
