@@ -11,7 +11,9 @@ The checks, each run as a user would run prefrun (its CLI or its benchmark scrip
 on its own (its row then says why) so that one failure does not cost the others:
 - generate: vLLM against HF `generate`, generated tokens/s on the same prompts (scripts/bench_generate.py);
 - online: 2 rounds of iterative DPO with the vLLM engine and the trainer on one GPU (sleep mode between
-  generation and training), the weight push + probe time and the probe's largest difference (16-bit);
+  generation and training), the model loaded in bf16 as a hub 7B is (trainable weights held in fp32:
+  trainer.master_weights; the engine serves bf16), the weight push + probe time and the probe's largest
+  difference (16-bit);
 - dpo: an offline DPO run, tokens/s and model FLOPs utilisation (6·N·tokens/s over the GPU's bf16 peak);
 - fsdp: the same DPO run under `accelerate launch --config_file docs/accelerate/fsdp.yaml --num_processes 1`
   (FSDP2 for real on a GPU): step 1's loss must be ln 2;
