@@ -227,7 +227,7 @@ def test_lora_apo_rounds_under_real_zero3_killed_and_resumed_equal_one_process(t
     over the processes (synced generate() calls); round 1's adapters are merged and extrapolated into this
     process's partition of each base weight, fresh adapters cut to their partitions, the round's weights
     gathered partition by partition for the writer; the KL estimate swaps the initial weights into the
-    partitions and back. The run is SIGKILLed in round 1 after its ZeRO-3 checkpoint at step 3 and the same
+    partitions and back. The run is SIGKILLed in round 1 after its ZeRO-3 checkpoint at step 2 and the same
     command resumes; checkpoint-final merges the gathered base weights and adapter factors. Pools, round
     weights, losses, evaluation and the merged weights equal one process at the same global batch. (Each of
     these met a defect, the shipped config's on GPUs too: its "auto" values stopped Accelerator() at start-up,
@@ -238,13 +238,13 @@ def test_lora_apo_rounds_under_real_zero3_killed_and_resumed_equal_one_process(t
     env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
     job = [*(a for a in ONLINE if a not in ("online.rounds=3", "data.num_prompts=600", "generator.shard_size=64")),
            "online.rounds=2", "data.num_prompts=128", "generator.shard_size=32", "+model/lora=default",
-           "model.lora.merge=true", "trainer.save_every=3"]  # 64 prompts a round, 2 shards
+           "model.lora.merge=true", "trainer.max_steps=4", "trainer.save_every=2"]  # 64 prompts a round, 2 shards
     run_cli(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, env)
     config = str(REPO / "docs" / "accelerate" / "deepspeed_zero3.yaml")
     two = ["train", *job, "trainer.batch_size=4", "trainer.cpu_deepspeed=true", f"hydra.run.dir={tmp_path / 'two'}"]
-    killed = launch(two, tmp_path, {**env, "PREFRUN_FAULT": "train:5:kill"}, config=config, check=False)
+    killed = launch(two, tmp_path, {**env, "PREFRUN_FAULT": "train:3:kill"}, config=config, check=False)
     assert killed.returncode != 0
-    assert (tmp_path / "two" / "rounds" / "1" / "checkpoints" / "step-3" / "pytorch_model").is_dir()  # DeepSpeed's
+    assert (tmp_path / "two" / "rounds" / "1" / "checkpoints" / "step-2" / "pytorch_model").is_dir()  # DeepSpeed's
     launch(two, tmp_path, env, config=config)
     log = (tmp_path / "two" / "train.log").read_text()
     assert "accelerate: 2 process(es), DEEPSPEED" in log and "resuming from" in log
