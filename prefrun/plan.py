@@ -98,10 +98,9 @@ def _trainable_bytes(cfg: DictConfig, launch: Launch, size: int) -> tuple[int, b
     state follow), except under DeepSpeed with mixed precision, whose optimiser keeps the fp32 copy."""
     if size == 4 or cfg.trainer.get("master_weights", "fp32") == "model":
         return size, False
-    precision = cfg.trainer.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if launch.sharding.startswith("zero") and precision != "no":
+    from prefrun.train import mixed_precision
+
+    if launch.sharding.startswith("zero") and mixed_precision(cfg.trainer.mixed_precision) != "no":
         return size, True
     return 4, False
 

@@ -36,10 +36,15 @@ class NonFiniteLoss(PrefrunError, RuntimeError):
     pass
 
 
+def mixed_precision(setting: str) -> str:
+    """trainer.mixed_precision as accelerate takes it: auto is bf16 on a GPU that has it, else no (fp32)."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def make_accelerator(cfg: DictConfig) -> Accelerator:
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    precision = mixed_precision(cfg.mixed_precision)
     # A collective waits this long for the slowest process (a long judge or engine start on one of them).
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.get("dist_timeout_s") or 1800))
     fsdp_config = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
