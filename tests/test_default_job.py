@@ -1,0 +1,22 @@
+"""`prefrun train` with no arguments, as a user runs it: the embedded default job on every core (its numbers
+depend on the threads' summation order, so the module runs with no other test beside it)."""
+
+import json
+
+import pytest
+
+from .conftest import run_cli
+from .test_cli import run_dirs
+
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
+
+
+def test_default_job_improves_the_judged_score(tmp_path, cache_dir):
+    """`prefrun train` with no arguments: an imperfect reference and a clear improvement."""
+    run_cli(["train"], tmp_path)
+    [run] = run_dirs(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    before, after = summary["eval_before"]["sampled"], summary["eval_after"]["sampled"]
+    assert before["mean"] < 0.8 and before["num_prompts"] >= 200
+    assert after["mean"] - before["mean"] > 3 * (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
+    assert summary["eval_after"]["greedy"]["mean"] >= summary["eval_before"]["greedy"]["mean"]
