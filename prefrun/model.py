@@ -469,6 +469,18 @@ def _is_dtensor(tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def sharded_compute_dtype(model) -> torch.dtype | None:
+    """The dtype an FSDP2 policy computes in when its mixed precision casts every parameter (accelerate's FSDP
+    with bf16: norms and embeddings too), else None. Its samples differ from those of the same weights unsharded
+    (fp32, or autocast over the matmuls only): what it generates is cached under its own key."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return None
+    policy = getattr(model._get_fsdp_state(), "_mp_policy", None)
+    return getattr(policy, "param_dtype", None)
+
+
 def fingerprint(model) -> str:
     """A hash of the starting weights' bytes: what the reference log-prob cache is keyed by. Fresh
     LoRA adapters are left out: they start as the identity (B = 0), so the function is the base's."""

@@ -505,12 +505,16 @@ class GeneratedPreferences(PreferenceData):
 
     def load(self, *, policy, tokenizer, task, cache_dir: Path, generator=None, judge=None,
              pools: bool = False) -> list[Example]:
-        from prefrun.model import fingerprint
+        from prefrun.generate.hf import HFGenerator
+        from prefrun.model import fingerprint, sharded_compute_dtype
         from prefrun.pools import make_pools
 
         prompts = self.train_prompts(task, tokenizer, generator)
-        # Shards sample with their own seeds: their size is part of what the pools are.
-        key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge), generator.prompts_per_shard)
+        # Shards sample with their own seeds: their size is part of what the pools are. A policy sharded with
+        # FSDP's mixed precision samples other candidates than the same weights unsharded (HF generation).
+        numerics = sharded_compute_dtype(policy) if isinstance(generator, HFGenerator) else None
+        key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge), generator.prompts_per_shard,
+                    *([f"fsdp/{numerics}"] if numerics else []))
         out_dir = Path(cache_dir).expanduser() / "pools" / key
         done = out_dir / "pools.jsonl"
         cached = storage.read_checked(done)
