@@ -95,13 +95,14 @@ def _dtype(cfg: DictConfig, config) -> str:
 def _trainable_bytes(cfg: DictConfig, launch: Launch, size: int) -> tuple[int, bool]:
     """(bytes the trainer holds a trainable weight in, whether DeepSpeed keeps fp32 masters beside 16-bit weights):
     trainer.master_weights=fp32 holds a 16-bit model's trainable weights in fp32 (their gradients and optimiser
-    state follow), except under DeepSpeed with mixed precision, whose optimiser keeps the fp32 copy."""
-    if size == 4 or cfg.trainer.get("master_weights", "fp32") == "model":
-        return size, False
+    state follow), except under DeepSpeed with mixed precision, which holds the whole model in 16 bits (an fp32
+    one cast as it is loaded) and the fp32 copy in its optimiser."""
     from prefrun.train import mixed_precision
 
-    if launch.sharding.startswith("zero") and mixed_precision(cfg.trainer.mixed_precision) != "no":
-        return size, True
+    if launch.sharding.startswith("zero") and mixed_precision(cfg.trainer.mixed_precision) in ("bf16", "fp16"):
+        return 2, True
+    if size == 4 or cfg.trainer.get("master_weights", "fp32") == "model":
+        return size, False
     return 4, False
 
 
@@ -122,6 +123,7 @@ def plan(cfg: DictConfig, task) -> dict:
     total, trainable = parameters(config, lora)
     size = BYTES.get(_dtype(cfg, config), 4)
     held, deepspeed_masters = _trainable_bytes(cfg, launch, size)
+    size = held if deepspeed_masters else size  # DeepSpeed's 16-bit module, frozen weights too
     weights = (total - trainable) * size + trainable * held
     optimiser = cfg.optim._target_.rsplit(".", 1)[-1]
     states = OPTIMISER_STATES.get(optimiser, 2)

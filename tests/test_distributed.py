@@ -205,23 +205,28 @@ def test_mcpo_under_real_fsdp2_killed_and_resumed_from_sharded_checkpoints_equal
         torch.testing.assert_close(final_two[name], final_one[name], atol=1e-4, rtol=1e-3)
 
 
-def test_under_fsdp2_in_bf16_the_reference_is_scored_on_the_shards_and_the_first_step_is_ln_2(tmp_path):
-    """FSDP2's mixed precision casts every parameter to bf16 (embeddings and norms too), autocast over whole fp32
-    weights only the matmuls': a reference scored before sharding started the log-ratio off 0 (step-1 loss 0.69361
-    here). The policy is sharded as it is loaded, so the pools, the reference and training compute alike. The
-    cache keeps the two apart: a bf16 run of one process (autocast) samples and scores the same weights first,
-    into the same cache, and the FSDP run makes its own pools and reference instead of reading those."""
+def test_in_bf16_under_fsdp2_and_zero3_the_reference_is_scored_as_training_computes_and_the_first_step_is_ln_2(
+        tmp_path):
+    """FSDP2's mixed precision casts every parameter to bf16 (embeddings and norms too), and so does DeepSpeed's
+    engine; autocast over whole fp32 weights casts only the matmuls' inputs. A reference scored before sharding
+    started the log-ratio off 0 (step-1 loss 0.69361 under FSDP2, 0.69523 under ZeRO-3). The FSDP policy is
+    sharded as it is loaded, the DeepSpeed one cast to bf16, so the pools, the reference and training compute
+    alike. The cache keeps the three apart: a bf16 run of one process (autocast) samples and scores the same
+    weights first, into the same cache, and each sharded run makes its own pools and reference."""
     env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
     bf16 = [*JOB, "trainer.mixed_precision=bf16", "trainer.max_steps=1", "trainer.save_every=0", "eval.num_prompts=0"]
     run_cli(["train", *bf16, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'autocast'}"], tmp_path, env)
     assert _rows(tmp_path / "autocast")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    config, sharded = fsdp_on_cpu(tmp_path)
-    launch(["train", *bf16, sharded, f"hydra.run.dir={tmp_path / 'fsdp'}"], tmp_path, env, config=config)
-    log = (tmp_path / "fsdp" / "train.log").read_text()
-    assert "accelerate: 2 process(es), FSDP, cpu:0, mixed precision bf16" in log
-    assert "cache hit" not in log and "cached pools" not in log, log  # its pools are sampled in FSDP's bf16 too
-    first = _rows(tmp_path / "fsdp")[0]
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margin"] == 0.0, first
+    fsdp, sharded = fsdp_on_cpu(tmp_path)
+    zero3 = str(REPO / "docs" / "accelerate" / "deepspeed_zero3.yaml")
+    for name, config, key, kind in (("fsdp", fsdp, sharded, "FSDP"),
+                                    ("zero3", zero3, "trainer.cpu_deepspeed=true", "DEEPSPEED")):
+        launch(["train", *bf16, key, f"hydra.run.dir={tmp_path / name}"], tmp_path, env, config=config)
+        log = (tmp_path / name / "train.log").read_text()
+        assert f"accelerate: 2 process(es), {kind}, cpu:0, mixed precision bf16" in log
+        assert "cache hit" not in log and "cached pools" not in log, log  # sampled and scored as it trains
+        first = _rows(tmp_path / name)[0]
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margin"] == 0.0, first
 
 
 def test_lora_apo_rounds_under_real_zero3_killed_and_resumed_equal_one_process(tmp_path):

@@ -58,6 +58,9 @@ def test_under_deepspeed_with_mixed_precision_the_plan_counts_its_fp32_masters_b
     assert _trainable_bytes(OmegaConf.merge(cfg, {"trainer": {"mixed_precision": "no"}}), Launch(8, "zero3"), 2) == (4, False)
     assert _trainable_bytes(OmegaConf.merge(cfg, {"trainer": {"master_weights": "model"}}), Launch(8, "none"), 2) == (2, False)
     assert _trainable_bytes(cfg, Launch(1, "none"), 4) == (4, False)  # an fp32 model: nothing to hold apart
+    # DeepSpeed casts an fp32 model to 16 bits too (prefrun as it loads it), whatever master_weights says.
+    assert _trainable_bytes(cfg, Launch(8, "zero2"), 4) == (2, True)
+    assert _trainable_bytes(OmegaConf.merge(cfg, {"trainer": {"master_weights": "model"}}), Launch(8, "zero3"), 2) == (2, True)
 
 
 def test_an_fsdp_or_deepspeed_launch_on_cpu_processes_is_planned_as_ddp_unless_trainer_cpu_fsdp(monkeypatch):
