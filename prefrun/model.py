@@ -346,6 +346,70 @@ def write_local(param: torch.Tensor, part: torch.Tensor) -> None:
         param.partition()
 
 
+# A parameter DeepSpeed trains in 16 bits keeps its fp32 value between rounds here: (tensor, whether it is this
+# process's ZeRO-3 partition or the whole parameter).
+_MASTER = "_prefrun_fp32_master"
+_DEEPSPEED_16_BIT = "_prefrun_deepspeed_16_bit"
+
+
+def mark_deepspeed_16_bit(model) -> None:
+    """The policy is trained by DeepSpeed in bf16 or fp16: a round's fp32 weights written into it are kept as the
+    next optimiser's masters (`write_weight`)."""
+    setattr(model, _DEEPSPEED_16_BIT, True)
+
+
+def keep_fp32_masters(model) -> None:
+    """At the end of training under DeepSpeed ZeRO-3 in bf16 or fp16: each trainable partition's fp32 master, from
+    the optimiser, kept beside the parameter (a CPU copy: 1/N of the fp32 model per process). DeepSpeed builds
+    each round's optimiser from the 16-bit module, so without it every round boundary rounds the weights to 16
+    bits (at a 7B learning rate a round's update is often below half a bf16 step). `local_weights` reads it
+    (θ̂_t and APO's extrapolation in fp32), `write_weight` replaces it, `restore_fp32_masters` gives it to the next
+    optimiser. (ZeRO-1/2 would need a whole fp32 copy per process: not kept; their rounds round to 16 bits.)"""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    for param in model.parameters():
+        if _zero3(param) and param.requires_grad and param.ds_tensor.dtype != torch.float32 \
+                and getattr(param, "_z3_optimizer", None) is not None:
+            setattr(param, _MASTER, (safe_get_local_fp32_param(param).detach().to("cpu", copy=True), True))
+
+
+def restore_fp32_masters(model) -> None:
+    """After prepare() built a DeepSpeed optimiser from the 16-bit module: its fp32 masters start from the kept
+    values (`keep_fp32_masters`, or a round's fp32 weights `write_weight` wrote: an extrapolation, a resume), not
+    from their 16-bit rounding. Each process sets its own part (nothing is sent)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    for param in model.parameters():
+        kept = getattr(param, _MASTER, None)
+        if kept is None:
+            continue
+        value, part = kept
+        if _zero3(param):
+            safe_set_local_fp32_param(param, (value if part else part_of(value, param)).to(param.ds_tensor.device))
+        elif not part:
+            safe_set_full_fp32_param(param, value.to(param.device))
+        delattr(param, _MASTER)
+
+
+def master_or_local(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of `param` at full precision: its kept fp32 master (`keep_fp32_masters`), else
+    `local(param)`."""
+    kept = getattr(param, _MASTER, None)
+    return kept[0] if kept is not None and kept[1] == _zero3(param) else local(param)
+
+
+def write_weight(model, param: torch.Tensor, part: torch.Tensor) -> None:
+    """`write_local` for a round's weights: into a policy DeepSpeed trains in 16 bits (`mark_deepspeed_16_bit`) the
+    parameter gets the rounded value, and an fp32 value is kept as its master for the next round's optimiser
+    (`restore_fp32_masters`)."""
+    write_local(param, part)
+    if getattr(model, _DEEPSPEED_16_BIT, False) and param.requires_grad and part.dtype == torch.float32 \
+            and local(param).dtype != torch.float32:
+        setattr(param, _MASTER, (part.detach().to("cpu", copy=True), _zero3(param)))
+    elif hasattr(param, _MASTER):
+        delattr(param, _MASTER)
+
+
 HPZ = ("DeepSpeed ZeRO++ hierarchical partitions (zero_optimization.zero_hpz_partition_size > 1) keep a second copy "
        "of each partition that prefrun does not write: online rounds need it unset (1) in the DeepSpeed config")
 NVME = ("DeepSpeed ZeRO-3 with parameters offloaded to NVMe (zero_optimization.offload_param.device: nvme): online "
@@ -407,7 +471,8 @@ def _whole_from_parts(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         group = param.ds_process_group
-        part = part.to(distributed.device(), param.dtype)  # where the process group's collectives run
+        # Where the process group's collectives run; fp32 masters of 16-bit partitions stay fp32.
+        part = part.to(distributed.device(), part.dtype if part.dtype == torch.float32 else param.dtype)
         parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
         dist.all_gather(parts, part.contiguous(), group=group)
         return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
@@ -433,7 +498,7 @@ def local_weights(model) -> LocalShards:
     resharded(model)
     out = LocalShards()
     for name, tensor, lora in _weight_entries(model, tied=False, buffers=False):
-        value = local(tensor).detach().to("cpu", copy=True)
+        value = master_or_local(tensor).detach().to("cpu", copy=True)
         for delta in lora:
             full = delta().detach()
             full = full.full_tensor() if isinstance(full, DTensor) else full

@@ -50,6 +50,7 @@ from prefrun.model import (
     plain_parameters,
     resharded,
     write_local,
+    write_weight,
 )
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
     parts = isinstance(weights, LocalShards)
     for name, param in params.items():  # this process's part, written in place
         value = weights[name]
-        write_local(param, value if parts and is_partitioned(param) else part_of(value, param))
+        write_weight(model, param, value if parts and is_partitioned(param) else part_of(value, param))
     lora = _lora_layers(model)
     if lora:
         state = torch.random.get_rng_state()

@@ -46,6 +46,7 @@ from prefrun.model import (
     load_tokenizer,
     loaded_dtype,
     local_weights,
+    mark_deepspeed_16_bit,
     resharded,
     resolve_model_path,
     save_policy,
@@ -143,12 +144,13 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     _check_online(cfg, online, data)
     if accelerator.distributed_type == "DEEPSPEED":  # refused before anything runs, not after round 1
         check_zero3_writable(accelerator.state.deepspeed_plugin.deepspeed_config)
-        if accelerator.mixed_precision != "no" and online.rounds > 1:
-            log.warning("online rounds under DeepSpeed in %s: its optimiser holds fp32 master weights within a round "
-                        "only, and each round starts from the %s weights: an update smaller than half a %s step is "
-                        "lost at every round boundary (docs/results.md, \"Master weights\"). FSDP "
-                        "(docs/accelerate/fsdp.yaml) keeps the weights in fp32 across rounds",
-                        *[accelerator.mixed_precision] * 3)
+        stage = (accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}).get("stage")
+        if accelerator.mixed_precision != "no" and online.rounds > 1 and stage != 3:
+            log.warning("online rounds under DeepSpeed ZeRO-%s in %s: its optimiser holds fp32 master weights within a "
+                        "round only, and each round starts from the %s weights: an update smaller than half a %s step "
+                        "is lost at every round boundary (docs/results.md, \"Master weights\"). ZeRO-3 "
+                        "(docs/accelerate/deepspeed_zero3.yaml) and FSDP (docs/accelerate/fsdp.yaml) keep the weights "
+                        "in fp32 across rounds", stage, *[accelerator.mixed_precision] * 3)
     _warn_if_biased(cfg, sampler)
     cache_dir = Path(cfg.cache_dir).expanduser()
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
@@ -429,6 +431,8 @@ def _in_deepspeed_precision(accelerator, policy) -> None:
     scored with autocast over fp32 weights, a 2-process ZeRO-2 run in bf16 started at a step-1 loss of 0.6952,
     not ln 2. (A ZeRO-3 model that DeepSpeed partitioned as it was loaded is in its dtype already.)"""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    if dtype:
+        mark_deepspeed_16_bit(policy)  # a round's fp32 weights become the next optimiser's masters
     cast = [p for p in policy.parameters() if dtype and p.is_floating_point() and p.dtype != dtype
             and not hasattr(p, "ds_id")]
     if cast:

@@ -26,7 +26,7 @@ from prefrun.data import Example, candidate_logps, collate, to_device
 from prefrun.errors import InputError, PrefrunError
 from prefrun.logprobs import check_packing, packing_checked, sequence_logps, use_packed_attention
 from prefrun.losses import log_reference_noise, pool_log_softmax_loss
-from prefrun.model import resharded
+from prefrun.model import keep_fp32_masters, resharded, restore_fp32_masters
 from prefrun.samplers import effective_sample_size, rank_under
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,9 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps) * processes,
                               num_training_steps=total_steps * processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # in 16 bits: the fp32 masters the last round left, not their rounding (a checkpoint wins)
+        restore_fp32_masters(model)
     model.train()
 
     state, window, last = {"step": 0, "micro_batches": 0}, _Window(), {}
@@ -262,6 +265,8 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                 if state["step"] >= total_steps:
                     break
     bar.close()
+    if deepspeed:
+        keep_fp32_masters(model)
     return last
 
 

@@ -278,6 +278,37 @@ def test_lora_apo_rounds_under_real_zero3_killed_and_resumed_equal_one_process(t
         torch.testing.assert_close(merged[1][name], merged[0][name], atol=1e-4, rtol=1e-3)
 
 
+def test_zero3_in_bf16_carries_its_fp32_master_weights_from_round_to_round_and_through_a_resume(tmp_path):
+    """DeepSpeed builds each round's optimiser from the bf16 module: its fp32 masters lasted one round, and every
+    round boundary rounded the weights to bf16 (at lr 1e-6 round 2's update was lost in 98% of the weights). Now
+    each partition's fp32 master is kept past the round (θ̂_t and APO's extrapolation θ_t in fp32, on disk too)
+    and the next optimiser starts from it, also after a resume at a round boundary (read back from disk). AdamW's
+    first step moves every weight by lr exactly (sign of its gradient): with one step a round, each round's θ̂_t
+    is its start ± lr, to fp32's rounding."""
+    pytest.importorskip("deepspeed")
+    lr = 1e-6
+    job = [*(a for a in ONLINE if a not in ("online.rounds=3", "data.num_prompts=600", "trainer.max_steps=6")),
+           "online.rounds=3", "data.num_prompts=192", "generator.shard_size=32", "trainer.max_steps=1",
+           "trainer.batch_size=4", "eval.num_prompts=0", f"optim.lr={lr}", "trainer.mixed_precision=bf16",
+           "trainer.cpu_deepspeed=true", f"hydra.run.dir={tmp_path / 'run'}"]
+    config = str(REPO / "docs" / "accelerate" / "deepspeed_zero3.yaml")
+    env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
+    killed = launch(["train", *job], tmp_path, {**env, "PREFRUN_FAULT": "round:3:kill"}, config=config, check=False)
+    assert killed.returncode != 0 and (tmp_path / "run" / "rounds" / "2" / "round.json").exists()
+    launch(["train", *job], tmp_path, env, config=config)  # round 3 starts from θ_2 read back from disk
+    assert "rounds 1-2 of 3 are done" in (tmp_path / "run" / "train.log").read_text()
+    rounds = tmp_path / "run" / "rounds"
+    for t in (2, 3):
+        start, hat = load_weights(rounds / str(t - 1) / "policy"), load_weights(rounds / str(t) / "policy_hat")
+        assert {w.dtype for w in (*start.values(), *hat.values())} == {torch.float32}
+        exact = sum(int((w == w.bfloat16().float()).sum()) for w in start.values())
+        assert exact < 0.1 * sum(w.numel() for w in start.values()), "θ_t kept in bf16"
+        step = torch.cat([(hat[name].double() - start[name].double()).abs().flatten() for name in start])
+        moved = step[step > lr / 100]
+        assert moved.numel() > 0.9 * step.numel() and float(step.max()) < 1.05 * lr, (t, float(step.max()) / lr)
+        assert float(moved.median()) == pytest.approx(lr, rel=1e-2)
+
+
 def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
     """APO with LoRA, 2 rounds, through FSDP2 on two CPU processes: pools and evaluation sample through PEFT's
     `generate`, which skips the root module's forward (the root's parameters are gathered around it); round 1's
