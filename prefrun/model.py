@@ -405,7 +405,8 @@ def write_weight(model, param: torch.Tensor, part: torch.Tensor) -> None:
     write_local(param, part)
     if getattr(model, _DEEPSPEED_16_BIT, False) and param.requires_grad and part.dtype == torch.float32 \
             and local(param).dtype != torch.float32:
-        setattr(param, _MASTER, (part.detach().to("cpu", copy=True), _zero3(param)))
+        # A partition is copied (it may be a view of a whole tensor); a whole one is kept as given.
+        setattr(param, _MASTER, (part.detach().to("cpu", copy=_zero3(param)), _zero3(param)))
     elif hasattr(param, _MASTER):
         delattr(param, _MASTER)
 

@@ -431,11 +431,11 @@ def _in_deepspeed_precision(accelerator, policy) -> None:
     scored with autocast over fp32 weights, a 2-process ZeRO-2 run in bf16 started at a step-1 loss of 0.6952,
     not ln 2. (A ZeRO-3 model that DeepSpeed partitioned as it was loaded is in its dtype already.)"""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    if dtype:
-        mark_deepspeed_16_bit(policy)  # a round's fp32 weights become the next optimiser's masters
-    cast = [p for p in policy.parameters() if dtype and p.is_floating_point() and p.dtype != dtype
-            and not hasattr(p, "ds_id")]
-    if cast:
+    if dtype is None:
+        return
+    mark_deepspeed_16_bit(policy)  # a round's fp32 weights become the next optimiser's masters
+    params = list(policy.parameters())
+    if not any(hasattr(p, "ds_id") for p in params) and any(p.dtype != dtype for p in params if p.is_floating_point()):
         policy.to(dtype)
         log.info("policy: cast to %s as DeepSpeed trains it (its optimiser holds fp32 master weights)",
                  str(dtype).removeprefix("torch."))
