@@ -101,6 +101,7 @@ def _deepspeed_on_cpu():
     built, with the plugin accelerate read from the launcher's variables: ZeRO partitions, DeepSpeed's own
     checkpoints, the checkpoint-final DeepSpeed gathers, as on GPUs."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _without_shm_comm()
 
     def lift(state, plugin) -> None:
         plugin.set_mixed_precision(state._mixed_precision)
@@ -109,6 +110,18 @@ def _deepspeed_on_cpu():
 
     with _lifted_on_cpu("deepspeed_plugin", DistributedType.DEEPSPEED, lift):
         yield
+
+
+def _without_shm_comm() -> None:
+    """DeepSpeed's CPU accelerator compiles a C++ shared-memory all-reduce (`deepspeed_shm_comm`, with ninja and the
+    system compiler) the first time a job starts in a new environment: 36 s on this machine's fresh CI
+    environment, and a machine without a compiler would stop there. The CPU rehearsal reduces over gloo, as the
+    rest of the job does: DeepSpeed reads which of its ops may be built from `deepspeed.ops.__compatible_ops__`
+    (a dict it keeps for edits like this one), and this marks that one unavailable."""
+    import deepspeed.ops
+
+    probed = deepspeed.ops.__dict__.get("__compatible_ops__") or {}  # DeepSpeed probes on first use (compiler calls)
+    deepspeed.ops.__compatible_ops__ = {**probed, "deepspeed_shm_comm": False}
 
 
 @contextlib.contextmanager
