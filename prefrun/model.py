@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from hydra.utils import instantiate
@@ -346,10 +347,19 @@ def write_local(param: torch.Tensor, part: torch.Tensor) -> None:
         param.partition()
 
 
-# A parameter DeepSpeed trains in 16 bits keeps its fp32 value between rounds here: (tensor, whether it is this
-# process's ZeRO-3 partition or the whole parameter).
+# A parameter DeepSpeed trains in 16 bits keeps its fp32 value between rounds here, as a `_Master`.
 _MASTER = "_prefrun_fp32_master"
 _DEEPSPEED_16_BIT = "_prefrun_deepspeed_16_bit"
+
+
+class _Master(NamedTuple):
+    """A kept fp32 value: the whole parameter (`whole`: a round's weights written in), this process's ZeRO-3
+    partition (`partition`), or this process's slice of the flattened parameter in a ZeRO-1/2 optimiser's flat
+    fp32 buffer (`fragment`, from element `start`; empty where this process holds none of it)."""
+
+    value: torch.Tensor
+    form: str
+    start: int = 0
 
 
 def mark_deepspeed_16_bit(model) -> None:
@@ -358,19 +368,36 @@ def mark_deepspeed_16_bit(model) -> None:
     setattr(model, _DEEPSPEED_16_BIT, True)
 
 
+def _zero12(param) -> bool:
+    """A parameter a DeepSpeed ZeRO-1/2 (or bf16) optimiser holds in 16 bits, its fp32 master split over the
+    processes in flat buffers (DeepSpeed links every such parameter, on every process, also one it holds no part
+    of)."""
+    return not _zero3(param) and hasattr(param, "_hp_mapping") and hasattr(param, "_dp_group") \
+        and param.dtype != torch.float32
+
+
 def keep_fp32_masters(model) -> None:
-    """At the end of training under DeepSpeed ZeRO-3 in bf16 or fp16: each trainable partition's fp32 master, from
-    the optimiser, kept beside the parameter (a CPU copy: 1/N of the fp32 model per process). DeepSpeed builds
-    each round's optimiser from the 16-bit module, so without it every round boundary rounds the weights to 16
-    bits (at a 7B learning rate a round's update is often below half a bf16 step). `local_weights` reads it
-    (θ̂_t and APO's extrapolation in fp32), `write_weight` replaces it, `restore_fp32_masters` gives it to the next
-    optimiser. (ZeRO-1/2 would need a whole fp32 copy per process: not kept; their rounds round to 16 bits.)"""
+    """At the end of training under DeepSpeed in bf16 or fp16: each trainable parameter's fp32 master, as far as
+    this process's optimiser holds it (a ZeRO-3 partition, a ZeRO-1/2 fragment), kept beside the parameter (a CPU
+    copy: 1/N of the fp32 model per process). DeepSpeed builds each round's optimiser from the 16-bit module, so
+    without it every round boundary rounds the weights to 16 bits (at a 7B learning rate a round's update is often
+    below half a bf16 step). `local_weights` reads it (θ̂_t and APO's extrapolation in fp32), `write_weight`
+    replaces it, `restore_fp32_masters` gives it to the next optimiser."""
     from deepspeed.utils import safe_get_local_fp32_param
 
     for param in model.parameters():
-        if _zero3(param) and param.requires_grad and param.ds_tensor.dtype != torch.float32 \
+        if not param.requires_grad:
+            continue
+        if _zero3(param) and param.ds_tensor.dtype != torch.float32 \
                 and getattr(param, "_z3_optimizer", None) is not None:
-            setattr(param, _MASTER, (safe_get_local_fp32_param(param).detach().to("cpu", copy=True), True))
+            setattr(param, _MASTER, _Master(safe_get_local_fp32_param(param).detach().to("cpu", copy=True),
+                                            "partition"))
+        elif _zero12(param):
+            mapping = param._hp_mapping
+            fragment = mapping.get_hp_fragment().detach().to("cpu", torch.float32, copy=True) if mapping is not None \
+                else torch.empty(0)
+            setattr(param, _MASTER, _Master(fragment, "fragment",
+                                            mapping.lp_fragment_address.start if mapping is not None else 0))
 
 
 def restore_fp32_masters(model) -> None:
@@ -379,23 +406,47 @@ def restore_fp32_masters(model) -> None:
     from their 16-bit rounding. Each process sets its own part (nothing is sent)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         kept = getattr(param, _MASTER, None)
         if kept is None:
             continue
-        value, part = kept
-        if _zero3(param):
-            safe_set_local_fp32_param(param, (value if part else part_of(value, param)).to(param.ds_tensor.device))
-        elif not part:
-            safe_set_full_fp32_param(param, value.to(param.device))
         delattr(param, _MASTER)
+        if _zero3(param):
+            value = kept.value if kept.form == "partition" else part_of(kept.value, param)
+            safe_set_local_fp32_param(param, value.to(param.ds_tensor.device))
+        elif kept.form == "whole":
+            safe_set_full_fp32_param(param, value=kept.value.to(param.device))
+        elif kept.form == "fragment" and kept.value.numel():
+            mapping = getattr(param, "_hp_mapping", None)
+            address = None if mapping is None else mapping.lp_fragment_address
+            if address is None or (address.start, address.numel) != (kept.start, kept.value.numel()):
+                raise RuntimeError(f"{name}: DeepSpeed's optimiser splits its fp32 masters otherwise than last round's "
+                                   "(another ZeRO stage or number of processes inside one run?)")
+            fragment = mapping.get_hp_fragment()
+            fragment.data.copy_(kept.value.to(fragment.device, fragment.dtype))
 
 
 def master_or_local(param: torch.Tensor) -> torch.Tensor:
-    """This process's part of `param` at full precision: its kept fp32 master (`keep_fp32_masters`), else
-    `local(param)`."""
+    """This process's part of `param` (`local`) at full precision: its kept fp32 master (`keep_fp32_masters`), a
+    ZeRO-1/2 parameter's put together from every process's fragment (a collective: every process calls this for
+    the same parameters in the same order), else `local(param)`."""
     kept = getattr(param, _MASTER, None)
-    return kept[0] if kept is not None and kept[1] == _zero3(param) else local(param)
+    if kept is None:
+        return local(param)
+    if kept.form == "fragment":
+        import torch.distributed as dist
+
+        whole = torch.zeros(param.numel(), dtype=torch.float32, device=distributed.device())
+        whole.narrow(0, kept.start, kept.value.numel()).copy_(kept.value)
+        dist.all_reduce(whole, group=param._dp_group)  # each element is held by exactly one process
+        return whole.view(param.shape)
+    return kept.value if (kept.form == "partition") == _zero3(param) else local(param)
+
+
+def holds_fp32_fragments(model) -> bool:
+    """True when the policy keeps ZeRO-1/2 fp32 masters split over the processes (`keep_fp32_masters`): reading
+    its weights at full precision is then a collective (`master_or_local`)."""
+    return any(getattr(getattr(p, _MASTER, None), "form", None) == "fragment" for p in model.parameters())
 
 
 def write_weight(model, param: torch.Tensor, part: torch.Tensor) -> None:
@@ -406,7 +457,8 @@ def write_weight(model, param: torch.Tensor, part: torch.Tensor) -> None:
     if getattr(model, _DEEPSPEED_16_BIT, False) and param.requires_grad and part.dtype == torch.float32 \
             and local(param).dtype != torch.float32:
         # A partition is copied (it may be a view of a whole tensor); a whole one is kept as given.
-        setattr(param, _MASTER, (part.detach().to("cpu", copy=_zero3(param)), _zero3(param)))
+        setattr(param, _MASTER, _Master(part.detach().to("cpu", copy=_zero3(param)),
+                                        "partition" if _zero3(param) else "whole"))
     elif hasattr(param, _MASTER):
         delattr(param, _MASTER)
 

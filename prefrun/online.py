@@ -40,6 +40,7 @@ from prefrun.model import (
     adapter_state,
     full_shape,
     full_weights,
+    holds_fp32_fragments,
     is_partitioned,
     iter_gathered,
     loaded_dtype,
@@ -470,8 +471,10 @@ def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConf
     # and the writer gets the whole, gathered tensor by tensor: every process takes part, also those that write
     # nothing. Never a whole copy of the model on every process.
     sharded = distributed.is_sharded(policy)
-    needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled or sharded
-    hat = None if not needs_weights else local_weights(policy) if sharded else full_weights(policy)
+    # ZeRO-1/2 in 16 bits: θ̂_t's fp32 masters are put together from every process's fragment (a collective).
+    in_step = sharded or holds_fp32_fragments(policy)
+    needs_weights = online.extrapolates or merges_adapters(online, lora) or rounds.enabled or in_step
+    hat = None if not needs_weights else local_weights(policy) if in_step else full_weights(policy)
     if sharded and previous_hat is not None and not isinstance(previous_hat, LocalShards):
         previous_hat = local_shards(policy, previous_hat)  # kept whole since the start, or read back on resume
     adapters = adapter_state(policy) if lora and not merges_adapters(online, lora) else None  # gathered if sharded

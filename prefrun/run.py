@@ -91,7 +91,7 @@ def run(cfg: DictConfig) -> float | None:
     cache_dir = Path(cfg.cache_dir).expanduser()
     set_seed(cfg.seed)
     log.info("accelerate: %d process(es), %s, %s, mixed precision %s", accelerator.num_processes,
-             accelerator.distributed_type.value, accelerator.device, accelerator.mixed_precision)
+             _distributed_type(accelerator), accelerator.device, accelerator.mixed_precision)
 
     task = instantiate(cfg.task) if cfg.get("task") else None  # `~task`: no built-in task
     online = instantiate(cfg.online)
@@ -144,13 +144,6 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     _check_online(cfg, online, data)
     if accelerator.distributed_type == "DEEPSPEED":  # refused before anything runs, not after round 1
         check_zero3_writable(accelerator.state.deepspeed_plugin.deepspeed_config)
-        stage = (accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}).get("stage")
-        if accelerator.mixed_precision != "no" and online.rounds > 1 and stage != 3:
-            log.warning("online rounds under DeepSpeed ZeRO-%s in %s: its optimiser holds fp32 master weights within a "
-                        "round only, and each round starts from the %s weights: an update smaller than half a %s step "
-                        "is lost at every round boundary (docs/results.md, \"Master weights\"). ZeRO-3 "
-                        "(docs/accelerate/deepspeed_zero3.yaml) and FSDP (docs/accelerate/fsdp.yaml) keep the weights "
-                        "in fp32 across rounds", stage, *[accelerator.mixed_precision] * 3)
     _warn_if_biased(cfg, sampler)
     cache_dir = Path(cfg.cache_dir).expanduser()
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
@@ -402,6 +395,15 @@ def _load_policy(cfg, task, cache_dir: Path, accelerator):
     if cfg.trainer.get("padding_free"):
         use_packed_attention(policy)  # scoring packs rows too: reference and training compute the same numbers
     return policy, tokenizer, name_or_path
+
+
+def _distributed_type(accelerator) -> str:
+    """accelerate's distributed type, with DeepSpeed's ZeRO stage."""
+    kind = accelerator.distributed_type.value
+    if kind == "DEEPSPEED":
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}
+        kind += f" ZeRO-{zero.get('stage', 0)}"
+    return kind
 
 
 def _master_weights(cfg, accelerator, policy) -> None:
