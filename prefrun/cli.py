@@ -77,19 +77,25 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
         cause = err.__cause__ if isinstance(err, InstantiationException) else err
         if not isinstance(cause, PrefrunError):
             raise
-        logging.getLogger("prefrun").error("%s", cause)
-        sys.exit(2)
+        _stop_with(str(cause))
     except OSError as err:  # a full disk where no part of prefrun expected one (W&B, a library's own files)
         from prefrun.storage import disk_full, is_full
 
         if not is_full(err):
             raise
-        logging.getLogger("prefrun").error("%s", disk_full(Path(err.filename or os.getcwd()), None, err))
-        sys.exit(2)
+        _stop_with(str(disk_full(Path(err.filename or os.getcwd()), None, err)))
     except MissingMandatoryValue as err:
-        logging.getLogger("prefrun").error("%s is not set: give it on the command line (%s=...)", err.full_key,
-                                           err.full_key)
-        sys.exit(2)
+        _stop_with(f"{err.full_key} is not set: give it on the command line ({err.full_key}=...)")
+
+
+def _stop_with(line: str) -> None:
+    """The run ends with `line` (also in the run directory's log) and exit status 2, printed once under several
+    processes when they all stop with it."""
+    from prefrun import distributed
+
+    if not distributed.said_by_main(line):
+        logging.getLogger("prefrun").error("%s", line)
+    sys.exit(2)
 
 
 def _how_to_continue(cfg: DictConfig) -> str:

@@ -380,6 +380,30 @@ def save_pretrained(model, path, **kwargs) -> None:
             config.dtype = loaded
 
 
+_STOP_LINE = "prefrun/stop-line"
+
+
+def said_by_main(line: str, wait_s: float = 3.0) -> bool:
+    """For a process that stops with a one-line error: True when it is not the main process and the main process
+    stops with the same line (a bad input every process reads alike, or one `together` shared), which the main
+    process prints: every process printed it before. The main process posts its line in the process group's
+    store; another process waits for it a few seconds, and prints its own line when the main process says
+    something else or nothing (it still runs: the line is this process's alone)."""
+    if not _active():
+        return False
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if is_main():
+            store.set(_STOP_LINE, line)
+            return False
+        import datetime
+
+        store.wait([_STOP_LINE], datetime.timedelta(seconds=wait_s))
+        return store.get(_STOP_LINE).decode().endswith(line)  # (the main process may name this one: "process 1: ...")
+    except Exception:  # noqa: BLE001 - no store, or nothing from the main process: the line is printed
+        return False
+
+
 def quiet_other_processes() -> None:
     """Only the main process prints and writes the run's log: the others keep errors on the console and
     write nothing into the run directory (Hydra's file handler would give train.log one writer per process)."""

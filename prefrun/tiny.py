@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prefrun import distributed
+from prefrun.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+# The embedded model is built on one thread, whatever the run's thread count: the weights then depend on the
+# recipe alone (on 2 threads against 1 its warm-up ended 3e-3 apart, and a 2-process run, one thread each under
+# `accelerate launch`, sampled other pools than one process with an empty cache).
+BUILD_THREADS = 1
+
+
 @dataclass
 class TinyLlama:
     """Recipe for the embedded model. Every field enters the cache key: change one, get a new model."""
@@ -54,11 +61,14 @@ class TinyLlama:
 
     def path(self, cache_dir: str | Path, task) -> Path:
         """Where this recipe's model lives: keyed by the recipe and the task (its teacher)."""
-        spec = json.dumps({"recipe": asdict(self), "task": repr(task)}, sort_keys=True)
+        spec = json.dumps({"recipe": asdict(self), "task": repr(task), "threads": BUILD_THREADS}, sort_keys=True)
         return Path(cache_dir).expanduser() / "models" / f"tiny-llama-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
 
     def materialize(self, cache_dir: str | Path, task) -> Path:
         """Return the model directory, building it first if the cache does not have it."""
+        if task is None:
+            raise InputError("model=tiny (the embedded model, warmed up on the built-in task) needs a task, and `~task` "
+                             "removed it: give your model with model=hf model.name_or_path=<hub id or directory>")
         path = self.path(cache_dir, task)
         if (path / "config.json").exists():
             log.info("embedded model: %s (cached)", path)
@@ -70,8 +80,13 @@ class TinyLlama:
                  self.num_layers, task.name, self.sft_steps)
         start = time.time()
         tokenizer = char_tokenizer()
-        with torch.random.fork_rng():  # building the cache entry leaves the run's random state as it was: a run
-            model = self._warm_up(self._init_model(tokenizer), tokenizer, task)  # is the same, cached or not
+        threads = torch.get_num_threads()
+        torch.set_num_threads(BUILD_THREADS)  # the same weights under `accelerate launch` (a thread per process)
+        try:  # and in a plain run (a thread per core): sums split over threads round otherwise
+            with torch.random.fork_rng():  # building the cache entry leaves the run's random state as it was: a run
+                model = self._warm_up(self._init_model(tokenizer), tokenizer, task)  # is the same, cached or not
+        finally:
+            torch.set_num_threads(threads)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         distributed.save_pretrained(model, tmp)  # also on a node's local main process (its own cache)

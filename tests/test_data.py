@@ -263,6 +263,8 @@ def jsonl_with(tmp_path, line, good=GOOD):
 
 BROKEN = {
     "invalid JSON": (b"{not json", {}, r"pairs.jsonl:2: not valid JSON"),
+    "unterminated string": (b'{"prompt": "p", "chosen": "c, "rejected": "r"}', {},
+                            r"pairs.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 32\)"),
     "non-UTF-8 bytes": (b'{"prompt": "caf\xe9", "chosen": "c", "rejected": "r"}', {},
                         r"pairs.jsonl:2: not valid UTF-8 \(byte 0xe9\)"),
     "not an object": (b"[1, 2]", {}, r"pairs.jsonl:2: list \[1, 2\] is not a JSON object"),
@@ -290,6 +292,16 @@ def test_broken_record_is_one_line_naming_file_and_line(case, tokenizer, tmp_pat
     with pytest.raises(InputError, match=message) as err:
         load(tokenizer, tmp_path, path=path, **keys)
     assert "\n" not in str(err.value)
+
+
+def test_a_number_among_digit_strings_names_its_own_line(tokenizer, tmp_path):
+    """A column of strings and one number: `datasets` reads it as JSON values and decodes every string, "04668" as
+    4668, so the first record looked wrong ("pairs.jsonl:1: 'chosen' is int 4668", a value the file does not
+    hold). The file itself names the line."""
+    digits = {"prompt": "sort 4 6 0 8 6:", "chosen": "04668", "rejected": "04686"}
+    path = jsonl_with(tmp_path, {**digits, "chosen": 12345}, digits)
+    with pytest.raises(InputError, match=r"pairs.jsonl:2: 'chosen' is int 12345; expected a string"):
+        load(tokenizer, tmp_path, path=path)
 
 
 def test_missing_file_and_unknown_hub_id(tmp_path, monkeypatch, tokenizer):

@@ -349,6 +349,18 @@ def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
         torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-5, rtol=1e-4)
 
 
+def test_a_bad_record_stops_two_processes_with_one_line_printed_once(tmp_path):
+    """Every process reads the data and stops on the same record: the line was printed once per process. The
+    main process prints it; the others stay quiet when it says the same (and speak when it does not)."""
+    pairs = tmp_path / "pairs.jsonl"
+    good = {"prompt": "sort 3 1:", "chosen": "13", "rejected": "31"}
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [good, {**good, "chosen": ["x"]}, good]))
+    out = launch(["train", *(a for a in TINY_JOB if not a.startswith("data.")), "data=jsonl", f"data.path={pairs}", f"hydra.run.dir={tmp_path / 'run'}"],
+                 tmp_path, {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}, check=False)
+    said = out.stdout + out.stderr
+    assert out.returncode != 0 and said.count("pairs.jsonl:2: 'chosen' is list ['x']") == 1, said[-3000:]
+
+
 def test_prefrun_generate_on_two_processes_writes_what_one_process_writes(tmp_path):
     env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
     args = ["generate", *[a for a in TINY_JOB if a.startswith("model.")], "generator=hf", "generator.num_candidates=4",

@@ -96,6 +96,37 @@ def test_building_the_embedded_model_leaves_the_runs_random_state_as_it_was(tmp_
     assert (path / "config.json").exists() and torch.equal(torch.random.get_rng_state(), before)
 
 
+def test_the_embedded_model_is_the_same_whatever_the_runs_thread_count(tmp_path):
+    """`accelerate launch` gives each process one thread, a plain run one per core: the build's sums were split
+    otherwise, its weights ended 3e-3 apart under the same cache key, and a 2-process run with an empty cache
+    sampled other pools and losses than one process. The build runs on one thread, and leaves the run's count."""
+    from safetensors.torch import load_file
+
+    from prefrun.tasks import SortDigits
+    from prefrun.tiny import TinyLlama
+
+    threads, weights = torch.get_num_threads(), []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            path = TinyLlama(sft_steps=2).materialize(tmp_path / str(n), SortDigits())
+            assert torch.get_num_threads() == n
+            weights.append(load_file(path / "model.safetensors"))
+    finally:
+        torch.set_num_threads(threads)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_the_embedded_model_without_a_task_is_one_line(tmp_path):
+    """`~task` with the default model (data=jsonl ... ~task, no model=hf): it stopped with an AttributeError."""
+    from prefrun.errors import InputError
+    from prefrun.tiny import TinyLlama
+
+    with pytest.raises(InputError, match=r"model=tiny .* needs a task.* model=hf model.name_or_path="):
+        TinyLlama().materialize(tmp_path, None)
+
+
 def test_models_are_loaded_whole_under_a_zero3_config(bpe_model_dir):
     """Under a DeepSpeed ZeRO-3 config accelerate leaves transformers a ZeRO-3 config (HfDeepSpeedConfig), and
     from_pretrained then partitions the model at load (deepspeed.zero.Init): empty parameters until

@@ -177,7 +177,7 @@ def _diagnose_text_file(path: Path, columns: dict) -> None:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+            raise InputError(f"{path}:{err.lineno}: not valid JSON ({_json_error(err)})") from None
         numbered = [(f"{path} (record {i})", r) for i, r in enumerate(records)]
     else:
         numbered = []
@@ -187,8 +187,8 @@ def _diagnose_text_file(path: Path, columns: dict) -> None:
             try:
                 numbered.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}); fix or delete "
-                                 "the line (one JSON object per line)") from None
+                raise InputError(f"{path}:{number}: not valid JSON ({_json_error(err)}); fix or delete the line (one "
+                                 "JSON object per line)") from None
     for where, record in numbered:
         if not isinstance(record, dict):
             raise InputError(f"{where}: {type(record).__name__} {reprlib.repr(record)} is not a JSON object; each "
@@ -197,6 +197,11 @@ def _diagnose_text_file(path: Path, columns: dict) -> None:
             value = record.get(columns.get(key) or key)
             if value is not None:
                 _kind(value, key, lambda w=where: w, columns)
+
+
+def _json_error(err: json.JSONDecodeError) -> str:
+    """"Unterminated string starting at column 58", "Expecting ',' delimiter at column 12"."""
+    return f"{err.msg}{'' if err.msg.endswith(' at') else ' at'} column {err.colno}"
 
 
 def _is_blank(path: Path) -> bool:

@@ -246,7 +246,12 @@ class HFPreferenceData(PreferenceData):
             if _is_blank(path):
                 raise InputError(f"{here}: the file is empty (0 records)")
             self._files = [path]
-            return self._call(lambda: load_dataset(builder, data_files=str(path), split=split), split, key)
+            dataset = self._call(lambda: load_dataset(builder, data_files=str(path), split=split), split, key)
+            if builder == "json" and self._text_columns_hold_other_types(dataset):
+                # a column of strings and numbers comes back with its strings decoded ("04668" as 4668): the line
+                # at fault is found in the file itself.
+                self._diagnose()
+            return dataset
         if path.is_dir():
             if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
                 try:
@@ -288,6 +293,17 @@ class HFPreferenceData(PreferenceData):
                     f"loaded from the Hugging Face hub or its cache ({_reason(err)}); check data.path (and data.name) "
                     "or the network") from None
             raise InputError(f"data.path={self.path!r}: `datasets` could not read it ({_reason(err)})") from None
+
+    def _text_columns_hold_other_types(self, dataset) -> bool:
+        """True when a prompt, chosen or rejected column was read as numbers or booleans, or as `datasets`' Json
+        feature (a column of mixed types, each value decoded as JSON: the string "04668" comes back as 4668)."""
+        from datasets import Value
+
+        def odd(feature) -> bool:
+            return type(feature).__name__ == "Json" or (isinstance(feature, Value) and "string" not in feature.dtype)
+
+        features = dataset.features
+        return any(odd(features.get(self.columns.get(key) or key)) for key in COLUMNS)
 
     def _diagnose(self) -> None:
         """Raise one line naming the file and line at fault, if a local text data file has one."""
