@@ -63,7 +63,7 @@ def _read_config(name_or_path: str, model_cfg: DictConfig, *, key: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=bool(model_cfg.trust_remote_code))
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=bool(model_cfg.get("trust_remote_code")))
     except (OSError, ValueError) as err:
         raise InputError(f"plan: {key}={name_or_path!r}: cannot read its config.json "
                          f"({str(err).splitlines()[0]}); the plan needs only that file: give a local directory "
@@ -144,12 +144,17 @@ def plan(cfg: DictConfig, task) -> dict:
     if cfg.model.get("reference"):
         reference = _read_config(cfg.model.reference, cfg.model, key="model.reference")
         phases["before training"]["reference (scoring only)"] = parameters(reference)[0] * size
-    engine, placement = _engine(cfg, memory), _placement(cfg, launch)
+    judge = _judge_bytes(cfg)
+    if judge:  # loaded to judge (pools, each round's candidates, the evaluation), freed before training
+        phases["before training"]["judge model (while judging)"] = judge
+    engine, placement = _engine(cfg, memory, total * BYTES.get(_engine_dtype(cfg, config), 4)), _placement(cfg, launch)
     if engine and cfg.generator.get("devices"):  # engines=main on GPUs of its own: not on a training device
         engine = {}
     if engine:
         # Between training steps the gradients are freed (zero_grad(set_to_none)); weights and optimiser state stay.
         phases["generate"] = {**{k: v for k, v in trainer.items() if k != "gradients"}, **engine}
+        if judge and (cfg.get("online") or {}).get("algorithm", "none") != "none":  # rounds judge between them
+            phases["generate"]["judge model (while judging)"] = judge
         phases["before training"].update(engine)
         if torch.cuda.is_available() and cfg.generator.get("sleep_mode", "auto") in ("auto", True):
             phases["train"]["engine (asleep: weights in host memory)"] = 0.0
@@ -164,23 +169,62 @@ def plan(cfg: DictConfig, task) -> dict:
         _print(result, cfg)
     worst = max(rows, key=rows.get)
     if rows[worst] > memory:
+        shard = "more processes or nodes" if launch.sharding in ("fsdp", "zero3") else \
+            "shard the model (accelerate launch --config_file docs/accelerate/fsdp.yaml or deepspeed_zero3.yaml)"
         raise InputError(f"plan: the {worst} phase needs {_size(rows[worst])} per process and a process has "
-                         f"{_size(memory)} ({device}); shard the model (accelerate launch --config_file "
-                         "docs/accelerate/fsdp.yaml or deepspeed_zero3.yaml), use LoRA (+model/lora=default), more "
-                         "processes, or a smaller generator.gpu_memory_utilization")
+                         f"{_size(memory)} ({device}); {shard}, use LoRA (+model/lora=default), or a smaller "
+                         "generator.gpu_memory_utilization")
     return result
 
 
-def _engine(cfg: DictConfig, memory: float) -> dict[str, float]:
+def _engine(cfg: DictConfig, memory: float, weights: float) -> dict[str, float]:
+    """What a colocated vLLM engine holds on a process's device: on a GPU its share (gpu_memory_utilization, weights
+    within it) or its weights (over tensor_parallel_size GPUs) and a fixed KV cache; on a CPU its own copy of the
+    weights (the engine process loads them) and its KV cache."""
     target = str(cfg.generator.get("_target_", ""))
     if "VLLM" not in target and not (target.endswith("auto_generator") and torch.cuda.is_available()):
         return {}
     if torch.cuda.is_available():
         if cfg.generator.get("kv_cache_memory_bytes"):
-            return {"vLLM engine (weights + KV cache)": float(cfg.generator.kv_cache_memory_bytes)}
+            parallel = int(cfg.generator.get("tensor_parallel_size") or 1)
+            return {"vLLM engine (weights + KV cache)": weights / parallel + float(cfg.generator.kv_cache_memory_bytes)}
         return {f"vLLM engine (gpu_memory_utilization {cfg.generator.gpu_memory_utilization})":
                 cfg.generator.gpu_memory_utilization * memory}
-    return {"vLLM engine KV cache": float(cfg.generator.get("kv_cache_memory_bytes") or 256 * 1024**2)}
+    return {"vLLM engine (weights + KV cache)": weights + float(cfg.generator.get("kv_cache_memory_bytes")
+                                                                 or 256 * 1024**2)}
+
+
+def _engine_dtype(cfg: DictConfig, config) -> str:
+    """The dtype the engine serves: generator.dtype, or (auto) the one the policy was loaded in."""
+    dtype = str(cfg.generator.get("dtype") or "auto")
+    return _dtype(cfg, config) if dtype == "auto" else dtype
+
+
+def _judge_bytes(cfg: DictConfig) -> float:
+    """A judge model's weights (judge=reward_model, pairwise, llm with its own model; 0 for the task's rule or the
+    policy judging itself), from its config.json."""
+    from omegaconf import OmegaConf
+
+    judge = cfg.get("judge") or {}
+    if "name_or_path" not in judge or OmegaConf.is_missing(judge, "name_or_path") or \
+            judge.name_or_path in (None, "policy"):
+        return 0.0
+    try:
+        config = _read_config(judge.name_or_path, judge, key="judge.name_or_path")
+    except InputError as err:
+        log.warning("%s; the judge's memory is not counted", err)
+        return 0.0
+    try:
+        count = parameters(config)[0]
+    except ValueError:  # no causal LM of that architecture (a classifier's own): its base model
+        from transformers import AutoModel
+
+        with torch.device("meta"):
+            count = sum(p.numel() for p in AutoModel.from_config(config).parameters())
+    dtype = str(judge.get("dtype") or "auto")
+    if dtype == "auto":
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return float(count * BYTES.get(dtype.removeprefix("torch."), 4))
 
 
 def _placement(cfg: DictConfig, launch: Launch) -> str | None:

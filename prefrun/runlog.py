@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from prefrun.errors import PrefrunError
 from prefrun.storage import RunLock
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,13 @@ class RunLog:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(self.dir, job_key())  # one live run per directory (released at exit)
-        self.lock.acquire()
+        try:
+            self.lock.acquire()
+        except PrefrunError:  # refused: Hydra has already written this command's files over the live run's
+            _hydra_files(self.dir, restore=True)
+            raise
         atexit.register(self.lock.release)
+        _hydra_files(self.dir, restore=False)
         config_file = self.dir / "config.yaml"
         if config_file.exists():  # a resumed run: say what changed since it started
             changed = _changed_keys(OmegaConf.load(config_file), OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))
@@ -115,6 +122,16 @@ class RunLog:
                     table.add_data(when, decoding, example["prompt"], example["completion"], example["score"])
         if table.data:
             self.wandb.log({"eval/samples": table})
+
+
+def _hydra_files(run_dir: Path, *, restore: bool) -> None:
+    """Hydra writes a command's config and overrides into <run dir>/.hydra before prefrun runs, also for a command
+    refused because another run holds the directory (`prefrun report` reads the overrides there): the run that
+    holds it keeps a copy, and a refused command puts it back."""
+    live, kept = run_dir / ".hydra", run_dir / ".hydra.live"
+    source, target = (kept, live) if restore else (live, kept)
+    if source.is_dir():
+        shutil.copytree(source, target, dirs_exist_ok=True)
 
 
 def job_key() -> str:

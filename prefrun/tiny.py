@@ -40,12 +40,12 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-# The embedded model is built on a fixed number of threads, whatever the run's own (one per process under
-# `accelerate launch`, one per core in a plain run): the weights then depend on the recipe alone. (Built on the
-# run's threads, 1 against 2 ended the warm-up 3e-3 apart under one cache key, and a 2-process run with an empty
-# cache sampled other pools and losses than one process.) Two: as a plain run built it on this project's 2-core
-# machine, where the default job's numbers in the README were measured.
-BUILD_THREADS = 2
+# The embedded model is built on one thread, whatever the run's own (one per process under `accelerate launch`,
+# one per core in a plain run): the weights then depend on the recipe alone. (Built on the run's threads, 1
+# against 2 ended the warm-up 3e-3 apart under one cache key, and a 2-process run with an empty cache sampled
+# other pools and losses than one process.) One, not more: beside other work on the cores, two threads that spin
+# while they wait took 108 s for the build that one thread does in 34 s.
+BUILD_THREADS = 1
 
 
 @dataclass

@@ -62,10 +62,12 @@ def test_a_second_run_into_a_live_run_directory_refuses_and_takes_over_once_the_
     for line in first.stdout:  # the first run waits at step 2, its checkpoint saved, its lock held
         if "fault injected" in line:
             break
-    second = subprocess.run(job, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run([*job, "seed=5"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     said = second.stdout + second.stderr
     assert second.returncode == 2 and f"pid {first.pid}" in said and "is in use by a live run" in said, said[-3000:]
     assert "Traceback" not in said
+    # Hydra wrote the refused command's overrides into the live run's .hydra/ (what `prefrun report` reads): put back
+    assert "seed=5" not in (run / ".hydra" / "overrides.yaml").read_text()
     first.kill()
     first.wait()
     third = subprocess.run(job, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -34,16 +34,22 @@ def mistral_7b(tmp_path_factory):
 def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(tmp_path, mistral_7b):
     job = ["train", "experiment=apo_paper", f"model.name_or_path={mistral_7b}", "judge.name_or_path=none",
            "plan=true"]
-    full = run_cli(job, tmp_path, check=False)
+    offline = {"HF_HUB_OFFLINE": "1"}  # (the judge "none" is no local directory: not counted, and said so)
+    full = run_cli(job, tmp_path, offline, check=False)
     assert full.returncode == 2
     assert "7241.7M parameters" in _said(full) and "RMSprop: 1 per parameter" in _said(full)
+    assert "judge.name_or_path='none': cannot read its config.json" in _said(full)
     [line] = [x for x in _said(full).splitlines() if "[ERROR]" in x]
     assert "phase needs" in line and "use LoRA" in line  # one line: what does not fit and what to change
     # bf16 on disk, trainable weights held in fp32 (trainer.master_weights): 4 bytes each for weights, gradients and
-    # RMSprop's state (trained as loaded, master_weights=model, half that: the unit test below)
-    assert "train: 81.2 GiB per process (policy weights 27.0 GiB, gradients 27.0 GiB" in _said(full)
-    lora = _said(run_cli([*job, "+model/lora=default"], tmp_path))
-    assert "DOES NOT FIT" not in lora and "policy weights 13.6 GiB, gradients 0.2 GiB" in lora  # the fp32 adapters train
+    # RMSprop's state (trained as loaded, master_weights=model, half that: the unit test below); on a CPU the
+    # engine process holds its own bf16 copy beside them
+    assert ("train: 94.7 GiB per process (policy weights 27.0 GiB, gradients 27.0 GiB, optimiser state (RMSprop: 1 "
+            "per parameter) 27.0 GiB, vLLM engine (weights + KV cache) 13.7 GiB)") in _said(full)
+    lora = _said(run_cli([*job, "+model/lora=default"], tmp_path, offline, check=False))
+    assert "train: 27.8 GiB per process (policy weights 13.6 GiB, gradients 0.2 GiB" in lora  # the fp32 adapters train
+    assert "DOES NOT FIT" in lora  # with the engine's own copy of the weights; sampled in process, it fits
+    assert "DOES NOT FIT" not in _said(run_cli([*job, "+model/lora=default", "generator=hf"], tmp_path, offline))
 
 
 def test_under_deepspeed_with_mixed_precision_the_plan_counts_its_fp32_masters_beside_16_bit_weights():
@@ -98,3 +104,26 @@ def test_the_plan_places_one_engine_fed_by_the_main_process_off_the_training_dev
     assert any("engine" in part for part in shared["phases"]["generate"])
     with pytest.raises(InputError, match=r"generator.devices=\[4, 5, 6, 7\] holds 4 GPU\(s\).* = 8"):
         plan(compose_train([*job, "generator.tensor_parallel_size=8"]), None)
+
+
+def test_the_plan_counts_a_cpu_engines_own_weights_and_a_judge_model(tmp_path):
+    """On a CPU the engine process loads its own copy of the weights beside its KV cache, and a judge model
+    (reward model, pairwise, LLM) is loaded while judging: the plan counted neither (a 7B policy with a 7B reward
+    model "fit" a 23.5 GiB machine). (In process: the plan reads configs.)"""
+    from transformers import LlamaConfig
+
+    from prefrun.plan import parameters, plan
+
+    from .test_config import compose_train
+
+    judge = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4)
+    judge.save_pretrained(tmp_path / "judge")
+    judge_bytes = parameters(judge)[0] * 4
+    job = ["experiment=iterdpo_tiny", "generator=vllm"]
+    tiny = plan(compose_train(job), None)
+    assert tiny["phases"]["generate"]["vLLM engine (weights + KV cache)"] == tiny["parameters"] * 4 + 256 * 2**20
+    judged = plan(compose_train([*job, "judge=reward_model", f"judge.name_or_path={tmp_path / 'judge'}"]), None)
+    for phase in ("before training", "generate"):
+        assert judged["phases"][phase]["judge model (while judging)"] == judge_bytes
+    assert judged["peak"]["generate"] == tiny["peak"]["generate"] + judge_bytes
