@@ -56,7 +56,8 @@ def config_dir() -> str:
 
 def _one_line_errors(pipeline: str, cfg: DictConfig):
     """Run `prefrun.<module>.<function>` (`pipeline`); a PrefrunError or an unset mandatory key ends the run
-    with one line (also in the run directory's log) and exit status 2."""
+    with one line (also in the run directory's log) and exit status 2; so does a collective whose peer is gone,
+    with exit status 1."""
     import importlib
 
     from hydra.errors import InstantiationException
@@ -86,6 +87,15 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
         _stop_with(str(disk_full(Path(err.filename or os.getcwd()), None, err)))
     except MissingMandatoryValue as err:
         _stop_with(f"{err.full_key} is not set: give it on the command line ({err.full_key}=...)")
+    except RuntimeError as err:  # a collective whose peer died: the launcher is about to signal this process too
+        from prefrun import distributed
+
+        line = distributed.peer_lost(err)
+        if line is None:
+            raise
+        preemption.ignore()
+        logging.getLogger("prefrun").error("%s; %s", line, _how_to_continue(cfg))
+        sys.exit(1)
 
 
 def _stop_with(line: str) -> None:

@@ -95,6 +95,30 @@ def start(timeout_s: float) -> None:
         PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=timeout_s))
 
 
+# What gloo and NCCL say when a collective's peer is gone (killed, crashed, its node down) or did not answer in time.
+_PEER_GONE = ("closed by peer", "reset by peer", "Broken pipe", "Connection refused", "remote process exited",
+              "ncclRemoteError", "remote worker")
+_PEER_LATE = ("Timed out waiting", "Socket Timeout", "wait timeout")
+
+
+def peer_lost(err: BaseException) -> str | None:
+    """The line for a collective that failed because another process of the job is gone or did not answer within
+    the process group's timeout (`dist_timeout_s`), as this process saw it; None for any other error. That
+    process says why in its own log, if it could."""
+    if not isinstance(err, RuntimeError) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(err)
+    said = text.split("] ", 1)[-1].split(". This is typically")[0].strip()
+    me = f"process {dist.get_rank()} of {dist.get_world_size()}"
+    if any(s in text for s in _PEER_LATE):
+        return (f"{me}: another process of this job did not answer in time ({said}): one is stuck, or much slower "
+                "than the others (then raise trainer.dist_timeout_s, or dist_timeout_s outside training)")
+    if any(s in text for s in _PEER_GONE):
+        return (f"{me}: another process of this job is gone ({said}): its own log says why (a node that went down "
+                "says nothing); what was finished is on disk")
+    return None
+
+
 def finish() -> None:
     """Leave the process group together at the end of a command. Left to the interpreter's exit, gloo's threads
     are torn down while a peer may still be closing its connections, and a process that did all its work ends

@@ -121,6 +121,13 @@ def hand_over(err: Preempted) -> None:
         previous(err.signum, None)
 
 
+def ignore() -> None:
+    """Stop signals are ignored from now on: the process is on its way out and says why in its own line (a
+    launcher signals the survivors of a process that died while they print theirs)."""
+    for signum in _listener.previous:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _submitit_signal() -> signal.Signals | None:
     """The signal a submitit job is preempted or timed out with (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says)."""
     try:

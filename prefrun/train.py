@@ -222,9 +222,10 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
         log.info("resuming from %s (step %d of %d)", resume_from, state["step"], total_steps)
         if on_resume:
             on_resume(state["step"])
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
-               disable=not accelerator.is_local_main_process)
-    with preemption.at_step_boundaries():  # a stop signal waits for the step boundary in the loop
+    # The bar is closed however the loop ends, so that a stopping line is printed on a line of its own. A stop
+    # signal waits for the step boundary in the loop.
+    with tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
+              disable=not accelerator.is_local_main_process) as bar, preemption.at_step_boundaries():
         while state["step"] < total_steps:
             epoch, offset = divmod(state["micro_batches"], batches_per_epoch)
             loader = accelerator.prepare(_epoch_loader(lengths, cfg, seed, epoch))
@@ -277,7 +278,6 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                     raise preemption.Preempted(signum, where)
                 if state["step"] >= total_steps:
                     break
-    bar.close()
     if deepspeed:
         keep_fp32_masters(model)
     return last

@@ -361,6 +361,27 @@ def test_a_bad_record_stops_two_processes_with_one_line_printed_once(tmp_path):
     assert out.returncode != 0 and said.count("pairs.jsonl:2: 'chosen' is list ['x']") == 1, said[-3000:]
 
 
+@pytest.mark.parametrize("fault, line", [
+    ("kill", "process 0 of 2: another process of this job is gone ("),
+    ("hang", "process 0 of 2: another process of this job did not answer in time (Timed out waiting 8000ms")],
+    ids=["kill", "hang"])
+def test_a_process_killed_or_hung_in_training_leaves_the_other_one_line_and_the_same_command_continues(
+        tmp_path, cache_dir, fault, line):
+    """Process 1 is killed (SIGKILL: a crash, an OOM kill, its node gone) or hangs at step 4: process 0 learns it in
+    its next collective, at once or after the process group's timeout. It printed gloo's traceback ("Connection
+    reset by peer", "Timed out waiting"); it now says so in one line and exits 1, and the same command continues
+    from the last checkpoint to the end."""
+    env = {**ENV, "PREFRUN_FAULT": f"train:4:{fault}@1"}
+    args = ["train", *JOB, "trainer.dist_timeout_s=8", f"hydra.run.dir={tmp_path / 'run'}"]
+    out = launch(args, tmp_path, env, check=False)
+    said = out.stdout + out.stderr
+    assert out.returncode != 0 and line in said, said[-3000:]
+    assert "the same command continues" in said and "Error executing job" not in said, said[-3000:]
+    again = launch(args, tmp_path, env)  # each planned fault happens once per run directory
+    assert "resuming from" in again.stdout + again.stderr
+    assert _rows(tmp_path / "run")[-1]["step"] == 6
+
+
 def test_prefrun_generate_on_two_processes_writes_what_one_process_writes(tmp_path):
     env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
     args = ["generate", *[a for a in TINY_JOB if a.startswith("model.")], "generator=hf", "generator.num_candidates=4",
