@@ -100,15 +100,21 @@ class Checkpoints:
 
     def load(self, accelerator: Accelerator, path: Path) -> dict:
         state = json.loads((path / MANIFEST).read_text())["state"]
-        written_by = state.pop("num_processes", accelerator.num_processes)
-        if written_by != accelerator.num_processes:
-            raise InputError(f"{path} was written by {written_by} process(es), and this run has "
-                             f"{accelerator.num_processes}: resume it with {written_by} (accelerate launch "
-                             f"--num_processes {written_by}); an online run changes the number of processes only at "
-                             "a round boundary")
+        _same_processes(path, state.pop("num_processes", accelerator.num_processes), accelerator.num_processes)
         with _quiet_accelerate():
             accelerator.load_state(str(path))
         return state
+
+    def check_processes(self, num_processes: int) -> None:
+        """The refusal `load` makes, made before anything is loaded or generated: the newest checkpoint was written
+        by another number of processes. (A damaged one is skipped here, as `latest` sets it aside.)"""
+        for path in reversed(self._done()):
+            try:
+                state = json.loads((path / MANIFEST).read_text())["state"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            _same_processes(path, state.get("num_processes", num_processes), num_processes)
+            return
 
     def _done(self) -> list[Path]:
         """Checkpoint directories by step, oldest first (not the .tmp being written, nor those set aside)."""
@@ -152,6 +158,13 @@ class Checkpoints:
             return
         for old in self._done()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _same_processes(path: Path, written_by: int, processes: int) -> None:
+    if written_by != processes:
+        raise InputError(f"{path} was written by {written_by} process(es), and this run has {processes}: resume it "
+                         f"with {written_by} (accelerate launch --num_processes {written_by}); an online run changes "
+                         "the number of processes only at a round boundary")
 
 
 def _damage(path: Path) -> str | None:

@@ -97,6 +97,8 @@ def run(cfg: DictConfig) -> float | None:
     online = instantiate(cfg.online)
     if online.enabled:
         return run_rounds(cfg, online, accelerator=accelerator, record=record, task=task)
+    checkpoints = Checkpoints(record.dir / "checkpoints", cfg.trainer.save_every, cfg.trainer.keep_last)
+    checkpoints.check_processes(accelerator.num_processes)  # a resume refused before anything loads
     data = instantiate(cfg.data)
     data.check()
     sampler, loss_fn = instantiate(cfg.sampler), instantiate(cfg.loss)
@@ -117,8 +119,7 @@ def run(cfg: DictConfig) -> float | None:
     judge.close()  # a reward model leaves memory while training runs; it loads again for the evaluation after
     last = train(policy, tokenizer, examples, loss_fn=loss_fn, beta=cfg.loss.beta, sampler=sampler,
                  optimizer_factory=instantiate(cfg.optim), cfg=cfg.trainer, accelerator=accelerator, seed=cfg.seed,
-                 on_log=record.metrics, on_resume=record.truncate_metrics,
-                 checkpoints=Checkpoints(record.dir / "checkpoints", cfg.trainer.save_every, cfg.trainer.keep_last))
+                 on_log=record.metrics, on_resume=record.truncate_metrics, checkpoints=checkpoints)
     policy = accelerator.unwrap_model(policy)
     after = evaluate(policy, before)
     judge.close()
@@ -145,6 +146,9 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     if accelerator.distributed_type == "DEEPSPEED":  # refused before anything runs, not after round 1
         check_zero3_writable(accelerator.state.deepspeed_plugin.deepspeed_config)
     _warn_if_biased(cfg, sampler)
+    rounds = Rounds(record.dir, enabled=accelerator.is_main_process)
+    global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
+    _check_resumable(cfg, rounds, online.rounds, global_batch, accelerator.num_processes)
     cache_dir = Path(cfg.cache_dir).expanduser()
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
     generator, judge = instantiate(cfg.generator), _judge(cfg, task)
@@ -155,9 +159,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     folds = prompt_folds(prompts, online.rounds, online.prompts_per_round, source=data.prompt_source)
     evaluate, eval_backend = _round_evaluation(_judged_evaluation(cfg, data, task, judge, tokenizer), cfg, generator,
                                                tokenizer, folds[0])
-    rounds = Rounds(record.dir, enabled=accelerator.is_main_process)
     lora, steps_before = bool(cfg.model.get("lora")), 0
-    global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
     # Kept only where a round needs them: the starting weights (reference / KL) and θ̂_{t-1} (APO's momentum).
     initial = cpu_state(policy) if online.ref == "initial" or online.kl_estimate else None
     previous_hat = (local_weights(policy) if distributed.is_sharded(policy) else full_weights(policy)) \
@@ -173,7 +175,6 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
         t = len(done)
         log.info("online: rounds 1-%d of %d are done (%s); continuing with round %d", t, online.rounds, rounds.root,
                  t + 1)
-        _check_global_batch(done[-1], global_batch, rounds.dir(t))
         restore_round(policy, tokenizer, rounds, t, online, lora, cfg.seed)
         if online.extrapolates:
             previous_hat = complete_tied(policy, load_weights(rounds.dir(t) / "policy_hat"))
@@ -290,14 +291,19 @@ def _round_seed(generator_seed: int, seed: int, t: int) -> int:
     return generator_seed + 1_000_003 * t + 1_009 * seed
 
 
-def _check_global_batch(done: dict, global_batch: int, where: Path) -> None:
-    """A run continues with another number of processes only at the same global batch (the rounds' pools do
-    not depend on it, but the training would)."""
-    before = done.get("train/global_batch", global_batch)
+def _check_resumable(cfg, rounds: Rounds, total: int, global_batch: int, processes: int) -> None:
+    """Before anything loads: a run continues with another number of processes only at a round boundary (a round's
+    checkpoints hold each process's part) and at the same global batch (the rounds' pools do not depend on it, but
+    the training would)."""
+    done = rounds.completed(total)
+    before = done[-1].get("train/global_batch", global_batch) if done else global_batch
     if before != global_batch:
-        raise InputError(f"{where} trained with a global batch of {before} pairs (trainer.batch_size x trainer.grad_accum "
-                         f"x processes) and this run's is {global_batch}: set trainer.batch_size (or grad_accum) so "
-                         f"that it stays {before}")
+        raise InputError(f"{rounds.dir(len(done))} trained with a global batch of {before} pairs (trainer.batch_size x "
+                         f"trainer.grad_accum x processes) and this run's is {global_batch}: set trainer.batch_size "
+                         f"(or grad_accum) so that it stays {before}")
+    if len(done) < total:
+        Checkpoints(rounds.dir(len(done) + 1) / "checkpoints", cfg.trainer.save_every,
+                    cfg.trainer.keep_last).check_processes(processes)
 
 
 def _check_online(cfg, online: OnlineConfig, data) -> None:

@@ -60,6 +60,9 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused_in_one_line(tmp_
     (tmp_path / "step-1" / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=r"written by 2 process\(es\).*--num_processes 2"):
         checkpoints.load(accelerator, tmp_path / "step-1")
+    with pytest.raises(InputError, match=r"step-1 was written by 2 process\(es\), and this run has 1"):
+        checkpoints.check_processes(1)  # the same refusal at the run's start, before anything loads
+    checkpoints.check_processes(2)
 
 
 def test_a_full_disk_mid_save_is_one_line_and_leaves_nothing_partial(tmp_path, monkeypatch):
