@@ -6,6 +6,7 @@ from the shards) SIGKILLed in the middle of round 2 and resumed to the one-proce
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -150,3 +151,18 @@ def test_an_engine_that_did_not_take_the_new_weights_stops_the_run(tmp_path, cac
     text = out.stdout + out.stderr
     errors = [line for line in text.splitlines() if "after the weight push (version 1)" in line]
     assert errors and "did not take the new weights" in errors[0] and "Traceback" not in text, text[-3000:]
+
+
+def test_a_bf16_model_trains_in_fp32_and_its_engine_serves_and_receives_bf16(tmp_path, cache_dir):
+    """A model loaded in bf16 (model.dtype=bfloat16, as a 7B checkpoint is): the trainer holds its weights in fp32
+    (trainer.master_weights=fp32), the engine serves bf16, and each push is cast to bf16 on the way (half the
+    bytes of the fp32 weights) and verified at the 16-bit probe tolerance."""
+    run = tmp_path / "run"
+    run_cli(["train", *JOB, "model.dtype=bfloat16", f"hydra.run.dir={run}"], tmp_path)
+    assert re.search(r"persistent engine started in [0-9.]+ s \(bfloat16, worker pid", (run / "train.log").read_text())
+    final = load_file(run / "checkpoint-final" / "model.safetensors")
+    assert {t.dtype for t in final.values()} == {torch.float32}  # the fp32 masters, saved
+    tied = final["model.embed_tokens.weight"].numel() if "lm_head.weight" not in final else 0
+    round_2 = json.loads((run / "rounds" / "2" / "round.json").read_text())
+    assert round_2["sync/push_bytes"] == 2 * (sum(t.numel() for t in final.values()) + tied), round_2
+    assert 1e-3 < round_2["sync/max_abs_logp_diff"] < 0.1  # bf16 serving, within its tolerance

@@ -149,8 +149,8 @@ def persistent(base):
 def test_sync_v0_starts_the_engine_and_verifies_it(persistent):
     v0 = persistent["v0"]
     assert set(v0) == {"sync/max_abs_logp_diff", "sync/probe_change", "sync/weight_version", "sync/time_s",
-                       "sync/engine_restarts", "sync/push_buckets"}
-    assert v0["sync/push_buckets"] == 0  # the engine started from these weights: nothing to push
+                       "sync/engine_restarts", "sync/push_buckets", "sync/push_bytes"}
+    assert v0["sync/push_buckets"] == v0["sync/push_bytes"] == 0  # started from these weights: nothing to push
     assert v0["sync/engine_restarts"] == 0
     assert persistent["group_v0"] == [persistent["pid"]]  # engine core and model in the worker: one process
     assert v0["sync/weight_version"] == 0 and v0["sync/max_abs_logp_diff"] <= 1e-3
@@ -181,6 +181,8 @@ def test_a_pushed_version_is_served_and_verified(persistent, base):
     assert worst < 1e-4  # what generate() samples after the push comes from the pushed weights
     assert persistent["v3"]["sync/max_abs_logp_diff"] <= 1e-3 and persistent["v3"]["sync/weight_version"] == 3
     assert v1["sync/push_buckets"] == 1  # the whole model in one file (generator.push_bucket_mb=1024)
+    # in fp32, as served, tied weights under each name (as the state dict has them)
+    assert v1["sync/push_bytes"] == 4 * sum(t.numel() for t in model.state_dict().values())
     # v3 went in 50 KiB files, each reloaded alone: the probe, on weights that all moved (noise on every
     # parameter), agrees only if every part arrived.
     v3 = persistent["v3"]

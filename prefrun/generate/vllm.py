@@ -491,8 +491,8 @@ class VLLMGenerator(Sampling):
         session.block_size = reply.get("block_size") or engine.get("block_size")
         session.generation_config, session.sleep_enabled, session.reference = generation_config, sleep_enabled, \
             reference
-        log.info("generator=vllm: persistent engine started in %.1f s (worker pid %s, weight version %d%s)",
-                 reply["engine_start_s"], self.worker_pid, version,
+        log.info("generator=vllm: persistent engine started in %.1f s (%s, worker pid %s, weight version %d%s)",
+                 reply["engine_start_s"], engine["dtype"], self.worker_pid, version,
                  f"; it generates for all {distributed.world_size()} processes" if session.fed else "")
         return {"import_s": reply["import_s"], "engine_start_s": reply["engine_start_s"]}
 
@@ -579,12 +579,12 @@ class VLLMGenerator(Sampling):
         start = time.perf_counter()
         probe = self._probe(model, tokenizer, probe_prompts, session.max_len, session.block_size)
         trainer = session.shared(_trainer_logprobs(model, probe.rows, probe.starts))
-        buckets = 0
+        buckets, pushed = 0, 0
         if not started:  # a live engine: push
             if session.asleep:  # weights first, then the KV cache: both at once may not fit on one GPU
                 session.call("wake", what="wake-up (weights)", timeout_s=timeout, tags=["weights"])
             if self.debug_break_sync != "skip_push":
-                buckets = self._push(model)
+                buckets, pushed = self._push(model)
             if session.asleep:
                 session.call("wake", what="wake-up (KV cache)", timeout_s=timeout, tags=["kv_cache"])
                 session.asleep = False
@@ -597,14 +597,15 @@ class VLLMGenerator(Sampling):
         block_diff = self._check_through_cache(model, probe, version, _max_diff(engine, trainer))
         self._pass(probe, trainer, engine, version, max(_max_diff(engine, trainer), block_diff), change,
                    time.perf_counter() - start)
-        self.sync_stats["sync/push_buckets"] = buckets
+        self.sync_stats.update({"sync/push_buckets": buckets, "sync/push_bytes": pushed})
 
-    def _push(self, model) -> int:
+    def _push(self, model) -> tuple[int, int]:
         """Send the policy (LoRA merged, HF names) to the engine in buckets of at most generator.push_bucket_mb:
         each bucket one safetensors file that the engine reloads (vLLM updates the tensors a file holds), so no
         process holds more of the gathered weights than one bucket. A sharded policy is gathered tensor by tensor
         by every process (a collective); the files are written where the engine is. The names and shapes are
-        checked against what the engine loaded before anything is gathered or sent. Returns the buckets sent."""
+        checked against what the engine loaded before anything is gathered or sent. Weights held in fp32 (trainer.
+        master_weights) go in the dtype the engine serves. Returns the buckets and bytes sent."""
         session = self._session
         shapes = weight_shapes(model, tied=True, buffers=True)
         aliases = set(shapes) - set(weight_shapes(model, buffers=True))
@@ -612,9 +613,9 @@ class VLLMGenerator(Sampling):
         limit = self.push_bucket_mb * 2**20
         total = sum(p.numel() * p.element_size() for p in model.parameters())  # a DTensor's: the whole's
         root = session.on_engine(lambda: _push_root(min(limit, total)))
-        sent, weights = 0, iter_full_weights(model, tied=True, buffers=True, to_cpu=False)
+        sent, size, weights = 0, 0, iter_full_weights(model, tied=True, buffers=True, to_cpu=False)
         served = getattr(torch, session.dtype, None)  # "auto" (no such dtype): as held
-        if served in (torch.bfloat16, torch.float16):  # weights held in fp32 (trainer.master_weights) go as served
+        if served in (torch.bfloat16, torch.float16):
             weights = ((name, t.to(served) if t.is_floating_point() else t) for name, t in weights)
         for bucket in _buckets(weights, limit):
             push_dir = session.on_engine(lambda bucket=bucket: _write_bucket(bucket, root))
@@ -624,8 +625,8 @@ class VLLMGenerator(Sampling):
             finally:
                 if session.here:  # the engine copied the weights: never reloaded from disk
                     shutil.rmtree(push_dir, ignore_errors=True)
-            sent += 1
-        return sent
+            sent, size = sent + 1, size + sum(t.numel() * t.element_size() for t in bucket.values())
+        return sent, size
 
     def _sync_fresh(self, model, tokenizer, probe_prompts, version: int) -> None:
         session = self._session
