@@ -54,6 +54,25 @@ def config_dir() -> str:
     raise FileNotFoundError(f"prefrun's config tree (conf/train.yaml) is missing next to {here}; reinstall prefrun")
 
 
+_held_stderr: list = []
+
+
+def _hold_hydras_errors() -> None:
+    """Hydra's own errors (a bad override, a missing config group) come before any process group, and every process
+    of a job makes the same one: under several processes only the main one prints them. The others hold their
+    stderr until prefrun's own code runs (`_release_stderr`), or drop it when Hydra stops them first."""
+    import io
+
+    if int(os.environ.get("RANK", "0")) > 0 and not _held_stderr:
+        _held_stderr.append(sys.stderr)
+        sys.stderr = io.StringIO()
+
+
+def _release_stderr() -> None:
+    if _held_stderr:
+        sys.stderr = _held_stderr.pop()
+
+
 def _one_line_errors(pipeline: str, cfg: DictConfig):
     """Run `prefrun.<module>.<function>` (`pipeline`); a PrefrunError or an unset mandatory key ends the run
     with one line (also in the run directory's log) and exit status 2; so does a collective whose peer is gone,
@@ -65,6 +84,7 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
     from prefrun import preemption
     from prefrun.errors import PrefrunError
 
+    _release_stderr()
     module, function = pipeline.rsplit(".", 1)
     try:  # heavy imports after Hydra has parsed the command line (fast --help)
         preemption.listen(cfg.get("stop_signals"))
@@ -196,7 +216,11 @@ def main(argv: list[str] | None = None) -> None:
 
     env_from_job()  # `srun` tasks as ranks, before Hydra picks the run directory (the same one for all of them)
     sys.argv = [f"prefrun {argv[0]}", *argv[1:]]
-    command()  # errors leave through sys.exit, without waiting for the other processes
+    _hold_hydras_errors()
+    try:
+        command()  # errors leave through sys.exit, without waiting for the other processes
+    finally:
+        _release_stderr()
     finish()
 
 

@@ -350,9 +350,10 @@ def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
         torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-5, rtol=1e-4)
 
 
-def test_a_bad_record_stops_two_processes_with_one_line_printed_once(tmp_path):
+def test_a_bad_record_or_override_stops_two_processes_with_one_line_printed_once(tmp_path):
     """Every process reads the data and stops on the same record: the line was printed once per process. The
-    main process prints it; the others stay quiet when it says the same (and speak when it does not)."""
+    main process prints it; the others stay quiet when it says the same (and speak when it does not). The same
+    for a bad override, which Hydra reports before prefrun runs."""
     pairs = tmp_path / "pairs.jsonl"
     good = {"prompt": "sort 3 1:", "chosen": "13", "rejected": "31"}
     pairs.write_text("".join(json.dumps(r) + "\n" for r in [good, {**good, "chosen": ["x"]}, good]))
@@ -360,6 +361,10 @@ def test_a_bad_record_stops_two_processes_with_one_line_printed_once(tmp_path):
                  tmp_path, {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}, check=False)
     said = out.stdout + out.stderr
     assert out.returncode != 0 and said.count("pairs.jsonl:2: 'chosen' is list ['x']") == 1, said[-3000:]
+    # Hydra's own errors, before any process group: every process makes the same one, the main process prints it.
+    out = launch(["train", "trainer.batchsize=4"], tmp_path, ENV, check=False)
+    said = out.stdout + out.stderr
+    assert out.returncode != 0 and said.count("Could not override 'trainer.batchsize'") == 1, said[-3000:]
 
 
 @pytest.mark.parametrize("fault, line", [
