@@ -443,6 +443,12 @@ def master_or_local(param: torch.Tensor) -> torch.Tensor:
     return kept.value if (kept.form == "partition") == _zero3(param) else local(param)
 
 
+def holds_fp32_masters(model) -> bool:
+    """True when the policy keeps fp32 masters beside its 16-bit parameters (`keep_fp32_masters`: DeepSpeed in bf16
+    or fp16): its weights at full precision are `local_weights`, not the parameters."""
+    return any(getattr(p, _MASTER, None) is not None for p in model.parameters())
+
+
 def holds_fp32_fragments(model) -> bool:
     """True when the policy keeps ZeRO-1/2 fp32 masters split over the processes (`keep_fp32_masters`): reading
     its weights at full precision is then a collective (`master_or_local`)."""

@@ -265,7 +265,7 @@ def save_sharded_weights(model, tokenizer, shards: LocalShards, path: Path, *, w
 
     tmp, failed, index = path.with_name(path.name + ".tmp"), [], {}
     params = plain_parameters(model)
-    needed = int(sum(params[n].numel() * params[n].element_size() for n in shards) * 1.05)
+    needed = int(sum(params[n].numel() * shards[n].element_size() for n in shards) * 1.05)  # as written (fp32 masters)
 
     def attempt(work) -> None:  # only the writer writes; its first error waits for the end of the gather
         if writer and not failed:

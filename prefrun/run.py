@@ -41,6 +41,7 @@ from prefrun.model import (
     fingerprint,
     full_weights,
     hold_in_fp32,
+    holds_fp32_masters,
     load_policy,
     load_reference,
     load_tokenizer,
@@ -65,6 +66,8 @@ from prefrun.online import (
     prompt_folds,
     restore_round,
     round_row,
+    save_sharded_weights,
+    save_weights,
     warn_untrained,
 )
 from prefrun.plan import plan
@@ -508,6 +511,15 @@ def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path) -> None:
         return
     lora = cfg.model.get("lora")
     merge = bool(lora and lora.merge)
+    path = run_dir / "checkpoint-final"
+    if not lora and holds_fp32_masters(policy):  # DeepSpeed in 16 bits: the fp32 masters, as the rounds' files hold
+        weights = local_weights(policy)  # put together from every process's fragments (ZeRO-1/2): a collective
+        if distributed.is_sharded(policy):  # ZeRO-3: gathered a tensor at a time, written by the main process
+            save_sharded_weights(policy, tokenizer, weights, path, writer=accelerator.is_main_process)
+        else:
+            distributed.together(lambda: save_weights(policy, tokenizer, weights, path)
+                                 if accelerator.is_main_process else None)
+        return
     # Every process takes part: under FSDP or DeepSpeed ZeRO-3 this gathers the shards (with LoRA under FSDP2:
     # the adapters, or the merged weights).
     if lora and distributed.is_sharded(policy):
@@ -517,7 +529,7 @@ def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path) -> None:
                       policy)
         state_dict = None if lora else accelerator.get_state_dict(engine)
     if accelerator.is_main_process:
-        save_policy(policy, tokenizer, run_dir / "checkpoint-final", merge_lora=merge, state_dict=state_dict)
+        save_policy(policy, tokenizer, path, merge_lora=merge, state_dict=state_dict)
 
 
 def _report(summary: dict, primary: str | None, run_dir: Path) -> None:

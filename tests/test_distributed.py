@@ -289,7 +289,7 @@ def test_deepspeed_in_bf16_carries_its_fp32_master_weights_from_round_to_round_a
     starts from it, also after a resume at a round boundary (read back from disk). ZeRO-3 runs APO (round 2 starts
     from the extrapolation written into the partitions), ZeRO-2 iterative rounds (round 2 starts from the kept
     fragments themselves). AdamW's first step moves every weight by lr exactly (sign of its gradient): with one
-    step a round, each round's θ̂_t is its start ± lr, to fp32's rounding."""
+    step a round, each round's θ̂_t is its start ± lr, to fp32's rounding; checkpoint-final holds θ̂_3 in fp32."""
     pytest.importorskip("deepspeed")
     lr = 1e-6
     job = [*(a for a in ONLINE if a not in ("online.rounds=3", "data.num_prompts=600", "trainer.max_steps=6",
@@ -318,6 +318,9 @@ def test_deepspeed_in_bf16_carries_its_fp32_master_weights_from_round_to_round_a
         moved = step[step > lr / 100]
         assert moved.numel() > 0.9 * step.numel() and float(step.max()) < 1.05 * lr, (t, float(step.max()) / lr)
         assert float(moved.median()) == pytest.approx(lr, rel=1e-2)
+    # checkpoint-final is θ̂_3 in fp32 too (it was DeepSpeed's 16-bit gather)
+    final = load_weights(tmp_path / "run" / "checkpoint-final")
+    assert final.keys() == hat.keys() and all(torch.equal(final[n], hat[n]) for n in hat)
 
 
 def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
