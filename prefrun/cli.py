@@ -88,6 +88,7 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
     module, function = pipeline.rsplit(".", 1)
     try:  # heavy imports after Hydra has parsed the command line (fast --help)
         preemption.listen(cfg.get("stop_signals"))
+        _check_value_types(cfg)
         return getattr(importlib.import_module(module), function)(cfg)
     except preemption.Preempted as err:
         logging.getLogger("prefrun").warning("%s; %s", err, _how_to_continue(cfg))
@@ -114,18 +115,62 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
         if line is None:
             raise
         preemption.ignore()
-        logging.getLogger("prefrun").error("%s; %s", line, _how_to_continue(cfg))
-        sys.exit(1)
+        stopped = distributed.stopped_peer()
+        if stopped is not None:  # it printed why: only the run's log gets its line, from the main process
+            other, code, said = stopped
+            _into_run_log(f"process {other} of {distributed.world_size()} stopped: {said}")
+            sys.exit(code)
+        _stop_with(f"{line}; {_how_to_continue(cfg)}", code=1)
 
 
-def _stop_with(line: str) -> None:
-    """The run ends with `line` (also in the run directory's log) and exit status 2, printed once under several
-    processes when they all stop with it."""
+def _check_value_types(cfg: DictConfig) -> None:
+    """A value given on the command line where the config holds a number or a true/false (`trainer.max_steps=abc`)
+    stops the run here, in one line, rather than deep inside the run minutes later. The defaults are the config
+    composed with the command's group choices alone."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from prefrun.errors import InputError
+
+    hydra_cfg = HydraConfig.get()
+    given = [o for o in hydra_cfg.overrides.task if "=" in o and not o.startswith(("+", "~"))]
+    values = [o for o in given if "." in o.split("=", 1)[0]]
+    if not values:
+        return
+    try:
+        base = compose(hydra_cfg.job.config_name, overrides=[o for o in given if o not in values])
+    except Exception:  # noqa: BLE001 - the defaults cannot be composed apart (a sweep's own syntax): no check
+        return
+    for override in values:
+        key = override.split("=", 1)[0]
+        default = OmegaConf.select(base, key, throw_on_resolution_failure=False)
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        if not isinstance(value, str) or default is None or isinstance(default, str):
+            continue
+        if isinstance(default, bool):
+            raise InputError(f"{key}={value!r}: give true or false")
+        if isinstance(default, (int, float)):
+            raise InputError(f"{key}={value!r}: give a number (the default is {default})")
+
+
+def _stop_with(line: str, code: int = 2) -> None:
+    """The run ends with `line` (also in the run directory's log) and exit status `code`, printed once under
+    several processes when they all stop with it; left for the others to find when it is this process's alone
+    (`distributed.stopped_peer`)."""
     from prefrun import distributed
 
-    if not distributed.said_by_main(line):
+    if not distributed.said_by_main(line, code):
         logging.getLogger("prefrun").error("%s", line)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def _into_run_log(line: str) -> None:
+    """`line` into the run directory's log alone (the main process's file handler), not onto the console."""
+    logger = logging.getLogger("prefrun")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _how_to_continue(cfg: DictConfig) -> str:

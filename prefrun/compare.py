@@ -111,6 +111,13 @@ def sides(spec: str, name: str, cfg: DictConfig, cache_dir: Path, *, several: bo
                 for label, where in policies]
     if path.suffix in (".json", ".jsonl"):
         raise InputError(f"{name}={spec!r}: no such file of outputs")
+    # Checked before anything is generated: a model directory holds config.json (a hub id is never a path)
+    if str(spec).startswith(("/", ".", "~")) and not path.exists():
+        raise InputError(f"{name}={spec!r}: no such file or directory; give a model (hub id or directory), a prefrun "
+                         "run directory or a file of outputs")
+    if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise InputError(f"{name}={spec!r}: a directory without config.json (not a model) nor config.yaml (not a "
+                         "prefrun run); give a model (hub id or directory), a prefrun run directory or a file of outputs")
     return [Side(name, str(spec), model_path=str(spec), model_settings=settings)]
 
 
@@ -135,6 +142,11 @@ def run_policies(run_dir: Path) -> list[tuple[str, Path]]:
     if not policies:
         raise InputError(f"policy={str(run_dir)!r} is a run directory without a policy to evaluate (no "
                          "checkpoint-final, no rounds/<t>/policy_hat): let the run finish (trainer.save_final=true)")
+    total = OmegaConf.load(run_dir / "config.yaml").get("online", {}).get("rounds")
+    done = sum(1 for t in range(1, (total or 0) + 1) if (run_dir / "rounds" / str(t) / "round.json").is_file())
+    if total and done < total and not (final / "config.json").is_file():
+        log.warning("policy=%s is an unfinished run: rounds 1-%d of %d are done; evaluating those (the same training "
+                    "command finishes it)", run_dir, done, total)
     return policies
 
 

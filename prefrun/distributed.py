@@ -108,14 +108,16 @@ def peer_lost(err: BaseException) -> str | None:
     if not isinstance(err, RuntimeError) or not (dist.is_available() and dist.is_initialized()):
         return None
     text = str(err)
+    if not isinstance(err, dist.DistError) and not any(k in text for k in ("gloo", "NCCL", "c10d")):
+        return None  # another library's error that happens to say "connection refused"
     said = text.split("] ", 1)[-1].split(". This is typically")[0].strip()
     me = f"process {dist.get_rank()} of {dist.get_world_size()}"
     if any(s in text for s in _PEER_LATE):
         return (f"{me}: another process of this job did not answer in time ({said}): one is stuck, or much slower "
                 "than the others (then raise trainer.dist_timeout_s, or dist_timeout_s outside training)")
     if any(s in text for s in _PEER_GONE):
-        return (f"{me}: another process of this job is gone ({said}): its own log says why (a node that went down "
-                "says nothing); what was finished is on disk")
+        return (f"{me}: another process of this job is gone ({said}): it printed why if it could (a node that "
+                "went down says nothing); what was finished is on disk")
     return None
 
 
@@ -404,28 +406,50 @@ def save_pretrained(model, path, **kwargs) -> None:
             config.dtype = loaded
 
 
-_STOP_LINE = "prefrun/stop-line"
+_STOPPED = "prefrun/stopped/"  # + rank: "<exit status> <line>" of a process that stopped with a line of its own
 
 
-def said_by_main(line: str, wait_s: float = 3.0) -> bool:
-    """For a process that stops with a one-line error: True when it is not the main process and the main process
-    stops with the same line (a bad input every process reads alike, or one `together` shared), which the main
-    process prints: every process printed it before. The main process posts its line in the process group's
-    store; another process waits for it a few seconds, and prints its own line when the main process says
-    something else or nothing (it still runs: the line is this process's alone)."""
+def _store():
+    return dist.distributed_c10d._get_default_store()  # torch's own, private: without it, every process speaks
+
+
+def said_by_main(line: str, code: int = 2, wait_s: float = 3.0) -> bool:
+    """For a process that stops with a one-line error: posts the line in the process group's store (for
+    `stopped_peer`), and returns True when this is not the main process and the main process stops with the same
+    line (a bad input every process reads alike, or one `together` shared), which the main process prints: every
+    process printed it before. Another process waits a few seconds for the main process's line, and prints its own
+    when the main process says something else or nothing (it still runs: the line is this process's alone)."""
     if not _active():
         return False
     try:
-        store = dist.distributed_c10d._get_default_store()
+        store = _store()
+        store.set(f"{_STOPPED}{rank()}", f"{code} {line}")
         if is_main():
-            store.set(_STOP_LINE, line)
             return False
         import datetime
 
-        store.wait([_STOP_LINE], datetime.timedelta(seconds=wait_s))
-        return store.get(_STOP_LINE).decode().endswith(line)  # (the main process may name this one: "process 1: ...")
+        store.wait([f"{_STOPPED}0"], datetime.timedelta(seconds=wait_s))
+        # (the main process may name this one: "process 1: ...")
+        return store.get(f"{_STOPPED}0").decode().split(" ", 1)[1].endswith(line)
     except Exception:  # noqa: BLE001 - no store, or nothing from the main process: the line is printed
         return False
+
+
+def stopped_peer() -> tuple[int, int, str] | None:
+    """(rank, exit status, line) of another process that stopped with a line of its own (`said_by_main`), as the
+    job's store holds it; None when none did or the store is gone with its host."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        store = _store()
+        for other in range(dist.get_world_size()):
+            key = f"{_STOPPED}{other}"
+            if other != dist.get_rank() and store.check([key]):
+                code, line = store.get(key).decode().split(" ", 1)
+                return other, int(code), line
+    except Exception:  # noqa: BLE001 - the store's host went down too
+        return None
+    return None
 
 
 def quiet_other_processes() -> None:

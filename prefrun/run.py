@@ -299,14 +299,14 @@ def _check_resumable(cfg, rounds: Rounds, total: int, global_batch: int, process
     checkpoints hold each process's part) and at the same global batch (the rounds' pools do not depend on it, but
     the training would)."""
     done = rounds.completed(total)
+    if len(done) < total:  # first: inside a round, the number of processes is the one thing to change
+        Checkpoints(rounds.dir(len(done) + 1) / "checkpoints", cfg.trainer.save_every,
+                    cfg.trainer.keep_last).check_processes(processes)
     before = done[-1].get("train/global_batch", global_batch) if done else global_batch
     if before != global_batch:
         raise InputError(f"{rounds.dir(len(done))} trained with a global batch of {before} pairs (trainer.batch_size x "
                          f"trainer.grad_accum x processes) and this run's is {global_batch}: set trainer.batch_size "
                          f"(or grad_accum) so that it stays {before}")
-    if len(done) < total:
-        Checkpoints(rounds.dir(len(done) + 1) / "checkpoints", cfg.trainer.save_every,
-                    cfg.trainer.keep_last).check_processes(processes)
 
 
 def _check_online(cfg, online: OnlineConfig, data) -> None:

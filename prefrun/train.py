@@ -43,7 +43,16 @@ def mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+# The trainer's counts (those whose default is null are beyond `cli._check_value_types`' reach).
+_COUNTS = ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_last", "reference_batch_size")
+
+
 def make_accelerator(cfg: DictConfig) -> Accelerator:
+    for key in (*_COUNTS, "epochs"):  # (epochs may be a fraction)
+        value = cfg.get(key)
+        kinds = (int, float) if key == "epochs" else int
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise InputError(f"trainer.{key}={value!r}: give a whole number (or null where the default is null)")
     precision = mixed_precision(cfg.mixed_precision)
     # A collective waits this long for the slowest process (a long judge or engine start on one of them).
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.get("dist_timeout_s") or 1800))

@@ -285,13 +285,15 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("case", BROKEN)
-def test_broken_record_is_one_line_naming_file_and_line(case, tokenizer, tmp_path):
+def test_broken_record_is_one_line_naming_file_and_line(case, tokenizer, tmp_path, caplog):
     line, keys, message = BROKEN[case]
     good = {"q": "p", "good": "c", "bad": "r"} if "columns" in keys else GOOD
     path = jsonl_with(tmp_path, line, good)
     with pytest.raises(InputError, match=message) as err:
         load(tokenizer, tmp_path, path=path, **keys)
     assert "\n" not in str(err.value)
+    # `datasets`' own error log named another row ("Failed to load JSON ... in row 1") before this line
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("datasets")]
 
 
 def test_a_number_among_digit_strings_names_its_own_line(tokenizer, tmp_path):

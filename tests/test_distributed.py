@@ -151,10 +151,12 @@ def test_a_two_process_run_stopped_by_sigterm_in_round_2_resumes_and_changes_pro
     assert not (broken / "rounds" / "2" / "round.json").exists()
 
     # Mid-round, the checkpoint holds two processes' state: one process (same global batch) is refused in one line.
-    refused = run_cli(["train", *job, "trainer.batch_size=8"], root, env, check=False)
-    said = refused.stdout + refused.stderr
-    assert refused.returncode == 2 and "written by 2 process(es)" in said, said[-3000:]
-    assert "are done" not in said  # refused before the policy loads and the finished rounds are read back
+    # (The global batch too, when it changed: the number of processes is named first, the one thing to change.)
+    for batch in (8, 4):
+        refused = run_cli(["train", *job, f"trainer.batch_size={batch}"], root, env, check=False)
+        said = refused.stdout + refused.stderr
+        assert refused.returncode == 2 and "written by 2 process(es)" in said, said[-3000:]
+        assert "are done" not in said  # refused before the policy loads and the finished rounds are read back
     launch(["train", *job, "trainer.batch_size=4", sharded], root, env, config=config)  # the same command again
     log = (broken / "train.log").read_text()
     assert "rounds 1-1 of 3 are done" in log and "resuming from" in log
@@ -372,23 +374,31 @@ def test_a_bad_record_or_override_stops_two_processes_with_one_line_printed_once
 
 @pytest.mark.parametrize("fault, line", [
     ("kill", "process 0 of 2: another process of this job is gone ("),
-    ("hang", "process 0 of 2: another process of this job did not answer in time (Timed out waiting 8000ms")],
-    ids=["kill", "hang"])
-def test_a_process_killed_or_hung_in_training_leaves_the_other_one_line_and_the_same_command_continues(
-        tmp_path, cache_dir, fault, line):
-    """Process 1 is killed (SIGKILL: a crash, an OOM kill, its node gone) or hangs at step 4: process 0 learns it in
-    its next collective, at once or after the process group's timeout. It printed gloo's traceback ("Connection
-    reset by peer", "Timed out waiting"); it now says so in one line and exits 1, and the same command continues
-    from the last checkpoint to the end."""
+    ("hang", "process 0 of 2: another process of this job did not answer in time (Timed out waiting 8000ms"),
+    ("enospc", ": no space left on the device")], ids=["kill", "hang", "enospc"])
+def test_a_process_killed_hung_or_failing_alone_in_training_stops_the_job_in_one_line(tmp_path, cache_dir, fault,
+                                                                                       line):
+    """Process 1 is killed (SIGKILL: a crash, an OOM kill, its node gone), hangs, or stops alone with its own line
+    (a full disk) at step 4: process 0 learns it in its next collective, at once or after the process group's
+    timeout. It printed gloo's traceback ("Connection reset by peer", "Timed out waiting"); now the job says one
+    line: the survivor's (exit 1), or the failing process's own, which the survivor only writes into train.log
+    (it said "another process is gone" after it, and a hung process said so of the healthy one). The same command
+    continues from the last checkpoint to the end (checked once, after the kill)."""
     env = {**ENV, "PREFRUN_FAULT": f"train:4:{fault}@1"}
     args = ["train", *JOB, "trainer.dist_timeout_s=8", f"hydra.run.dir={tmp_path / 'run'}"]
     out = launch(args, tmp_path, env, check=False)
     said = out.stdout + out.stderr
-    assert out.returncode != 0 and line in said, said[-3000:]
-    assert "the same command continues" in said and "Error executing job" not in said, said[-3000:]
-    again = launch(args, tmp_path, env)  # each planned fault happens once per run directory
-    assert "resuming from" in again.stdout + again.stderr
-    assert _rows(tmp_path / "run")[-1]["step"] == 6
+    errors = [row for row in said.splitlines() if "[ERROR]" in row]
+    assert out.returncode != 0 and len(errors) == 1 and line in errors[0], said[-3000:]
+    assert "Error executing job" not in said, said[-3000:]
+    if fault == "enospc":  # said by process 1, which writes no log: process 0 puts it there
+        assert f"process 1 of 2 stopped: {errors[0].split('] - ', 1)[1]}" in (tmp_path / "run" / "train.log").read_text()
+    else:
+        assert "the same command continues" in errors[0]
+    if fault == "kill":
+        again = launch(args, tmp_path, env)  # each planned fault happens once per run directory
+        assert "resuming from" in again.stdout + again.stderr
+        assert _rows(tmp_path / "run")[-1]["step"] == 6
 
 
 def test_prefrun_generate_on_two_processes_writes_what_one_process_writes(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTModel
 
-from .conftest import run_cli
+from .conftest import TINY_JOB, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +43,17 @@ def test_model_without_a_tokenizer(tmp_path, cache_dir, bpe_model_dir, pairs_jso
 def test_unset_mandatory_key(tmp_path, cache_dir, pairs_jsonl):
     proc = run_cli(["train", "model=hf", "data=jsonl", f"data.path={pairs_jsonl}", "~task"], tmp_path, check=False)
     one_line_failure(proc, "model.name_or_path is not set")
+
+
+@pytest.mark.parametrize("override, line", [
+    ("trainer.max_steps=abc", "trainer.max_steps='abc': give a whole number"),  # default null: the trainer checks
+    ("optim.lr=fast", "optim.lr='fast': give a number (the default is"),  # any key whose default is a number
+    ("trainer.save_final=maybe", "trainer.save_final='maybe': give true or false")])
+def test_a_value_of_the_wrong_type_stops_at_the_start_in_one_line(tmp_path, cache_dir, override, line):
+    """`trainer.max_steps=abc` built pools, scored the reference and evaluated the start (30 s) before a TypeError."""
+    proc = run_cli(["train", *TINY_JOB, override], tmp_path, check=False)
+    one_line_failure(proc, line)
+    assert "pools" not in proc.stdout + proc.stderr
 
 
 def test_diverging_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir, bpe_model_dir, pairs_jsonl):

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from prefrun import winrate
-from prefrun.compare import compare_answers, read_outputs, sides, starting_model
+from prefrun.compare import compare_answers, read_outputs, run_policies, sides, starting_model
 from prefrun.errors import InputError
 from prefrun.judges import Judge, Verdicts
 from prefrun.judgments import JudgmentCache
@@ -231,6 +231,22 @@ def test_sides_that_cannot_be_evaluated_are_one_line(trained_run):
         sides(str(unfinished), "policy", cfg, root / "cache")
     (side,) = sides(str(root / "run"), "policy", cfg, root / "cache")
     assert side.model_path.endswith("checkpoint-final")
+    # Named by their own key before anything is generated (they were model.name_or_path, after the baseline's answers)
+    with pytest.raises(InputError, match=r"^policy='/no/such/dir': no such file or directory"):
+        sides("/no/such/dir", "policy", cfg, root / "cache")
+    (root / "empty").mkdir(exist_ok=True)
+    with pytest.raises(InputError, match=r"^baseline='.*empty': a directory without config.json"):
+        sides(str(root / "empty"), "baseline", cfg, root / "cache")
+
+
+def test_an_unfinished_online_run_is_evaluated_as_far_as_it_got_and_says_so(tmp_path, caplog):
+    run = tmp_path / "run"
+    (run / "rounds" / "1" / "policy_hat").mkdir(parents=True)
+    (run / "rounds" / "1" / "policy_hat" / "config.json").write_text("{}")
+    (run / "rounds" / "1" / "round.json").write_text("{}")
+    (run / "config.yaml").write_text("online:\n  rounds: 3\n")
+    assert run_policies(run) == [("round-1", run / "rounds" / "1" / "policy_hat")]
+    assert "is an unfinished run: rounds 1-1 of 3 are done" in caplog.text
 
 
 def test_the_report_tables_win_rates_per_round_and_their_mean_over_seeds(tmp_path):

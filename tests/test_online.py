@@ -116,8 +116,16 @@ def test_a_prompt_file_with_no_usable_prompt_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": ""}\n{"prompt": "  "}\n')
-    with pytest.raises(InputError, match=f"prompts.path='{path}': no usable prompts in column 'prompt'"):
+    with pytest.raises(InputError, match=f"^prompts.path='{path}': no usable prompts in column 'prompt'"):
         HFPrompts(path=str(path)).prompts()
+    # Under `prefrun train` they are data.prompts, and a missing file says so (it said data.path, then prompts.path)
+    from prefrun.data import GeneratedPreferences
+
+    data = GeneratedPreferences(prompts=HFPrompts(path=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(InputError, match=f"^data.prompts.path='{tmp_path / 'missing.jsonl'}': no such file"):
+        data.train_prompts(None, None, None)
+    with pytest.raises(InputError, match="^prompts.path=.*: no such file"):
+        HFPrompts(path=str(tmp_path / "missing.jsonl")).prompts()
 
 
 @pytest.mark.parametrize("settings, message", [

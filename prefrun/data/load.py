@@ -126,6 +126,7 @@ class HFPreferenceData(PreferenceData):
     reads it instead of tokenizing. `num_proc` > 1 tokenizes in that many processes when the data
     is large enough for it to pay off (ROWS_PER_PROCESS rows per process)."""
 
+    key: str = field(default="data", repr=False, compare=False)  # its config key, for the messages
     path: str | None = None
     name: str | None = None
     split: str = "train"
@@ -234,14 +235,14 @@ class HFPreferenceData(PreferenceData):
         from datasets import DatasetDict, load_dataset, load_from_disk
 
         path = Path(self.path).expanduser()
-        here = f"data.path={self.path!r}"
+        here = f"{self.key}.path={self.path!r}"
         if path.is_file():
             builder = DATA_FILES.get(path.suffix.lower())
             if builder is None:
                 raise InputError(f"{here}: unknown file type {path.suffix!r}; give a .jsonl, .json, .parquet, .csv or "
                                  ".arrow file, a directory of them, a save_to_disk directory or a hub id")
             if self.name:
-                raise InputError(f"data.name={self.name!r} names a hub configuration, but {here} is a file: "
+                raise InputError(f"{self.key}.name={self.name!r} names a hub configuration, but {here} is a file: "
                                  "leave data.name null")
             if _is_blank(path):
                 raise InputError(f"{here}: the file is empty (0 records)")
@@ -264,7 +265,7 @@ class HFPreferenceData(PreferenceData):
                                          "out part of it with data.eval_size instead")
                     return loaded  # a Dataset saved alone is the train split, whatever data.split says
                 if split not in loaded:
-                    raise InputError(f"data.{key}={split!r}: {here} has no such split (its splits: {list(loaded)})")
+                    raise InputError(f"{self.key}.{key}={split!r}: {here} has no such split (its splits: {list(loaded)})")
                 return loaded[split]
             self._files = sorted(p for p in path.rglob("*") if p.suffix.lower() in DATA_FILES)
             return self._call(lambda: load_dataset(str(path), self.name, split=split), split, key)
@@ -275,24 +276,30 @@ class HFPreferenceData(PreferenceData):
 
     def _call(self, read: Callable, split: str, key: str, hub: bool = False):
         """Run a `datasets` reader and turn its failure into one line naming the file (and, for
-        text files, the line at fault) or the hub id."""
+        text files, the line at fault) or the hub id. `datasets`' own error log of a file it cannot parse is
+        silenced: it names another line than the one at fault, and this line follows."""
+        json_log = logging.getLogger("datasets.packaged_modules.json.json")
+        level = json_log.level
+        json_log.setLevel(logging.CRITICAL)
         try:
             return read()
         except Exception as err:  # noqa: BLE001 - anything `datasets` raises becomes one line
             if isinstance(err, ValueError) and str(err).startswith("Unknown split"):
                 splits = str(err).partition("Should be one of ")[2].rstrip(".") or "?"
                 hint = "; hold out part of the train split with data.eval_size instead" if key == "eval_split" else ""
-                raise InputError(f"data.{key}={split!r}: data.path={self.path!r} has no such split "
+                raise InputError(f"{self.key}.{key}={split!r}: {self.key}.path={self.path!r} has no such split "
                                  f"(its splits: {splits}){hint}") from None
             if "corresponds to no data" in str(err):  # `datasets` on a split of 0 rows
-                raise InputError(f"data.path={self.path!r}: split {split!r} has no records") from None
+                raise InputError(f"{self.key}.path={self.path!r}: split {split!r} has no records") from None
             self._diagnose()
             if hub:
                 raise InputError(
-                    f"data.path={self.path!r}: not a local file or directory, and no data set by that id could be "
-                    f"loaded from the Hugging Face hub or its cache ({_reason(err)}); check data.path (and data.name) "
+                    f"{self.key}.path={self.path!r}: not a local file or directory, and no data set by that id could be "
+                    f"loaded from the Hugging Face hub or its cache ({_reason(err)}); check {self.key}.path (and {self.key}.name) "
                     "or the network") from None
-            raise InputError(f"data.path={self.path!r}: `datasets` could not read it ({_reason(err)})") from None
+            raise InputError(f"{self.key}.path={self.path!r}: `datasets` could not read it ({_reason(err)})") from None
+        finally:
+            json_log.setLevel(level)
 
     def _text_columns_hold_other_types(self, dataset) -> bool:
         """True when a prompt, chosen or rejected column was read as numbers or booleans, or as `datasets`' Json
@@ -317,20 +324,20 @@ class HFPreferenceData(PreferenceData):
             for key in POOL_COLUMNS:
                 root = self.columns[key].split(".")[0]
                 if root not in present:
-                    raise InputError(f"data.path={self.path!r} (split {split!r}): no {key} column {root!r} (its "
+                    raise InputError(f"{self.key}.path={self.path!r} (split {split!r}): no {key} column {root!r} (its "
                                      f"columns: {present}); name yours with data.columns.{key}=<column or field path>")
             if len(dataset) == 0:
-                raise InputError(f"data.path={self.path!r}: split {split!r} has no records")
+                raise InputError(f"{self.key}.path={self.path!r}: split {split!r} has no records")
             return dataset.select_columns(roots + [c for c in TEMPLATE_COLUMNS if c in present and c not in roots])
         prompt = self.columns["prompt"]
         implicit = not prompt or (prompt == "prompt" and prompt not in present)
         mapping = {key: self.columns[key] for key in COLUMNS if not (key == "prompt" and implicit)}
         for key, column in mapping.items():
             if column not in present:
-                raise InputError(f"data.path={self.path!r} (split {split!r}): no {key} column {column!r} (its "
+                raise InputError(f"{self.key}.path={self.path!r} (split {split!r}): no {key} column {column!r} (its "
                                  f"columns: {present}); name yours with data.columns.{key}=<column>")
         if len(dataset) == 0:
-            raise InputError(f"data.path={self.path!r}: split {split!r} has no records")
+            raise InputError(f"{self.key}.path={self.path!r}: split {split!r} has no records")
         if implicit:
             log.info("data: no prompt column in %s: the prompt is what chosen and rejected share at the start "
                      "(TRL's implicit prompt)", self.path)
@@ -378,7 +385,7 @@ class HFPreferenceData(PreferenceData):
                 return self._tokenize(dataset, rows, split, part, tokenizer, cache_dir)
         except UnicodeDecodeError as err:  # the json reader may pass bad bytes on to the first read of a value
             self._diagnose()
-            raise InputError(f"data.path={self.path!r}: not valid UTF-8 ({_reason(err)}); re-save it as UTF-8") from None
+            raise InputError(f"{self.key}.path={self.path!r}: not valid UTF-8 ({_reason(err)}); re-save it as UTF-8") from None
 
     def _tokenize(self, dataset, rows: list[int] | None, split: str, part: str, tokenizer,
                   cache_dir: Path) -> list[Example]:
@@ -418,7 +425,7 @@ class HFPreferenceData(PreferenceData):
         items = (reason or Example(prompt, completions, scores=scores if self.pools else None)
                  for prompt, completions, scores, reason
                  in zip(table["prompt_ids"], table["completion_ids"], table["scores"], table["skip"]))
-        return self.finish(items, len(dataset), f"data.path={self.path!r}", part)
+        return self.finish(items, len(dataset), f"{self.key}.path={self.path!r}", part)
 
     def _use_chat_template(self, tokenizer) -> None:
         """`data.chat_template` (a Jinja string or a file) replaces the tokenizer's; it is saved with
@@ -443,22 +450,23 @@ class HFPrompts(HFPreferenceData):
     and counted; a prompt that is neither a string nor a list of {role, content} messages stops with one line."""
 
     column: str = "prompt"
+    key: str = field(default="prompts", repr=False, compare=False)  # `prefrun train` sets data.prompts
 
     def _check_settings(self) -> None:
         if not self.path:
-            raise InputError("prompts.path is not set: give a hub id, a data file, a directory of them or a "
+            raise InputError(f"{self.key}.path is not set: give a hub id, a data file, a directory of them or a "
                              "save_to_disk directory, or null for the built-in task's prompts")
         if not self.column:
-            raise InputError("prompts.column is empty: name the column (or field path) that holds the prompts")
+            raise InputError(f"{self.key}.column is empty: name the column (or field path) that holds the prompts")
         self._check_common()
 
     def _select_columns(self, dataset, split: str):
         root = self.column.split(".")[0]
         if root not in dataset.column_names:
-            raise InputError(f"prompts.path={self.path!r} (split {split!r}): no prompt column {root!r} (its columns: "
-                             f"{list(dataset.column_names)}); name yours with prompts.column=<column>")
+            raise InputError(f"{self.key}.path={self.path!r} (split {split!r}): no prompt column {root!r} (its columns: "
+                             f"{list(dataset.column_names)}); name yours with {self.key}.column=<column>")
         if len(dataset) == 0:
-            raise InputError(f"prompts.path={self.path!r}: split {split!r} has no records")
+            raise InputError(f"{self.key}.path={self.path!r}: split {split!r} has no records")
         return dataset.select_columns([root])
 
     def prompts(self) -> list:
@@ -475,9 +483,9 @@ class HFPrompts(HFPreferenceData):
                 _kind(prompt, "prompt", lambda r=row: where(r), {"prompt": self.column})
             prompts.append(prompt)
         if skipped:
-            log.warning("prompts.path=%r: skipped %d records (%s)", self.path, sum(skipped.values()), dict(skipped))
+            log.warning("%s.path=%r: skipped %d records (%s)", self.key, self.path, sum(skipped.values()), dict(skipped))
         if not prompts:
-            raise InputError(f"prompts.path={self.path!r}: no usable prompts in column {self.column!r}")
+            raise InputError(f"{self.key}.path={self.path!r}: no usable prompts in column {self.column!r}")
         return prompts
 
 
@@ -493,6 +501,10 @@ class GeneratedPreferences(PreferenceData):
     num_prompts: int = 2048
     prompts: Any = None  # an HFPrompts (conf/generate.yaml's `prompts` keys), or None: the task's prompts
     eval_split: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, HFPrompts):
+            self.prompts.key = "data.prompts"  # what its messages name
 
     @property
     def uses_task(self) -> bool:
