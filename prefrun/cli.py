@@ -55,6 +55,8 @@ def config_dir() -> str:
 
 
 _held_stderr: list = []
+# Hydra's flags that print (the config, help) instead of running
+_PRINT_ONLY = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
 
 
 def _hold_hydras_errors() -> None:
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
 
     env_from_job()  # `srun` tasks as ranks, before Hydra picks the run directory (the same one for all of them)
     sys.argv = [f"prefrun {argv[0]}", *argv[1:]]
+    if int(os.environ.get("RANK", "0")) > 0 and any(a.split("=")[0] in _PRINT_ONLY for a in argv[1:]):
+        return  # Hydra prints and runs nothing: the main process prints it once
     _hold_hydras_errors()
     try:
         command()  # errors leave through sys.exit, without waiting for the other processes

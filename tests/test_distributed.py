@@ -358,7 +358,7 @@ def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
 def test_a_bad_record_or_override_stops_two_processes_with_one_line_printed_once(tmp_path):
     """Every process reads the data and stops on the same record: the line was printed once per process. The
     main process prints it; the others stay quiet when it says the same (and speak when it does not). The same
-    for a bad override, which Hydra reports before prefrun runs."""
+    for a bad override, which Hydra reports before prefrun runs, and for what Hydra prints instead of running."""
     pairs = tmp_path / "pairs.jsonl"
     good = {"prompt": "sort 3 1:", "chosen": "13", "rejected": "31"}
     pairs.write_text("".join(json.dumps(r) + "\n" for r in [good, {**good, "chosen": ["x"]}, good]))
@@ -370,6 +370,8 @@ def test_a_bad_record_or_override_stops_two_processes_with_one_line_printed_once
     out = launch(["train", "trainer.batchsize=4"], tmp_path, ENV, check=False)
     said = out.stdout + out.stderr
     assert out.returncode != 0 and said.count("Could not override 'trainer.batchsize'") == 1, said[-3000:]
+    out = launch(["train", "--cfg", "job"], tmp_path, ENV)  # what Hydra prints instead of running: once too
+    assert out.stdout.count("\nseed: ") + out.stdout.startswith("seed: ") == 1, out.stdout[-3000:]
 
 
 @pytest.mark.parametrize("fault, line", [
