@@ -221,6 +221,7 @@ def _sharded_online(ctx, launch: list[str], run_dir: Path) -> dict:
     return {"first losses": " ".join(f"{first[t]:.4f}" for t in (1, 2)),
             "probe max diff": max(r.get("sync/max_abs_logp_diff", 0.0) for r in rounds),
             "push files (round 2)": rounds[1].get("sync/push_buckets", "-"),
+            "push MiB (round 2; bf16: 2 bytes a weight)": round(rounds[1].get("sync/push_bytes", 0) / 2**20, 1),
             "round s (round 2)": round(sum(v for k, v in rounds[1].items() if k.startswith("round/time/")), 1)}
 
 
