@@ -70,6 +70,17 @@ def _hold_hydras_errors() -> None:
         sys.stderr = io.StringIO()
 
 
+def _speak_unless_main_did(wait_s: float = 10.0) -> None:
+    """Hydra's error on a process that is not the main one: the main process, making the same error, prints it and
+    exits, and the launcher then stops this one (torchrun sends SIGTERM) while it waits. Leaving at once instead
+    had the launcher stop the main process before it printed anything. When no signal comes, the error was this
+    process's alone, and it prints it."""
+    time.sleep(wait_s)
+    held = sys.stderr.getvalue() if hasattr(sys.stderr, "getvalue") else ""
+    _release_stderr()
+    sys.stderr.write(held)
+
+
 def _release_stderr() -> None:
     if _held_stderr:
         sys.stderr = _held_stderr.pop()
@@ -268,6 +279,10 @@ def main(argv: list[str] | None = None) -> None:
     _hold_hydras_errors()
     try:
         command()  # errors leave through sys.exit, without waiting for the other processes
+    except SystemExit as stop:
+        if _held_stderr and stop.code not in (None, 0):  # Hydra stopped this process before prefrun's code ran
+            _speak_unless_main_did()
+        raise
     finally:
         _release_stderr()
     finish()
