@@ -129,7 +129,7 @@ def finish() -> None:
         return
     dist.barrier()
     try:
-        store, world = dist.distributed_c10d._get_default_store(), world_size()
+        store, world = _store(), world_size()
     except (AttributeError, RuntimeError, ValueError):  # torch's own store, private: without it, only the barrier
         store = None
     dist.destroy_process_group()

@@ -52,7 +52,8 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         value = cfg.get(key)
         kinds = (int, float) if key == "epochs" else int
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise InputError(f"trainer.{key}={value!r}: give a whole number (or null where the default is null)")
+            what = "a number" if key == "epochs" else "a whole number"
+            raise InputError(f"trainer.{key}={value!r}: give {what} (or null where the default is null)")
     precision = mixed_precision(cfg.mixed_precision)
     # A collective waits this long for the slowest process (a long judge or engine start on one of them).
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.get("dist_timeout_s") or 1800))
