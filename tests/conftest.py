@@ -26,9 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # The suite runs two tests at a time (pytest-xdist, `-n auto` in pyproject.toml; a module is a worker's unit).
-# A module marked `alone` (jobs of several processes, whose gloo collectives spin while they wait, vLLM
-# engines under timeouts, and the default job as a user runs it, with every core: its numbers depend on the
-# threads' summation order) has the machine to itself, every core included: every module holds a lock for as
+# A module marked `alone` (jobs of two processes that keep both cores busy: test_distributed.py, test_fsdp2.py)
+# has the machine to itself, every core included: every module holds a lock for as
 # long as it runs, shared, or exclusive when it is `alone`; and the `alone` modules are collected last, so
 # that the others run in pairs first. Without xdist nothing is locked.
 

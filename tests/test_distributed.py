@@ -47,6 +47,19 @@ def launch(args: list[str], cwd, env: dict, *, config: str | None = None, proces
     return proc
 
 
+def beside(args: list[str], cwd, env: dict) -> subprocess.Popen:
+    """`prefrun <args>` on one process, started in the background: a one-process run that a test compares with a
+    multi-process one runs while the other starts (each process is one thread, ENV: on two cores the pair took
+    19 s instead of 29 s one after the other). Give each its own cache: two jobs never build an entry at once."""
+    return subprocess.Popen([sys.executable, "-m", "prefrun", *args], cwd=cwd, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(proc: subprocess.Popen) -> None:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, f"{' '.join(proc.args)} failed ({proc.returncode}):\n{out[-6000:]}"
+
+
 def _rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -68,12 +81,13 @@ def test_the_shipped_fsdp_config_on_two_processes_with_an_empty_cache_equals_one
     """transformers zeroes the weights of local ranks other than 0 under this config (RAM-efficient loading); the
     processes must still generate, judge and score with the real weights, and build the cache once."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(["train", *JOB, "trainer.batch_size=8", f"hydra.run.dir={one}"], tmp_path,
-            {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache-one")})
+    single = beside(["train", *JOB, "trainer.batch_size=8", f"hydra.run.dir={one}"], tmp_path,
+                    {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache-one")})
     config = tmp_path / "fsdp.yaml"
     shutil.copy(REPO / "docs" / "accelerate" / "fsdp.yaml", config)
     out = launch(["train", *JOB, "trainer.batch_size=4", f"hydra.run.dir={two}"], tmp_path,
                  {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache-two")}, config=str(config))
+    finished(single)
     log = (two / "train.log").read_text()
     assert log.count("accelerate: 2 process(es)") == 1, "one writer for train.log"
     assert (out.stdout + out.stderr).count("judged score [sampled") == 1, "the console prints once"
@@ -96,8 +110,10 @@ def online_runs(tmp_path_factory):
     """The same APO job, uninterrupted, on one process (batch 8) and on two (batch 4 each)."""
     root = tmp_path_factory.mktemp("online")
     env = {**ENV, "PREFRUN_CACHE": str(root / "cache")}
-    run_cli(["train", *ONLINE, "trainer.batch_size=8", f"hydra.run.dir={root / 'one'}"], root, env)
+    single = beside(["train", *ONLINE, "trainer.batch_size=8", f"hydra.run.dir={root / 'one'}"], root,
+                    {**env, "PREFRUN_CACHE": str(root / "cache-one")})
     out = launch(["train", *ONLINE, "trainer.batch_size=4", f"hydra.run.dir={root / 'two'}"], root, env)
+    finished(single)
     return root, env, out
 
 
@@ -188,11 +204,13 @@ def test_mcpo_under_real_fsdp2_killed_and_resumed_from_sharded_checkpoints_equal
     and losses, negatives, evaluation and the gathered checkpoint-final equal one process at the same global batch."""
     env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
     job = [*(a for a in JOB if a != "trainer.save_final=false"), "experiment=mcpo_tiny"]
-    run_cli(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, env)
+    single = beside(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path,
+                    {**env, "PREFRUN_CACHE": str(tmp_path / "cache-one")})
     config, sharded = fsdp_on_cpu(tmp_path)
     two = ["train", *job, "trainer.batch_size=4", sharded, f"hydra.run.dir={tmp_path / 'two'}"]
     killed = launch(two, tmp_path, {**env, "PREFRUN_FAULT": "train:5:kill"}, config=str(config), check=False)
     assert killed.returncode != 0
+    finished(single)
     sharded_checkpoint(tmp_path / "two" / "checkpoints" / "step-3")
     launch(two, tmp_path, env, config=str(config))
     log = (tmp_path / "two" / "train.log").read_text()
@@ -252,11 +270,13 @@ def test_lora_apo_rounds_under_real_zero3_killed_and_resumed_equal_one_process(t
     job = [*(a for a in ONLINE if a not in ("online.rounds=3", "data.num_prompts=600", "generator.shard_size=64")),
            "online.rounds=2", "data.num_prompts=128", "generator.shard_size=32", "+model/lora=default",
            "model.lora.merge=true", "trainer.max_steps=4", "trainer.save_every=2"]  # 64 prompts a round, 2 shards
-    run_cli(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, env)
+    single = beside(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path,
+                    {**env, "PREFRUN_CACHE": str(tmp_path / "cache-one")})
     config = str(REPO / "docs" / "accelerate" / "deepspeed_zero3.yaml")
     two = ["train", *job, "trainer.batch_size=4", "trainer.cpu_deepspeed=true", f"hydra.run.dir={tmp_path / 'two'}"]
     killed = launch(two, tmp_path, {**env, "PREFRUN_FAULT": "train:3:kill"}, config=config, check=False)
     assert killed.returncode != 0
+    finished(single)
     assert (tmp_path / "two" / "rounds" / "1" / "checkpoints" / "step-2" / "pytorch_model").is_dir()  # DeepSpeed's
     launch(two, tmp_path, env, config=config)
     log = (tmp_path / "two" / "train.log").read_text()
@@ -335,10 +355,12 @@ def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
     job = [*(a for a in ONLINE if a not in ("online.rounds=3", "data.num_prompts=600", "generator.shard_size=64")),
            "online.rounds=2", "data.num_prompts=128", "generator.shard_size=32", "+model/lora=default",
            "trainer.save_every=3"]  # 64 prompts a round, 2 shards
-    run_cli(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, env)
+    single = beside(["train", *job, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path,
+                    {**env, "PREFRUN_CACHE": str(tmp_path / "cache-one")})
     config, sharded = fsdp_on_cpu(tmp_path)
     launch(["train", *job, "trainer.batch_size=4", sharded, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path, env,
            config=config)
+    finished(single)
     assert "accelerate: 2 process(es), FSDP" in (tmp_path / "two" / "train.log").read_text()
     for t in (1, 2):
         assert (tmp_path / "two" / "rounds" / str(t) / "pools.jsonl").read_text() == \
@@ -408,8 +430,9 @@ def test_prefrun_generate_on_two_processes_writes_what_one_process_writes(tmp_pa
     args = ["generate", *[a for a in TINY_JOB if a.startswith("model.")], "generator=hf", "generator.num_candidates=4",
             "generator.max_new_tokens=10", "num_prompts=48", "shard_size=6"]
     one, two = tmp_path / "one" / "pools.jsonl", tmp_path / "two" / "pools.jsonl"
-    run_cli([*args, f"output={one}"], tmp_path, env)
+    single = beside([*args, f"output={one}"], tmp_path, {**env, "PREFRUN_CACHE": str(tmp_path / "cache-one")})
     out = launch([*args, f"output={two}"], tmp_path, env)
+    finished(single)
     assert two.read_text() == one.read_text()
     assert len(list(two.with_name("pools.jsonl.shards").glob("shard-*.jsonl"))) == 8
     assert (out.stdout + out.stderr).count("pools: 48 prompts x 4 candidates") == 1  # printed once
