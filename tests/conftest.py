@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -25,43 +24,17 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-# The suite runs two tests at a time (pytest-xdist, `-n auto` in pyproject.toml; a module is a worker's unit).
-# A module marked `alone` (jobs of two processes that keep both cores busy: test_distributed.py, test_fsdp2.py)
-# has the machine to itself, every core included: every module holds a lock for as
-# long as it runs, shared, or exclusive when it is `alone`; and the `alone` modules are collected last, so
-# that the others run in pairs first. Without xdist nothing is locked.
+# The suite runs two tests at a time (pytest-xdist, `-n auto` in pyproject.toml; a module is a worker's unit), a
+# thread each (above). Every module shares the cores, also those whose jobs run two processes (one thread each)
+# or a vLLM engine: run alone, with the machine to itself, such modules kept 1.6 cores busy at most (vLLM ones
+# 0.8-1.3) and, run last, one after the other, made the suite 21 minutes; sharing, 18.5 (2026-12-06).
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """`alone` modules last; before them, the modules with the most end-to-end (`slow`) tests first, so that
-    the modules a worker still holds when the `alone` ones start (xdist hands out two at a time) are short."""
+    """The modules with the most end-to-end (`slow`) tests first (test_distributed.py, the longest, starts at once
+    on one worker while the other takes the rest), so that the last ones each worker holds are short."""
     slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: (item.get_closest_marker("alone") is not None, -slow[item.module.__name__]))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _machine_share(request, tmp_path_factory):
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    marks = getattr(request.module, "pytestmark", [])
-    alone = any(mark.name == "alone" for mark in (marks if isinstance(marks, list) else [marks]))
-    threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    # Every worker's base directory lies in the run's own (pytest keeps the last three runs', removes older).
-    with open(tmp_path_factory.getbasetemp().parent / "machine.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-        if alone:  # the machine to itself: every core, as a run on its own has them
-            os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
-            torch.set_num_threads(os.cpu_count() or 1)
-        try:
-            yield
-        finally:
-            if alone and threads[0] is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            elif alone:
-                os.environ["OMP_NUM_THREADS"] = threads[0]
-            torch.set_num_threads(threads[1])
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    items.sort(key=lambda item: -slow[item.module.__name__])
 
 
 def build_bpe_model(path: Path, *, hidden: int = 64, layers: int = 2, heads: int = 2, vocab: int = 320,

@@ -22,7 +22,7 @@ from prefrun.online import load_weights
 from .conftest import REPO, TINY_JOB, accelerate_launch, fsdp_on_cpu, run_cli, sharded_checkpoint
 from .test_faults import signal_at_fault
 
-pytestmark = [pytest.mark.slow, pytest.mark.alone]
+pytestmark = pytest.mark.slow
 
 JOB = [*TINY_JOB, "eval.num_prompts=16", "trainer.max_steps=6", "trainer.log_every=1", "trainer.save_final=false",
        "trainer.save_every=3"]

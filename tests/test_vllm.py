@@ -19,7 +19,6 @@ from prefrun.generate import HFGenerator, VLLMGenerator, prompt_ids
 from prefrun.tasks import SortDigits
 from prefrun.tiny import TinyLlama
 
-# Not `alone` (tests/conftest.py): it kept 0.8-1.3 of two cores busy alone; another module runs beside it
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
 K, MAX_NEW = 4, 16

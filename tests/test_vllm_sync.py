@@ -25,7 +25,6 @@ from prefrun.tasks import SortDigits
 
 from .conftest import char_llama, teacher_forced
 
-# Not `alone` (tests/conftest.py): it kept 0.8-1.3 of two cores busy alone; another module runs beside it
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
