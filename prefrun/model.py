@@ -255,6 +255,12 @@ def iter_full_weights(model, *, tied: bool = False, buffers: bool = False,
         tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         return tensor.to("cpu", copy=True) if to_cpu else tensor
 
+    def base(tensor: torch.Tensor, lora: list) -> torch.Tensor:  # a LoRA weight from its kept fp32 value, if any
+        if not (lora and _merges_in_fp32(model) and getattr(tensor, _MASTER, None) is not None):
+            return whole(tensor)
+        full = _whole_from_parts(master_or_local(tensor), tensor)  # (a collective where sharded)
+        return full.to("cpu", copy=True) if to_cpu else full.to(local(tensor).device)
+
     entries = _weight_entries(model, tied=tied, buffers=buffers)
     uses: dict[int, int] = {}
     for _, tensor, _ in entries:
@@ -262,12 +268,14 @@ def iter_full_weights(model, *, tied: bool = False, buffers: bool = False,
     kept: dict[int, torch.Tensor] = {}
     for name, tensor, lora in entries:
         key = id(tensor)
-        value = kept[key] if key in kept else whole(tensor)
+        value = kept[key] if key in kept else base(tensor, lora)
         uses[key] -= 1
         if uses[key]:
             kept[key] = value
         else:
             kept.pop(key, None)
+        if lora and _merges_in_fp32(model):
+            value = value.float()
         for delta in lora:  # the adapters' W + B·A (a new tensor: the policy is left untouched)
             value = value + whole(delta()).to(value.device, value.dtype)
         yield name, value
@@ -350,6 +358,7 @@ def write_local(param: torch.Tensor, part: torch.Tensor) -> None:
 # A parameter DeepSpeed trains in 16 bits keeps its fp32 value between rounds here, as a `_Master`.
 _MASTER = "_prefrun_fp32_master"
 _DEEPSPEED_16_BIT = "_prefrun_deepspeed_16_bit"
+_LORA_FP32 = "_prefrun_lora_fp32"
 
 
 class _Master(NamedTuple):
@@ -366,6 +375,21 @@ def mark_deepspeed_16_bit(model) -> None:
     """The policy is trained by DeepSpeed in bf16 or fp16: a round's fp32 weights written into it are kept as the
     next optimiser's masters (`write_weight`)."""
     setattr(model, _DEEPSPEED_16_BIT, True)
+
+
+def merge_lora_in_fp32(model) -> None:
+    """`trainer.master_weights=fp32` on a LoRA policy whose base is 16-bit: a LoRA weight's `W + B·A` is computed
+    in fp32 (`iter_full_weights`, `local_weights`), and a round's fp32 weights written into the frozen 16-bit base
+    (online rounds that merge their adapters) are kept as the base's fp32 value (`write_weight`: a CPU copy of
+    each adapted weight, or of this process's part of it), from which the next merge goes on. Merged straight into
+    16 bits, an update below half a step of the weight rounds away at every round boundary (docs/results.md,
+    "LoRA rounds merged into a 16-bit base"). The policy computes with the 16-bit rounding, as fp32 masters under
+    16-bit compute do."""
+    setattr(model, _LORA_FP32, True)
+
+
+def _merges_in_fp32(model) -> bool:
+    return getattr(model, _LORA_FP32, False)
 
 
 def _zero12(param) -> bool:
@@ -408,7 +432,7 @@ def restore_fp32_masters(model) -> None:
 
     for name, param in model.named_parameters():
         kept = getattr(param, _MASTER, None)
-        if kept is None:
+        if kept is None or not param.requires_grad:  # a frozen LoRA base keeps its own (`merge_lora_in_fp32`)
             continue
         delattr(param, _MASTER)
         if _zero3(param):
@@ -458,10 +482,11 @@ def holds_fp32_fragments(model) -> bool:
 def write_weight(model, param: torch.Tensor, part: torch.Tensor) -> None:
     """`write_local` for a round's weights: into a policy DeepSpeed trains in 16 bits (`mark_deepspeed_16_bit`) the
     parameter gets the rounded value, and an fp32 value is kept as its master for the next round's optimiser
-    (`restore_fp32_masters`)."""
+    (`restore_fp32_masters`); into the frozen 16-bit base of a LoRA policy that merges in fp32
+    (`merge_lora_in_fp32`) likewise, kept as the value the next merge starts from."""
     write_local(param, part)
-    if getattr(model, _DEEPSPEED_16_BIT, False) and param.requires_grad and part.dtype == torch.float32 \
-            and local(param).dtype != torch.float32:
+    keeps = getattr(model, _DEEPSPEED_16_BIT, False) if param.requires_grad else _merges_in_fp32(model)
+    if keeps and part.dtype == torch.float32 and local(param).dtype != torch.float32:
         # A partition is copied (it may be a view of a whole tensor); a whole one is kept as given.
         setattr(param, _MASTER, _Master(part.detach().to("cpu", copy=_zero3(param)),
                                         "partition" if _zero3(param) else "whole"))
@@ -535,8 +560,9 @@ def _whole_from_parts(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
         dist.all_gather(parts, part.contiguous(), group=group)
         return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
-    if _is_dtensor(param):
-        return DTensor.from_local(part.to(param.device, param.dtype), param.device_mesh, param.placements,
+    if _is_dtensor(param):  # (fp32 parts of a 16-bit parameter, its kept fp32 value, stay fp32)
+        dtype = part.dtype if part.dtype == torch.float32 else param.dtype
+        return DTensor.from_local(part.to(param.device, dtype), param.device_mesh, param.placements,
                                   run_check=False, shape=param.shape, stride=param.stride()).full_tensor()
     return part
 
@@ -558,6 +584,8 @@ def local_weights(model) -> LocalShards:
     out = LocalShards()
     for name, tensor, lora in _weight_entries(model, tied=False, buffers=False):
         value = master_or_local(tensor).detach().to("cpu", copy=True)
+        if lora and _merges_in_fp32(model):
+            value = value.float()
         for delta in lora:
             full = delta().detach()
             full = full.full_tensor() if isinstance(full, DTensor) else full

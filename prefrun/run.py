@@ -48,6 +48,7 @@ from prefrun.model import (
     loaded_dtype,
     local_weights,
     mark_deepspeed_16_bit,
+    merge_lora_in_fp32,
     resharded,
     resolve_model_path,
     save_policy,
@@ -63,6 +64,7 @@ from prefrun.online import (
     fitting_prompts,
     load_weights,
     log_round,
+    merges_adapters,
     prompt_folds,
     restore_round,
     round_row,
@@ -264,7 +266,8 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     if results and not any(r.get("round/trained", 1) for r in results):
         log.warning("online: none of the %d rounds trained (every pool was skipped, lines above): the final policy "
                     "is the starting one", len(results))
-    _save_final(cfg, accelerator, policy, tokenizer, record.dir)  # θ̂_T: no extrapolation after the last round
+    # θ̂_T: no extrapolation after the last round. With merged LoRA rounds the base holds it, the adapters are fresh.
+    _save_final(cfg, accelerator, policy, tokenizer, record.dir, merged_rounds=merges_adapters(online, lora))
     after = results[-1]["eval"].get("policy_hat", {}) if results else {}
     if accelerator.is_main_process:
         summary = record.summary({"model": name_or_path, "online": OmegaConf.to_container(cfg.online), "rounds": results,
@@ -423,6 +426,8 @@ def _master_weights(cfg, accelerator, policy) -> None:
     if choice not in ("fp32", "model"):
         raise InputError(f"trainer.master_weights={choice!r}: choose fp32 (trainable weights held in fp32) or model "
                          "(trained in the dtype the model was loaded in)")
+    if choice == "fp32" and hasattr(policy, "peft_config") and loaded_dtype(policy) in (torch.bfloat16, torch.float16):
+        merge_lora_in_fp32(policy)  # online rounds merge the adapters into a kept fp32 copy of the base's weights
     if accelerator.distributed_type == "DEEPSPEED" and accelerator.mixed_precision != "no":
         _in_deepspeed_precision(accelerator, policy)
         return
@@ -506,11 +511,17 @@ def _scoring_batch(cfg) -> int:
     return cfg.trainer.reference_batch_size or cfg.trainer.batch_size
 
 
-def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path) -> None:
+def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path, *, merged_rounds: bool = False) -> None:
+    """checkpoint-final. `merged_rounds`: online LoRA rounds merged each round's adapters into the base weights
+    (`merges_adapters`): the adapters alone would be the last round's fresh ones, over a base that is no longer the
+    one loaded, so the merged full model is saved whatever model.lora.merge says."""
     if not cfg.trainer.save_final:
         return
     lora = cfg.model.get("lora")
-    merge = bool(lora and lora.merge)
+    merge = bool(lora and (lora.merge or merged_rounds))
+    if lora and merged_rounds and not lora.merge:
+        log.info("checkpoint-final holds the merged full model: online LoRA rounds merge each round's adapters into "
+                 "the base weights (online.ref=previous), so adapters alone cannot hold the policy")
     path = run_dir / "checkpoint-final"
     if not lora and holds_fp32_masters(policy):  # DeepSpeed in 16 bits: the fp32 masters, as the rounds' files hold
         weights = local_weights(policy)  # put together from every process's fragments (ZeRO-1/2): a collective
@@ -522,7 +533,8 @@ def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path) -> None:
         return
     # Every process takes part: under FSDP or DeepSpeed ZeRO-3 this gathers the shards (with LoRA under FSDP2:
     # the adapters, or the merged weights).
-    if lora and distributed.is_sharded(policy):
+    if lora and (distributed.is_sharded(policy) or merge and holds_fp32_masters(policy)):
+        # (a base merged in fp32 holds its weights in the kept copies: merge_and_unload would merge into 16 bits)
         state_dict = full_weights(policy, buffers=True) if merge else adapter_state(policy)
     else:  # DeepSpeed gathers through its engine (the prepared model), not the module it wraps
         engine = next((m for m in accelerator._models if hasattr(m, "zero_gather_16bit_weights_on_model_save")),

@@ -349,8 +349,8 @@ def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
     """APO with LoRA, 2 rounds, through FSDP2 on two CPU processes: pools and evaluation sample through PEFT's
     `generate`, which skips the root module's forward (the root's parameters are gathered around it); round 1's
     adapters are merged and extrapolated into the sharded base and fresh adapters drawn as one process draws them
-    (on the shards they came out other, and round 2 diverged); checkpoint-final holds the adapters gathered from
-    the shards. Pools, losses, evaluation and adapters equal one process at the same global batch."""
+    (on the shards they came out other, and round 2 diverged); checkpoint-final holds the merged model gathered
+    from the shards. Pools, losses, evaluation and the merged final model equal one process at the same global batch."""
     env = {**ENV, "PREFRUN_CACHE": str(tmp_path / "cache")}
     job = [*(a for a in ONLINE if a not in ("online.rounds=3", "data.num_prompts=600", "generator.shard_size=64")),
            "online.rounds=2", "data.num_prompts=128", "generator.shard_size=32", "+model/lora=default",
@@ -371,10 +371,13 @@ def test_lora_apo_rounds_under_real_fsdp2_equal_one_process(tmp_path):
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     _same_rows(one, two, tuple(k for k in ROUND_KEYS if k != "grad_norm"))  # (sharded: summed in another order)
     assert [r["loss"] for r in two if r.get("round_step") == 1] == pytest.approx([0.6931472] * 2, abs=1e-5)
-    adapters = [load_file(tmp_path / d / "checkpoint-final" / "adapter_model.safetensors") for d in ("one", "two")]
-    assert sorted(adapters[0]) == sorted(adapters[1]) and any("lora_B" in name for name in adapters[0])
-    for name in adapters[0]:
-        torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-5, rtol=1e-4)
+    # The last round's adapters were merged too: checkpoint-final is the merged model gathered from the shards, θ̂_2.
+    final = [load_file(tmp_path / d / "checkpoint-final" / "model.safetensors") for d in ("one", "two")]
+    hat = load_weights(tmp_path / "two" / "rounds" / "2" / "policy_hat")
+    assert sorted(final[0]) == sorted(final[1]) == sorted(hat) and not any("lora_" in name for name in hat)
+    for name in final[0]:
+        torch.testing.assert_close(final[1][name], final[0][name], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(final[1][name], hat[name], atol=0, rtol=0)
 
 
 def test_a_bad_record_or_override_stops_two_processes_with_one_line_printed_once(tmp_path):

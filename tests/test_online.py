@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
-from prefrun.model import check_zero3_writable
+from prefrun.model import check_zero3_writable, hold_in_fp32, merge_lora_in_fp32
 from prefrun.model import full_weights as policy_weights
 from prefrun.online import OnlineConfig, load_weights, prompt_folds, set_policy_weights
 
@@ -79,6 +79,55 @@ def test_lora_extrapolation_acts_on_the_merged_deltas_not_on_a_and_b():
     b = extrapolate_parameters(factors_2[b_name], factors_1[b_name], alpha)
     separately = base[q] + (b @ a) * (8 / 4)
     assert (separately - theta[q]).abs().max() > 1e-2
+
+
+def _lora_rounds(policy, updates: int) -> None:
+    """`updates` rounds that each train a small B·A (a thousandth of the weights: below half a bf16 step for most
+    entries) and merge it into the base, as online rounds with ref=previous do."""
+    for t in range(updates):
+        generator = torch.Generator().manual_seed(10 + t)
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.002)
+        set_policy_weights(policy, policy_weights(policy), seed=t)
+
+
+def test_lora_rounds_merged_into_a_bf16_base_keep_their_updates_in_fp32():
+    """trainer.master_weights=fp32 on a LoRA policy loaded in bf16: each round's W + B·A is computed in fp32 and
+    kept beside the frozen bf16 base (which computes with its rounding), so four small merged updates add up as in
+    fp32; merged straight into bf16 most of them round away. A resume from the saved fp32 weights goes on
+    exactly."""
+    q = "model.layers.0.self_attn.q_proj.weight"
+    exact = _lora(_tiny_llama())
+    hold_in_fp32(exact)
+    _lora_rounds(exact, 4)  # fp32 throughout: the reference
+    start = _tiny_llama().to(torch.bfloat16).state_dict()[q].float()
+    update = policy_weights(exact)[q] - _tiny_llama().state_dict()[q]
+
+    merged = {}
+    for fp32 in (True, False):
+        policy = _lora(_tiny_llama().to(torch.bfloat16))
+        hold_in_fp32(policy)  # the adapters in fp32, the base frozen in bf16
+        if fp32:
+            merge_lora_in_fp32(policy)
+        _lora_rounds(policy, 4)
+        merged[fp32] = policy_weights(policy)
+        base = dict(policy.get_base_model().named_parameters())[q.replace(".q_proj.", ".q_proj.base_layer.")]
+        assert base.dtype == torch.bfloat16 and merged[fp32][q].dtype == (torch.float32 if fp32 else torch.bfloat16)
+        torch.testing.assert_close(base, merged[fp32][q].to(torch.bfloat16), atol=0, rtol=0)  # it computes with it
+
+    def error(weights):  # of the merged update, relative to the fp32 one
+        return float((weights[q].float() - start - update).norm() / update.norm())
+
+    assert error(merged[True]) < 1e-3 and error(merged[False]) > 0.3, (error(merged[True]), error(merged[False]))
+    # A resume reads the round's fp32 weights back into a fresh bf16 policy: the next merge goes on from them.
+    resumed = _lora(_tiny_llama().to(torch.bfloat16))
+    hold_in_fp32(resumed)
+    merge_lora_in_fp32(resumed)
+    set_policy_weights(resumed, merged[True], seed=0)
+    again = policy_weights(resumed)
+    assert all(torch.equal(again[name], merged[True][name]) for name in merged[True])
 
 
 def test_zero3_configs_whose_partitions_rounds_cannot_write_are_refused_in_one_line():
@@ -149,10 +198,15 @@ def _weights(directory):
 
 @pytest.mark.slow
 def test_apo_alpha_zero_is_iterative_dpo_and_extrapolation_matches_the_saved_rounds(tmp_path, cache_dir):
+    """α = 0 is iterative DPO. APO (α = 0.3) runs with LoRA (online.ref=previous: each round's adapters merged into
+    the base, fresh ones drawn) on the model loaded in bf16, at a learning rate whose updates are mostly below half
+    a bf16 step of the weights: the merged weights are computed, extrapolated, kept and saved in fp32
+    (trainer.master_weights=fp32), so every update counts, and checkpoint-final is the merged model θ̂_2."""
     iterative, apo0, apo = tmp_path / "iterative", tmp_path / "apo0", tmp_path / "apo"
     run_cli(["train", *ROUNDS, "online=iterative", f"hydra.run.dir={iterative}"], tmp_path)
     run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0", f"hydra.run.dir={apo0}"], tmp_path)
-    run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0.3", "logger=wandb", f"hydra.run.dir={apo}"], tmp_path,
+    run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0.3", "+model/lora=default", "model.lora.r=4",
+             "model.dtype=bfloat16", "optim.lr=1e-5", "logger=wandb", f"hydra.run.dir={apo}"], tmp_path,
             env_extra={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
 
     # α = 0: the same run as iterative DPO, row for row and weight for weight, though it went through the
@@ -204,33 +258,26 @@ def test_apo_alpha_zero_is_iterative_dpo_and_extrapolation_matches_the_saved_rou
     compared = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
     assert list(compared) == ["round-1", "round-1-extrapolated", "round-2"]
 
-    # θ_1 = θ̂_1 + α(θ̂_1 − θ̂_0), θ̂_0 the starting weights; the last round is not extrapolated (θ_2 = θ̂_2 = output).
+    # θ_1 = θ̂_1 + α(θ̂_1 − θ̂_0), θ̂_0 the start as loaded (bf16), in the dtype each weight of θ̂_1 is kept in
+    # (LoRA ones: fp32); the last round is not extrapolated (θ_2 = θ̂_2 = output).
     [start] = list((cache_dir / "models").glob("tiny-llama-*"))
-    hat_0, hat_1 = load_weights(start), load_weights(apo / "rounds" / "1" / "policy_hat")
-    theta_1 = load_weights(apo / "rounds" / "1" / "policy")
-    for name in hat_1:
-        torch.testing.assert_close(theta_1[name], hat_1[name] + 0.3 * (hat_1[name] - hat_0[name]), atol=1e-6, rtol=0)
-    assert (apo / "rounds" / "2" / "policy").is_symlink()
-    final, hat_2 = _weights(apo / "checkpoint-final"), load_weights(apo / "rounds" / "2" / "policy_hat")
-    for name in hat_2:
-        assert torch.equal(final[name], hat_2[name])
-    # And the extrapolation changed what round 2 did.
-    assert _weights(apo / "checkpoint-final")["model.embed_tokens.weight"].ne(
-        _weights(apo0 / "checkpoint-final")["model.embed_tokens.weight"]).any()
-
-
-@pytest.mark.slow
-def test_apo_with_lora_extrapolates_the_merged_weights(tmp_path, cache_dir):
-    run = tmp_path / "run"
-    run_cli(["train", *ROUNDS, "online=apo", "online.alpha=0.3", "+model/lora=default", "model.lora.r=4",
-             "optim.lr=1e-2", f"hydra.run.dir={run}"], tmp_path)
-    [start] = list((cache_dir / "models").glob("tiny-llama-*"))
-    hat_0, hat_1 = load_weights(start), load_weights(run / "rounds" / "1" / "policy_hat")
-    theta_1 = load_weights(run / "rounds" / "1" / "policy")
+    hat_1, theta_1 = load_weights(apo / "rounds" / "1" / "policy_hat"), load_weights(apo / "rounds" / "1" / "policy")
+    hat_0 = {name: value.to(torch.bfloat16).to(hat_1[name].dtype) for name, value in load_weights(start).items()}
     q = "model.layers.0.self_attn.q_proj.weight"
-    assert (hat_1[q] - hat_0[q]).abs().max() > 1e-4  # the adapters trained
+    assert hat_1[q].dtype == theta_1[q].dtype == torch.float32 and hat_1["model.norm.weight"].dtype == torch.bfloat16
+    moved = hat_1[q] != hat_0[q]
+    assert moved.float().mean() > 0.9  # the adapters trained, and every update was kept...
+    assert (hat_1[q].to(torch.bfloat16).float() == hat_0[q])[moved].float().mean() > 0.5  # ...most below bf16's step
     for name in hat_1:
-        torch.testing.assert_close(theta_1[name], hat_1[name] + 0.3 * (hat_1[name] - hat_0[name]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(theta_1[name], hat_1[name] + 0.3 * (hat_1[name] - hat_0[name]), atol=1e-7, rtol=0)
+    assert (apo / "rounds" / "2" / "policy").is_symlink()
+    # The last round's adapters were merged too and restarted: checkpoint-final is the merged model, θ̂_2 (adapters
+    # alone, fresh ones over the base as loaded, would have been the starting policy).
+    final, hat_2 = _weights(apo / "checkpoint-final"), load_weights(apo / "rounds" / "2" / "policy_hat")
+    assert not (apo / "checkpoint-final" / "adapter_config.json").exists() and sorted(final) == sorted(hat_2)
+    assert (final[q] != theta_1[q]).float().mean() > 0.9  # round 2 trained from θ_1
+    for name in hat_2:
+        assert torch.equal(final[name], hat_2[name]), name
 
 
 @pytest.mark.slow
