@@ -23,7 +23,6 @@ from .test_distributed import launch
 from .wandb_records import run_info
 
 
-
 class LengthJudge(Judge):
     """A user's judge with a known behaviour: the longer answer wins, P = σ(len(a) - len(b) + bias) for the answer
     shown first, so with `bias` > 0 it favours whichever answer is shown first. Counts the pairs it judges."""

@@ -25,7 +25,6 @@ from prefrun.tasks import SortDigits
 
 from .conftest import char_llama, teacher_forced
 
-
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
 K, MAX_NEW = 2, 8
