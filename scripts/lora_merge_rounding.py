@@ -5,7 +5,12 @@ For each size of update (the median |B·A| entry relative to the median |W| entr
 to every linear weight of a bf16 model and the sum rounded to bf16, as the merge stores it; prints the share of
 entries whose update rounded away entirely and the relative error of the merged update, against fp32.
 
+With `--runs`, online LoRA runs instead (rounds/<t>/policy_hat of each run directory): per round, the share of the
+adapted (linear) weights' entries that differ from the start as the run loaded it, and the median size of that
+difference relative to the weight (what the rounds kept of their updates).
+
     python scripts/lora_merge_rounding.py [--model <dir>]   # default: the embedded tiny model (built if needed)
+    python scripts/lora_merge_rounding.py --runs <run dir> [<run dir> ...]
 """
 
 from __future__ import annotations
@@ -31,10 +36,42 @@ def embedded_model() -> str:
                                                          instantiate(cfg.task)))
 
 
+def kept_by_runs(runs: list[str]) -> None:
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from prefrun.online import load_weights
+
+    print("| run | round | adapted entries moved from the start | median move / median weight |")
+    print("|---|---|---|---|")
+    for run in map(Path, runs):
+        start = load_weights(json.loads((run / "summary.json").read_text())["model"])
+        loaded = OmegaConf.load(run / "config.yaml").model.get("dtype")
+        as_loaded = getattr(torch, loaded) if loaded in ("bfloat16", "float16") else torch.float32
+        rounds = sorted((p for p in (run / "rounds").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        for round_dir in rounds:
+            hat = load_weights(round_dir / "policy_hat")
+            names = [n for n in hat if n.endswith("proj.weight")]
+            moved = total = 0
+            ratios = []
+            for name in names:
+                before = start[name].to(as_loaded).float()
+                change = hat[name].float() - before
+                moved, total = moved + int((change != 0).sum()), total + change.numel()
+                ratios.append(float(change.abs().median() / before.abs().median()))
+            print(f"| {run.name} | {round_dir.name} | {moved / total:.1%} | {sorted(ratios)[len(ratios) // 2]:.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a model directory (default: the embedded tiny model)")
+    parser.add_argument("--runs", nargs="+", default=None, help="online LoRA run directories to read instead")
     args = parser.parse_args()
+    if args.runs:
+        kept_by_runs(args.runs)
+        return
     model = AutoModelForCausalLM.from_pretrained(args.model or embedded_model(), dtype=torch.bfloat16)
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     generator = torch.Generator().manual_seed(0)
