@@ -256,7 +256,7 @@ def iter_full_weights(model, *, tied: bool = False, buffers: bool = False,
         return tensor.to("cpu", copy=True) if to_cpu else tensor
 
     def base(tensor: torch.Tensor, lora: list) -> torch.Tensor:  # a LoRA weight from its kept fp32 value, if any
-        if not (lora and _merges_in_fp32(model) and getattr(tensor, _MASTER, None) is not None):
+        if not (lora and merges_lora_in_fp32(model) and getattr(tensor, _MASTER, None) is not None):
             return whole(tensor)
         full = _whole_from_parts(master_or_local(tensor), tensor)  # (a collective where sharded)
         return full.to("cpu", copy=True) if to_cpu else full.to(local(tensor).device)
@@ -274,7 +274,7 @@ def iter_full_weights(model, *, tied: bool = False, buffers: bool = False,
             kept[key] = value
         else:
             kept.pop(key, None)
-        if lora and _merges_in_fp32(model):
+        if lora and merges_lora_in_fp32(model):
             value = value.float()
         for delta in lora:  # the adapters' W + B·A (a new tensor: the policy is left untouched)
             value = value + whole(delta()).to(value.device, value.dtype)
@@ -388,7 +388,8 @@ def merge_lora_in_fp32(model) -> None:
     setattr(model, _LORA_FP32, True)
 
 
-def _merges_in_fp32(model) -> bool:
+def merges_lora_in_fp32(model) -> bool:
+    """True when `merge_lora_in_fp32` marked the policy."""
     return getattr(model, _LORA_FP32, False)
 
 
@@ -485,7 +486,7 @@ def write_weight(model, param: torch.Tensor, part: torch.Tensor) -> None:
     (`restore_fp32_masters`); into the frozen 16-bit base of a LoRA policy that merges in fp32
     (`merge_lora_in_fp32`) likewise, kept as the value the next merge starts from."""
     write_local(param, part)
-    keeps = getattr(model, _DEEPSPEED_16_BIT, False) if param.requires_grad else _merges_in_fp32(model)
+    keeps = getattr(model, _DEEPSPEED_16_BIT, False) if param.requires_grad else merges_lora_in_fp32(model)
     if keeps and part.dtype == torch.float32 and local(param).dtype != torch.float32:
         # A partition is copied (it may be a view of a whole tensor); a whole one is kept as given.
         setattr(param, _MASTER, _Master(part.detach().to("cpu", copy=_zero3(param)),
@@ -584,7 +585,7 @@ def local_weights(model) -> LocalShards:
     out = LocalShards()
     for name, tensor, lora in _weight_entries(model, tied=False, buffers=False):
         value = master_or_local(tensor).detach().to("cpu", copy=True)
-        if lora and _merges_in_fp32(model):
+        if lora and merges_lora_in_fp32(model):
             value = value.float()
         for delta in lora:
             full = delta().detach()

@@ -49,6 +49,7 @@ from prefrun.model import (
     local_weights,
     mark_deepspeed_16_bit,
     merge_lora_in_fp32,
+    merges_lora_in_fp32,
     resharded,
     resolve_model_path,
     save_policy,
@@ -533,8 +534,8 @@ def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path, *, merged_ro
         return
     # Every process takes part: under FSDP or DeepSpeed ZeRO-3 this gathers the shards (with LoRA under FSDP2:
     # the adapters, or the merged weights).
-    if lora and (distributed.is_sharded(policy) or merge and holds_fp32_masters(policy)):
-        # (a base merged in fp32 holds its weights in the kept copies: merge_and_unload would merge into 16 bits)
+    if lora and (distributed.is_sharded(policy) or merge and merges_lora_in_fp32(policy)):
+        # (a 16-bit base merged in fp32, from the kept copies a round left: merge_and_unload would merge in 16 bits)
         state_dict = full_weights(policy, buffers=True) if merge else adapter_state(policy)
     else:  # DeepSpeed gathers through its engine (the prepared model), not the module it wraps
         engine = next((m for m in accelerator._models if hasattr(m, "zero_gather_16bit_weights_on_model_save")),

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from prefrun import distributed
@@ -46,12 +47,18 @@ def test_lora_trains_adapters_and_can_merge(tmp_path, cache_dir, bpe_model_dir, 
     assert "trainable" in log and "0.00M trainable" not in log
     assert abs(first_row(tmp_path / "lora")["rewards/chosen"]) < 1e-4  # the reference is the base: zero rewards
 
+    # Merged, from the model loaded in bf16 at a learning rate whose updates are mostly below half a bf16 step:
+    # W + B·A in fp32 (trainer.master_weights=fp32), so every adapted entry moved; merged in bf16, most would not.
     run_cli(job(bpe_model_dir, pairs_jsonl, tmp_path / "merged", "+model/lora=default", "model.lora.r=4",
-                "model.lora.merge=true"), tmp_path)
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "checkpoint-final")
-    base = AutoModelForCausalLM.from_pretrained(bpe_model_dir)
-    changed = [n for (n, a), b in zip(merged.named_parameters(), base.parameters()) if not torch.equal(a, b)]
-    assert changed and all("proj" in n for n in changed)  # only adapted linear layers moved
+                "model.lora.merge=true", "model.dtype=bfloat16", "optim.lr=1e-5"), tmp_path)
+    merged = load_file(tmp_path / "merged" / "checkpoint-final" / "model.safetensors")
+    base = {n: p.detach().to(torch.bfloat16).float() for n, p in AutoModelForCausalLM.from_pretrained(bpe_model_dir)
+            .named_parameters()}
+    changed = [n for n, b in base.items() if n in merged and not torch.equal(merged[n].float(), b)]
+    assert changed and all("proj" in n and merged[n].dtype == torch.float32 for n in changed)  # only LoRA's moved
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (merged[q] != base[q]).float().mean() > 0.9
+    assert (merged[q].to(torch.bfloat16).float() == base[q]).float().mean() > 0.5
 
 
 def test_the_full_weights_stream_in_bounded_buckets_and_equal_the_whole():
