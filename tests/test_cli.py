@@ -1,6 +1,8 @@
-"""End to end through the real command line: `python -m prefrun train ...` in a subprocess."""
+"""End to end through the real command line: `python -m prefrun train ...` in a subprocess (forked from the
+worker's zygote, tests/zygote.py, or a fresh interpreter)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,26 @@ def test_help_and_cfg_job(tmp_path):
     job = run_cli(["train", "--cfg", "job", "loss=ipo", "loss.beta=0.25"], tmp_path).stdout
     assert "_target_: prefrun.losses.ipo_loss" in job and "beta: 0.25" in job
     assert "usage: prefrun" in run_cli([], tmp_path).stdout
+
+
+def test_a_run_forked_from_the_zygote_says_what_a_fresh_interpreter_says(tmp_path, monkeypatch):
+    """`run_cli` forks its runs from tests/zygote.py: each in the test's working directory and environment, as a
+    fresh `python -m prefrun` (PREFRUN_TEST_FRESH=1) runs it."""
+    from .conftest import _ZYGOTE
+
+    args = ["train", "--cfg", "job", "--resolve", "seed=7"]
+    env = {"PREFRUN_CACHE": str(tmp_path / "cache")}
+    forked = run_cli(args, tmp_path, env)
+    assert _ZYGOTE.fits({**os.environ, **env}) and _ZYGOTE.proc.poll() is None  # the zygote ran it
+    monkeypatch.setenv("PREFRUN_TEST_FRESH", "1")
+    fresh = run_cli(args, tmp_path, env)
+    assert f"cache_dir: {tmp_path / 'cache'}" in forked.stdout and "seed: 7" in forked.stdout
+    assert (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout)
+    bad_fresh = run_cli(["train", "trainer.batchsize=4"], tmp_path, check=False)
+    monkeypatch.delenv("PREFRUN_TEST_FRESH")
+    bad_forked = run_cli(["train", "trainer.batchsize=4"], tmp_path, check=False)
+    assert bad_forked.returncode == 1 and "Could not override 'trainer.batchsize'" in bad_forked.stderr
+    assert (bad_forked.returncode, bad_forked.stderr) == (bad_fresh.returncode, bad_fresh.stderr)
 
 
 def test_embedded_job_writes_run_dir_and_reuses_reference_cache(tmp_path, cache_dir):
