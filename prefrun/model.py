@@ -288,7 +288,10 @@ def weight_shapes(model, *, tied: bool = False, buffers: bool = False) -> dict[s
 
 
 def _weight_entries(model, *, tied: bool, buffers: bool) -> list[tuple[str, torch.Tensor, list]]:
-    """(plain checkpoint name, the model's tensor, the LoRA deltas to add: callables) in state_dict order."""
+    """(plain checkpoint name, the model's tensor, the LoRA deltas to add: callables) in state_dict order. A
+    sharded policy's as shards (`resharded`: a gathered FSDP2 root's state_dict and parameters are not the same
+    tensors, and its weights were left out)."""
+    resharded(model)
     peft = hasattr(model, "peft_config")
     base = model.get_base_model() if peft else model
     deltas: dict[str, list] = {}
@@ -328,7 +331,7 @@ def resharded(model) -> None:
     module first, so that the registered parameters are the shards (a no-op for a model that is not sharded)."""
     from torch.distributed.fsdp import FSDPModule
 
-    for module in (model.get_base_model() if hasattr(model, "peft_config") else model).modules():
+    for module in model.modules():  # a LoRA policy's root is the PEFT wrapper (what accelerate shards)
         if isinstance(module, FSDPModule):
             module.reshard()
 
@@ -611,7 +614,10 @@ def iter_gathered(model, shards: LocalShards) -> Iterator[tuple[str, torch.Tenso
 
 
 def plain_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """The base model's parameters (no LoRA factors) under plain checkpoint names (`.base_layer.` dropped)."""
+    """The base model's parameters (no LoRA factors) under plain checkpoint names (`.base_layer.` dropped); a
+    sharded policy's as shards (`resharded`: after a forward without a backward FSDP2's root holds gathered
+    copies)."""
+    resharded(model)
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     return {name.replace(".base_layer.", "."): param for name, param in base.named_parameters() if "lora_" not in name}
 

@@ -9,6 +9,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -50,8 +51,20 @@ def main(out: str) -> None:
     local = LocalShards(extrapolate_parameters(shards, local_shards(model, initial), 0.3))
     set_policy_weights(model, local, seed=0)
     written = dict(iter_gathered(model, local))
+    # A LoRA policy: accelerate shards the PEFT wrapper as the root. A forward without a backward (the probe, an
+    # evaluation) leaves the root's parameters gathered; writing a round's weights must reshard the wrapper too
+    # (only the base model's modules were resharded, and the shards went into the gathered embeddings).
+    lora = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for layer in lora.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(lora, mesh=mesh)
+    with torch.no_grad():
+        lora(input_ids=batch)
+    merged = full_weights(lora)
+    set_policy_weights(lora, local_shards(lora, merged), seed=0)
     torch.save({"sharded": sharded, "gathered": gathered, "extrapolated": extrapolated, "shard_sizes": shard_sizes,
                 "written": written, "in_policy": full_weights(model),
+                "lora": {"merged": merged, "in_policy": full_weights(lora)},
                 "engine": {n: tuple(t.shape) for n, t in full_weights(model, tied=True, buffers=True, to_cpu=False).items()}},
                f"{out}.{rank}")
     if rank == 0:

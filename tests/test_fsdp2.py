@@ -34,6 +34,14 @@ def test_full_weights_gathers_fsdp2_shards_on_every_process(tmp_path):
         for name, value in expected.items():
             torch.testing.assert_close(seen["in_policy"][name], value, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(seen["written"][name], value, atol=1e-6, rtol=1e-5)
+        # LoRA, after a forward that left the root (the PEFT wrapper) gathered: the merged weights are all there (the
+        # root's embeddings and final norm were left out), and written into the shards they are the policy.
+        lora = seen["lora"]
+        assert set(lora["merged"]) == set(reference["initial"])
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.allclose(lora["merged"][q], reference["initial"][q])  # B·A merged in (B drawn non-zero)
+        for name, value in lora["merged"].items():
+            torch.testing.assert_close(lora["in_policy"][name], value, atol=0, rtol=0)
 
 
 def test_split_work_with_a_sharded_policy_keeps_every_process_in_step_and_does_not_hang(tmp_path):
