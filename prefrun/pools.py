@@ -161,6 +161,8 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
                                    for i, path in enumerate(paths)])
     finished = [all(flags) for flags in zip(*finished)] if num_shards else []
 
+    if not all(finished):
+        generator.ready(model, tokenizer, prompts)  # every process at once (a sharded policy's engine sync)
     first_seed = generator.seed if seed is None else seed
 
     def chunk_of(shard: int) -> list:

@@ -166,3 +166,27 @@ def test_a_bf16_model_trains_in_fp32_and_its_engine_serves_and_receives_bf16(tmp
     round_2 = json.loads((run / "rounds" / "2" / "round.json").read_text())
     assert round_2["sync/push_bytes"] == 2 * (sum(t.numel() for t in final.values()) + tied), round_2
     assert 1e-3 < round_2["sync/max_abs_logp_diff"] < 0.1  # bf16 serving, within its tolerance
+
+
+def test_an_offline_job_under_fsdp2_syncs_every_engine_before_a_shard_is_generated(tmp_path, tiny_job_model):
+    """An offline job's pools under real FSDP2, an engine per process, fewer shards than processes (64 prompts: one
+    shard). The engine loads the sharded policy through a gather every process joins: it was started inside the
+    first shard, by its owner alone, while process 1 went on to the next collective ("Is there a distributed
+    collective mismatch?"). Now every process syncs (and probes) its engine before the shards are split."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_job_model, cache / "models" / tiny_job_model.name)
+    config, sharded = fsdp_on_cpu(tmp_path)
+    command = accelerate_launch("--config_file", config, "--num_processes", "2", "--num_machines", "1", "-m", "prefrun",
+                                "train", *TINY_JOB, "generator=vllm", "trainer.max_steps=2", "trainer.batch_size=4",
+                                sharded, "trainer.dist_timeout_s=60", f"hydra.run.dir={tmp_path / 'run'}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFRUN_CACHE": str(cache)}
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "accelerate: 2 process(es), FSDP" in log and "shard 1/1 (prompts 1-64 of 64)" in log
+    diffs = [float(d) for d in re.findall(r"weight version 0 verified in [\d.]+ s: max \|engine - trainer\| log-prob "
+                                          r"([\d.e+-]+)", out.stdout + out.stderr)]
+    # (printed by the main process; a stale engine on process 1, which generated nothing, would have stopped both)
+    assert len(diffs) == 1 and diffs[0] < 1e-3, diffs
+    pools = next((cache / "pools").glob("*/pools.jsonl")).read_text().splitlines()
+    assert len(pools) == 64

@@ -126,6 +126,10 @@ class Sampling:
         self.sync_stats = {"sync/max_abs_logp_diff": 0.0, "sync/probe_change": 0.0,
                            "sync/weight_version": int(version), "sync/time_s": 0.0}
 
+    def ready(self, model, tokenizer, prompts: list) -> None:
+        """Called by every process together before the shards of a job are split over them (`make_pools`): what a
+        generator must do with every process at once. Nothing here (HF generates from the policy in memory)."""
+
     def sleep(self) -> None:
         """Free accelerator memory while the trainer trains (only a vLLM engine on CUDA holds any)."""
 

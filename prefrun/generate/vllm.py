@@ -425,7 +425,8 @@ class VLLMGenerator(Sampling):
         generation_config = model.generation_config if model is not None else session.generation_config
         eos_ids = _eos_ids(tokenizer, generation_config)
         result = session.call("generate", what="generation", timeout_s=self.call_timeout_s, deliver=deliver,
-                              sets=self._job_sets(settings, ids_sets, eos_ids))
+                              sets=self._job_sets(settings, ids_sets, eos_ids),
+                              use_tqdm=distributed.is_main())  # vLLM's bars: once on the console
         return result, eos_ids, {**extra, "worker_pid": self.worker_pid, "weight_version": session.version}
 
     def start(self, *, tokenizer, model_path: str) -> None:
@@ -570,6 +571,16 @@ class VLLMGenerator(Sampling):
                     return self._sync_on_engine(model, tokenizer, probe_prompts, version)
                 except EngineLost as lost:
                     self._restart(lost, "sync", model)
+
+    def ready(self, model, tokenizer, prompts: list) -> None:
+        """A sharded policy (FSDP2, ZeRO-3) reaches an engine through a gather that every process joins: an engine
+        that has not loaded it yet (an offline job's pools: no round synced it) is synced here, by every process
+        together, from the first prompts as its probe. Inside the shards only the processes holding one would have
+        gathered (a hang, or mismatched collectives, whenever the shards do not fall evenly)."""
+        session = self._session
+        loaded = session.fresh_dir if self.mode == "fresh" else session.worker
+        if model is not None and loaded is None and distributed.is_sharded(model):
+            distributed.together(self.sync, model, tokenizer, probe_prompts=prompts, version=session.version or 0)
 
     def _sync_on_engine(self, model, tokenizer, probe_prompts, version: int) -> None:
         """Push (to a live engine) or start one from `model`'s weights, then probe; `probe_prompts` may be None

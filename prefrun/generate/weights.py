@@ -41,8 +41,9 @@ def _engine_state(model) -> dict:
 
 def _save_for_engine(model, path: Path, state: dict | None = None) -> None:
     """The policy as a checkpoint vLLM loads: LoRA adapters merged in, the policy itself left untouched. `state`:
-    its weights already gathered (`_engine_state`: a sharded policy, gathered by every process)."""
-    if state is None and not hasattr(model, "peft_config"):
+    its weights already gathered (`_engine_state`: a sharded policy, gathered by every process, which must all
+    call this then)."""
+    if state is None and not hasattr(model, "peft_config") and not distributed.is_sharded(model):
         distributed.save_pretrained(model, path)  # whichever process holds an engine writes its weights
         return
     base = model.get_base_model() if hasattr(model, "peft_config") else model
