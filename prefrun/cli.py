@@ -112,7 +112,7 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
         cause = err.__cause__ if isinstance(err, InstantiationException) else err
         if not isinstance(cause, PrefrunError):
             raise
-        _stop_with(str(cause))
+        _stop_with(str(cause), printed_by_main=getattr(cause, "printed_by_main", False))
     except OSError as err:  # a full disk where no part of prefrun expected one (W&B, a library's own files)
         from prefrun.storage import disk_full, is_full
 
@@ -166,13 +166,13 @@ def _check_value_types(cfg: DictConfig) -> None:
             raise InputError(f"{key}={value!r}: give a number (the default is {default})")
 
 
-def _stop_with(line: str, code: int = 2) -> None:
+def _stop_with(line: str, code: int = 2, *, printed_by_main: bool = False) -> None:
     """The run ends with `line` (also in the run directory's log) and exit status `code`, printed once under
     several processes when they all stop with it; left for the others to find when it is this process's alone
-    (`distributed.stopped_peer`)."""
+    (`distributed.stopped_peer`). `printed_by_main`: every process stops with it, the main process prints it."""
     from prefrun import distributed
 
-    if not distributed.said_by_main(line, code):
+    if not distributed.said_by_main(line, code, known=printed_by_main):
         logging.getLogger("prefrun").error("%s", line)
     sys.exit(code)
 

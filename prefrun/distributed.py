@@ -209,13 +209,22 @@ def together(work: Callable[..., T], *args, **kwargs) -> T:
     failed = [(i, e) for i, e in enumerate(errors) if e is not None]
     stopped = [signum for _, (_, signum) in failed if signum]
     if error is not None and (len(failed) == 1 or getattr(error, "signum", None)):
-        raise error
+        raise _printed_by_main(error)
     if stopped:  # a stop signal on another process stops this one too, as one (preemption.py)
         raise Preempted(stopped[0], "with another process")
     if failed:
         i, (message, _) = failed[0]
-        raise ProcessMismatch(f"process {i}: {message}" if i != rank() else message)
+        raise _printed_by_main(ProcessMismatch(f"process {i}: {message}" if i != rank() else message))
     return result
+
+
+def _printed_by_main(error: PrefrunError) -> PrefrunError:
+    """An error `together` raises on every process: the main process prints it (its own, or "process i: ..."), the
+    others need not wait to see it said (`said_by_main`: the main process may take longer than that wait to stop,
+    closing its engine)."""
+    if not is_main():
+        error.printed_by_main = True
+    return error
 
 
 def broadcast(value: T) -> T:
@@ -413,12 +422,15 @@ def _store():
     return dist.distributed_c10d._get_default_store()  # torch's own, private: without it, every process speaks
 
 
-def said_by_main(line: str, code: int = 2, wait_s: float = 3.0) -> bool:
+def said_by_main(line: str, code: int = 2, wait_s: float = 3.0, *, known: bool = False) -> bool:
     """For a process that stops with a one-line error: posts the line in the process group's store (for
     `stopped_peer`), and returns True when this is not the main process and the main process stops with the same
     line (a bad input every process reads alike, or one `together` shared), which the main process prints: every
     process printed it before. Another process waits a few seconds for the main process's line, and prints its own
-    when the main process says something else or nothing (it still runs: the line is this process's alone)."""
+    when the main process says something else or nothing (it still runs: the line is this process's alone).
+    `known`: the main process prints it (`together` raised it on every process), after closing what it holds (an
+    engine: it may take longer than `wait_s`); this process waits for it longer (60 s), since the launcher stops the
+    job when the first process exits, and prints nothing whatever it sees."""
     if not _active():
         return False
     try:
@@ -428,9 +440,12 @@ def said_by_main(line: str, code: int = 2, wait_s: float = 3.0) -> bool:
             return False
         import datetime
 
-        store.wait([f"{_STOPPED}0"], datetime.timedelta(seconds=wait_s))
+        try:
+            store.wait([f"{_STOPPED}0"], datetime.timedelta(seconds=60 if known else wait_s))
+        except Exception:  # noqa: BLE001 - nothing from the main process in time
+            return known
         # (the main process may name this one: "process 1: ...")
-        return store.get(f"{_STOPPED}0").decode().split(" ", 1)[1].endswith(line)
+        return known or store.get(f"{_STOPPED}0").decode().split(" ", 1)[1].endswith(line)
     except Exception:  # noqa: BLE001 - no store, or nothing from the main process: the line is printed
         return False
 

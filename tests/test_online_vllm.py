@@ -190,3 +190,25 @@ def test_an_offline_job_under_fsdp2_syncs_every_engine_before_a_shard_is_generat
     assert len(diffs) == 1 and diffs[0] < 1e-3, diffs
     pools = next((cache / "pools").glob("*/pools.jsonl")).read_text().splitlines()
     assert len(pools) == 64
+
+
+def test_an_engine_lost_on_one_process_of_a_sharded_policy_stops_the_job_in_one_line(tmp_path, tiny_job_model):
+    """Under real FSDP2, process 1's engine is killed at the start of round 2: its push fails while process 0's
+    succeeds. Process 1 went straight to the sync's error exchange while process 0 gathered and forwarded (gloo:
+    "Is there a distributed collective mismatch", a crash with no word of the engine). Now its failure waits for
+    the trainer's collectives, and the job stops with one line naming process 1, printed once."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_job_model, cache / "models" / tiny_job_model.name)
+    config, sharded = fsdp_on_cpu(tmp_path)
+    command = accelerate_launch("--config_file", config, "--num_processes", "2", "--num_machines", "1", "-m", "prefrun",
+                                "train", *JOB, "data.num_prompts=32", "trainer.max_steps=2", "trainer.batch_size=4",
+                                "eval.num_prompts=8", sharded, "trainer.dist_timeout_s=60",
+                                f"hydra.run.dir={tmp_path / 'run'}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFRUN_CACHE": str(cache), "PREFRUN_FAULT": "round:2:engine@1"}
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    said = out.stdout + out.stderr
+    errors = [row for row in said.splitlines() if "[ERROR]" in row]
+    assert out.returncode != 0 and len(errors) == 1, said[-3000:]
+    assert "process 1: generator=vllm: the vLLM engine worker" in errors[0] and "during the weight push" in errors[0]
+    assert "not restarted: the policy is sharded" in errors[0] and "mismatch" not in said
+    assert (tmp_path / "run" / "rounds" / "1" / "round.json").exists()  # round 1 is done: the same command goes on

@@ -187,6 +187,33 @@ class _EngineElsewhere:
         pass
 
 
+class _Held:
+    """One process's engine-side work during a sync of a sharded policy (FSDP2, ZeRO-3) with an engine of its own:
+    its failure (an engine lost mid-push, a stale probe) is held, and the rest of the engine's side skipped, while
+    the trainer's side goes on, because every gather and forward there is a collective the other processes make
+    too (raised at once, this process would wait in the sync's error exchange while the others met it in another
+    collective: a hang, or gloo's "collective mismatch"). `release()` raises it once the collectives are done;
+    `distributed.together` then stops every process with its line. Not holding: raised at once."""
+
+    def __init__(self, holding: bool):
+        self.holding, self.error = holding, None
+
+    def __call__(self, work, default=None):
+        if self.error is not None:
+            return default
+        try:
+            return work()
+        except PrefrunError as err:
+            if not self.holding:
+                raise
+            self.error = err
+            return default
+
+    def release(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 @dataclass
 class VLLMGenerator(Sampling):
     """Sampling with a vLLM engine in a child process: one long-lived engine that sync() keeps at the trainer's
@@ -586,58 +613,67 @@ class VLLMGenerator(Sampling):
         """Push (to a live engine) or start one from `model`'s weights, then probe; `probe_prompts` may be None
         once the session's probe is built."""
         session, timeout = self._session, self.call_timeout_s
-        started = self._ensure_engine(model, tokenizer, None, version=version)  # from these very weights
+        held = _Held(distributed.is_sharded(model) and not session.fed)
+        # (held: a failed start acts as a start, so that no process pushes: the push gathers)
+        started = held(lambda: self._ensure_engine(model, tokenizer, None, version=version), {"failed": True})
         start = time.perf_counter()
         probe = self._probe(model, tokenizer, probe_prompts, session.max_len, session.block_size)
         trainer = session.shared(_trainer_logprobs(model, probe.rows, probe.starts))
         buckets, pushed = 0, 0
         if not started:  # a live engine: push
             if session.asleep:  # weights first, then the KV cache: both at once may not fit on one GPU
-                session.call("wake", what="wake-up (weights)", timeout_s=timeout, tags=["weights"])
+                held(lambda: session.call("wake", what="wake-up (weights)", timeout_s=timeout, tags=["weights"]))
             if self.debug_break_sync != "skip_push":
-                buckets, pushed = self._push(model)
+                buckets, pushed = self._push(model, held)
             if session.asleep:
-                session.call("wake", what="wake-up (KV cache)", timeout_s=timeout, tags=["kv_cache"])
+                held(lambda: session.call("wake", what="wake-up (KV cache)", timeout_s=timeout, tags=["kv_cache"]))
                 session.asleep = False
             if self.debug_break_sync != "skip_prefix_reset":
-                session.call("reset_prefix_cache", what="prefix cache reset", timeout_s=timeout)
+                held(lambda: session.call("reset_prefix_cache", what="prefix cache reset", timeout_s=timeout))
             session.version = version
-        engine = session.call("score", what="probe scoring", timeout_s=timeout, rows=probe.rows,
-                              starts=probe.starts)["logprobs"]
-        change = self._check_probe(probe, trainer, engine, version, where="weight push")
-        block_diff = self._check_through_cache(model, probe, version, _max_diff(engine, trainer))
+        engine = held(lambda: session.call("score", what="probe scoring", timeout_s=timeout, rows=probe.rows,
+                                           starts=probe.starts)["logprobs"])
+        change = held(lambda: self._check_probe(probe, trainer, engine, version, where="weight push"))
+        block_diff = self._check_through_cache(model, probe, version, held,
+                                               _max_diff(engine, trainer) if engine is not None else float("nan"))
+        held.release()  # the trainer's collectives are done: this process's failure, if any, now
         self._pass(probe, trainer, engine, version, max(_max_diff(engine, trainer), block_diff), change,
                    time.perf_counter() - start)
         self.sync_stats.update({"sync/push_buckets": buckets, "sync/push_bytes": pushed})
 
-    def _push(self, model) -> tuple[int, int]:
+    def _push(self, model, held: _Held) -> tuple[int, int]:
         """Send the policy (LoRA merged, HF names) to the engine in buckets of at most generator.push_bucket_mb:
         each bucket one safetensors file that the engine reloads (vLLM updates the tensors a file holds), so no
         process holds more of the gathered weights than one bucket. A sharded policy is gathered tensor by tensor
         by every process (a collective); the files are written where the engine is. The names and shapes are
         checked against what the engine loaded before anything is gathered or sent. Weights held in fp32 (trainer.
-        master_weights) go in the dtype the engine serves. Returns the buckets and bytes sent."""
+        master_weights) go in the dtype the engine serves. Returns the buckets and bytes sent. `held`: the
+        engine's side (a failure is held while the gather goes on)."""
         session = self._session
         shapes = weight_shapes(model, tied=True, buffers=True)
         aliases = set(shapes) - set(weight_shapes(model, buffers=True))
-        session.on_engine(lambda: _check_push(shapes, aliases, session.reference))
+        session.on_engine(lambda: _check_push(shapes, aliases, session.reference))  # (alike on every process)
         limit = self.push_bucket_mb * 2**20
         total = sum(p.numel() * p.element_size() for p in model.parameters())  # a DTensor's: the whole's
-        root = session.on_engine(lambda: _push_root(min(limit, total)))
+        root = held(lambda: session.on_engine(lambda: _push_root(min(limit, total))))
         sent, size, weights = 0, 0, iter_full_weights(model, tied=True, buffers=True, to_cpu=False)
         served = getattr(torch, session.dtype, None)  # "auto" (no such dtype): as held
         if served in (torch.bfloat16, torch.float16):
             weights = ((name, t.to(served) if t.is_floating_point() else t) for name, t in weights)
         for bucket in _buckets(weights, limit):
-            push_dir = session.on_engine(lambda bucket=bucket: _write_bucket(bucket, root))
-            try:
-                session.call("push", what="weight push", timeout_s=self.call_timeout_s, weights_path=push_dir,
-                             rpc_timeout_s=self.call_timeout_s)
-            finally:
-                if session.here:  # the engine copied the weights: never reloaded from disk
-                    shutil.rmtree(push_dir, ignore_errors=True)
+            held(lambda bucket=bucket: self._push_bucket(bucket, root))
             sent, size = sent + 1, size + sum(t.numel() * t.element_size() for t in bucket.values())
         return sent, size
+
+    def _push_bucket(self, bucket: dict[str, torch.Tensor], root) -> None:
+        session = self._session
+        push_dir = session.on_engine(lambda: _write_bucket(bucket, root))
+        try:
+            session.call("push", what="weight push", timeout_s=self.call_timeout_s, weights_path=push_dir,
+                         rpc_timeout_s=self.call_timeout_s)
+        finally:
+            if session.here:  # the engine copied the weights: never reloaded from disk
+                shutil.rmtree(push_dir, ignore_errors=True)
 
     def _sync_fresh(self, model, tokenizer, probe_prompts, version: int) -> None:
         session = self._session
@@ -705,7 +741,7 @@ class VLLMGenerator(Sampling):
                                "gaps (generator.probe_tolerance)")
         return engine_change
 
-    def _check_through_cache(self, model, probe: _Probe, version: int, scored_diff: float) -> float:
+    def _check_through_cache(self, model, probe: _Probe, version: int, held: _Held, scored_diff: float) -> float:
         """The engine generates from prompts that fill whole KV blocks, which the previous sync's probe left in
         the prefix cache; the trainer teacher-forces the same tokens. Stale cached blocks show up here only."""
         if not probe.block_prompts:
@@ -713,11 +749,16 @@ class VLLMGenerator(Sampling):
         sampling = {"n": 1, "temperature": 0.0, "max_tokens": self.probe_tokens, "ignore_eos": True, "logprobs": 1,
                     "detokenize": False}
         spec = {"prompts": probe.block_prompts, "seeds": [None] * len(probe.block_prompts), "sampling": sampling}
-        reply = self._session.call("generate", what="probe generation", timeout_s=self.call_timeout_s, sets=[spec],
-                                   use_tqdm=False)
-        samples = [outputs[0] for outputs in reply["sets"][0]["outputs"]]
-        rows = [ids + s["token_ids"] for ids, s in zip(probe.block_prompts, samples)]
+        reply = held(lambda: self._session.call("generate", what="probe generation", timeout_s=self.call_timeout_s,
+                                                sets=[spec], use_tqdm=False))
+        samples = None if reply is None else [outputs[0] for outputs in reply["sets"][0]["outputs"]]
+        if samples is None:  # this process's engine failed; its trainer still makes the forward (sharded: a collective)
+            rows = [ids + ids[-1:] for ids in probe.block_prompts]
+        else:
+            rows = [ids + s["token_ids"] for ids, s in zip(probe.block_prompts, samples)]
         trainer = self._session.shared(_trainer_logprobs(model, rows, [len(ids) for ids in probe.block_prompts]))
+        if samples is None:
+            return float("nan")
         diff = _max_diff([s["logprobs"] for s in samples], trainer)
         tol = self._tolerance(self._session.dtype)
         if diff > tol:
