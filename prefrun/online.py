@@ -323,14 +323,38 @@ def load_weights(path: Path) -> dict[str, Tensor]:
     """The tensors of a model directory written by `save_weights`."""
     from safetensors.torch import load_file
 
+    weights = {}
+    for file in _weight_files(path):
+        weights.update(load_file(file))
+    return weights
+
+
+def _weight_files(path: Path) -> list[Path]:
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise InputError(f"{path}: no *.safetensors weights: the round's weights were deleted "
                          "(online.keep_weights=false keeps only the last round's); start a new run directory")
-    weights = {}
-    for file in files:
-        weights.update(load_file(file))
-    return weights
+    return files
+
+
+def read_round_weights(model, path: Path) -> dict[str, Tensor]:
+    """A round's weights (`save_weights`' directory, tied weights completed) as `set_policy_weights` and APO's
+    extrapolation take them: whole, or for a sharded policy (FSDP2, ZeRO-3) this process's parts (`LocalShards`),
+    read a tensor at a time, so that no process holds the whole model (a resumed run's θ̂_{t-1} is kept all round)."""
+    if not distributed.is_sharded(model):
+        return complete_tied(model, load_weights(path))
+    from safetensors import safe_open
+
+    where = {}
+    for file in _weight_files(path):
+        handle = safe_open(str(file), framework="pt")
+        where.update({key: handle for key in handle.keys()})
+    params = plain_parameters(model)
+    parts = LocalShards()
+    for name, key in complete_tied(model, {key: key for key in where}).items():
+        whole = where[key].get_tensor(key)
+        parts[name] = part_of(whole, params[name]).to("cpu", copy=True) if is_partitioned(params[name]) else whole
+    return parts
 
 
 def complete_tied(model, weights: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -419,7 +443,7 @@ def restore_round(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConfi
 
         set_peft_model_state_dict(policy, load_file(adapter / "adapter_model.safetensors"))
         return
-    set_policy_weights(policy, complete_tied(policy, load_weights(rounds.dir(t) / "policy")), seed=seed * 1_000 + t + 1)
+    set_policy_weights(policy, read_round_weights(policy, rounds.dir(t) / "policy"), seed=seed * 1_000 + t + 1)
 
 
 def merges_adapters(online: OnlineConfig, lora: bool) -> bool:

@@ -58,15 +58,14 @@ from prefrun.online import (
     OnlineConfig,
     Rounds,
     attach_round_reference,
-    complete_tied,
     cpu_state,
     evaluate_start,
     finish_weights,
     fitting_prompts,
-    load_weights,
     log_round,
     merges_adapters,
     prompt_folds,
+    read_round_weights,
     restore_round,
     round_row,
     save_sharded_weights,
@@ -183,7 +182,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
                  t + 1)
         restore_round(policy, tokenizer, rounds, t, online, lora, cfg.seed)
         if online.extrapolates:
-            previous_hat = complete_tied(policy, load_weights(rounds.dir(t) / "policy_hat"))
+            previous_hat = read_round_weights(policy, rounds.dir(t) / "policy_hat")
         steps_before = done[-1]["step"]
     last, results = {}, list(done)
     try:

@@ -2,21 +2,25 @@
 FSDP2 (`fully_shard` per decoder layer and on the root) trains one AdamW step; then `full_weights` gathers
 it on every process, tensor by tensor, and APO's extrapolation runs on what it gathered; and shard-wise, as online
 rounds do it: each process extrapolates its own shards (`local_weights`), writes them into the policy
-(`set_policy_weights`), and what is gathered from the shards for the writer (`iter_gathered`) is the whole. Each process writes what
+(`set_policy_weights`), and what is gathered from the shards for the writer (`iter_gathered`) is the whole; a
+round's saved weights read back as this process's parts (`read_round_weights`); a LoRA policy whose root is the PEFT
+wrapper, written after a forward that left the root gathered. Each process writes what
 it saw next to the output path for the test to compare with the same step on the unsharded model."""
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefrun.extrapolate import extrapolate_parameters
 from prefrun.model import LocalShards, full_weights, iter_gathered, local_shards, local_weights
-from prefrun.online import set_policy_weights
+from prefrun.online import read_round_weights, set_policy_weights
 
 
 def tiny() -> LlamaForCausalLM:
@@ -51,6 +55,17 @@ def main(out: str) -> None:
     local = LocalShards(extrapolate_parameters(shards, local_shards(model, initial), 0.3))
     set_policy_weights(model, local, seed=0)
     written = dict(iter_gathered(model, local))
+    # A round's weights read back on resume (a directory as save_pretrained writes it: the tied head left out): for a
+    # sharded policy, this process's parts, read a tensor at a time.
+    saved = Path(f"{out}.saved")
+    if rank == 0:
+        saved.mkdir()
+        save_file({n: v for n, v in gathered.items() if n != "lm_head.weight"}, saved / "model.safetensors")
+    dist.barrier()
+    read = read_round_weights(model, saved)
+    expected = local_shards(model, gathered)
+    read_back = {"type": type(read).__name__, "equal": read.keys() == expected.keys()
+                 and all(torch.equal(read[n], expected[n]) for n in expected)}
     # A LoRA policy: accelerate shards the PEFT wrapper as the root. A forward without a backward (the probe, an
     # evaluation) leaves the root's parameters gathered; writing a round's weights must reshard the wrapper too
     # (only the base model's modules were resharded, and the shards went into the gathered embeddings).
@@ -64,7 +79,7 @@ def main(out: str) -> None:
     set_policy_weights(lora, local_shards(lora, merged), seed=0)
     torch.save({"sharded": sharded, "gathered": gathered, "extrapolated": extrapolated, "shard_sizes": shard_sizes,
                 "written": written, "in_policy": full_weights(model),
-                "lora": {"merged": merged, "in_policy": full_weights(lora)},
+                "lora": {"merged": merged, "in_policy": full_weights(lora)}, "read_back": read_back,
                 "engine": {n: tuple(t.shape) for n, t in full_weights(model, tied=True, buffers=True, to_cpu=False).items()}},
                f"{out}.{rank}")
     if rank == 0:

@@ -34,6 +34,7 @@ def test_full_weights_gathers_fsdp2_shards_on_every_process(tmp_path):
         for name, value in expected.items():
             torch.testing.assert_close(seen["in_policy"][name], value, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(seen["written"][name], value, atol=1e-6, rtol=1e-5)
+        assert seen["read_back"] == {"type": "LocalShards", "equal": True}  # a resumed round's weights, as parts
         # LoRA, after a forward that left the root (the PEFT wrapper) gathered: the merged weights are all there (the
         # root's embeddings and final norm were left out), and written into the shards they are the policy.
         lora = seen["lora"]
