@@ -643,7 +643,10 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
                         "it is at that moment"),
                        (trust_remote_code, "judge.trust_remote_code=true: the engine loads vLLM's own model classes"),
                        (device != "auto", f"judge.device={device!r}: the engine takes its process's device"),
-                       ("dtype" in engine, "judge.engine.dtype: set judge.dtype (it is part of the cache key)")]
+                       ("dtype" in engine, "judge.engine.dtype: set judge.dtype (it is part of the cache key)"),
+                       (engine.get("engines", "per_process") != "per_process",
+                        f"judge.engine.engines={engine.get('engines')!r}: each process judges its own shards, at its "
+                        "own pace, with an engine of its own (per_process)")]
             why = next((reason for bad, reason in refused if bad), None)
             if why:
                 raise InputError(f"judge.backend=vllm with {why}; use judge.backend=hf, or leave the key out")

@@ -250,7 +250,8 @@ def test_llm_judge_through_a_vllm_engine_gives_hfs_verdicts(tmp_path_factory):
     with pytest.raises(InputError, match="judge.backend=vllm with judge.name_or_path=policy"):
         llm_judge("policy", backend="vllm", device="auto")
     for bad, key in (({"device": "cpu"}, "judge.device='cpu'"), ({"trust_remote_code": True}, "judge.trust_remote_code=true"),
-                     ({"device": "auto", "engine": {"dtype": "float16"}}, "judge.engine.dtype")):
+                     ({"device": "auto", "engine": {"dtype": "float16"}}, "judge.engine.dtype"),
+                     ({"device": "auto", "engine": {"engines": "main"}}, "judge.engine.engines='main'")):
         with pytest.raises(InputError, match=f"judge.backend=vllm with {key}"):
             llm_judge(path, backend="vllm", **bad)
     with pytest.raises(InputError, match="judge.engine is for judge.backend=vllm"):
