@@ -148,14 +148,16 @@ class Rounds:
         return json.loads(path.read_text()) if path.exists() else None
 
     def completed(self, total: int) -> list[dict]:
-        """The metrics of rounds 1.. that are done (a prefix: round t + 1 starts only after round t ended)."""
+        """The metrics of rounds 1.. that are done (a prefix: round t + 1 starts only after round t ended), as the
+        main process reads them (every process calls this: on a network filesystem another node may see a stale
+        listing, and the processes must take the same path)."""
         out = []
         for t in range(1, total + 1):
             done = self.done(t)
             if done is None:
                 break
             out.append(done)
-        return out
+        return distributed.broadcast(out)
 
     def finish(self, t: int, metrics: dict, *, keep_weights: bool) -> None:
         """Mark round t done (atomically), drop its training checkpoints, and without `keep_weights` the
@@ -437,7 +439,7 @@ def evaluate_start(rounds: Rounds, evaluate, policy) -> dict:
 def restore_round(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConfig, lora: bool, seed: int) -> None:
     """θ_t, the weights round t left for round t + 1 (LoRA without merging: the adapters themselves)."""
     adapter = rounds.dir(t) / "adapter"
-    if adapter.exists():
+    if distributed.broadcast(adapter.exists()):  # (the main process's view: every process takes the same path)
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 

@@ -268,12 +268,17 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
 def _check_manifest(out_dir: Path, manifest: dict) -> None:
     """Shards of an earlier run are reused only when they were cut the same way."""
     path = out_dir / "manifest.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != manifest:
-            raise InputError(f"{out_dir} holds pools of another job ({old} vs now {manifest}): choose another output "
-                             "directory or delete it")
-    distributed.barrier()  # every process has read the old manifest before one writes the new
+
+    def check() -> None:
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != manifest:
+                raise InputError(f"{out_dir} holds pools of another job ({old} vs now {manifest}): choose another "
+                                 "output directory or delete it")
+
+    # Every process has read the old manifest before one writes the new; a node-local directory holding another
+    # job's on one node only stops every process with that node's line.
+    distributed.together(check)
     if not distributed.everywhere(path.exists()):
         distributed.write_once(path, lambda p: storage.write_atomic(p, json.dumps(manifest)))
 
