@@ -283,7 +283,7 @@ def map_shards(num_shards: int, work: Callable[[int], T], *, split: bool = True,
 
 
 def map_shards_in_step(num_shards: int, work: Callable[[int], Any], *, steps: Callable[[int], int],
-                       idle: Callable[[], None], then: Callable[[int, Any], T] | None = None) -> list[T]:
+                       idle: Callable[[], None], then: Callable[[int, Any], T] | None = None, model=None) -> list[T]:
     """`map_shards` for work that runs a sharded model (FSDP2, ZeRO-3: each forward is a collective): the shards are
     still split, and a process that has made fewer steps than the busiest makes `idle()` steps until they are
     even, so that every step meets its peers'. A step is a unit of collectives that is the same whatever the
@@ -293,25 +293,27 @@ def map_shards_in_step(num_shards: int, work: Callable[[int], Any], *, steps: Ca
     the same). `then(shard, made)`: the shard's work that makes no step (judging, writing), given what
     `work(shard)` made; a one-line error there is held until this process has made all its steps (the rest as
     idle ones), then stops every process with it, as in map_shards, instead of leaving the others waiting in a
-    step it will never make."""
+    step it will never make. `model`: the sharded model the steps run; a stop signal then stops every process at
+    the same forward of it (`stops_at_shared_forwards`)."""
     mine = [shard for shard in range(num_shards) if owner(shard) == rank()]
     counts = gather(sum(steps(shard) for shard in mine))
 
     def run() -> dict[int, T]:
         done: dict[int, T] = {}
         failed: PrefrunError | None = None
-        for shard in mine:
-            if failed is not None:
-                for _ in range(steps(shard)):
-                    idle()
-                continue
-            made = work(shard)
-            try:
-                done[shard] = made if then is None else then(shard, made)
-            except PrefrunError as err:
-                failed = err
-        for _ in range(max(counts) - counts[rank()]):
-            idle()
+        with stops_at_shared_forwards(model):
+            for shard in mine:
+                if failed is not None:
+                    for _ in range(steps(shard)):
+                        idle()
+                    continue
+                made = work(shard)
+                try:
+                    done[shard] = made if then is None else then(shard, made)
+                except PrefrunError as err:
+                    failed = err
+            for _ in range(max(counts) - counts[rank()]):
+                idle()
         if failed is not None:
             raise failed
         return done
@@ -320,6 +322,36 @@ def map_shards_in_step(num_shards: int, work: Callable[[int], Any], *, steps: Ca
     for part in gather(together(run)):
         results.update(part)
     return [results[shard] for shard in range(num_shards)]
+
+
+@contextmanager
+def stops_at_shared_forwards(model) -> Iterator[None]:
+    """Inside: work in which every process makes the same forwards of `model` at once (a sharded policy: each forward
+    is a collective; `map_shards_in_step`). A stop signal raised at once (outside training it is) would leave this
+    process in the error exchange while the others wait in a forward's collective (a hang, or gloo's collective
+    mismatch). Here it waits for the next forward, where the processes ask each other (one max-reduce of the
+    caught signal: HF's synced generation makes one such reduce per token already) and all stop at once; one
+    caught after the last forward stops this process on leaving (`preemption.at_step_boundaries`), every process
+    then learning it from `together`. A no-op with one process or without a model."""
+    if model is None or not _active():
+        yield
+        return
+    from prefrun import preemption
+
+    def ask(module, args) -> None:
+        flag = torch.tensor([preemption.caught() or 0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = preemption.shared(int(flag.item()))
+        if stop is not None:
+            raise stop
+
+    base = model.get_base_model() if hasattr(model, "peft_config") else model  # (PEFT's generate skips its wrapper)
+    handle = base.register_forward_pre_hook(ask)
+    try:
+        with preemption.at_step_boundaries("the next forward, with the other processes"):
+            yield
+    finally:
+        handle.remove()
 
 
 def map_waves(num_shards: int, make: Callable[[list[int]], dict[int, Any]], work: Callable[[int, Any], T]) -> list[T]:

@@ -70,7 +70,7 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
         elif in_step:  # one generate() call a shard (a shard is one batch); the judge's errors wait for the steps
             shards = distributed.map_shards_in_step(
                 num_shards, sample, then=complete_and_judge, steps=lambda shard: 1,
-                idle=lambda: HFGenerator(batch_size=size).idle(model, tokenizer))
+                idle=lambda: HFGenerator(batch_size=size).idle(model, tokenizer), model=model)
         else:
             shards = distributed.map_shards(num_shards, complete_and_judge, split=split)
         completions = [row for part, _ in shards for row in part]

@@ -236,7 +236,7 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     elif in_step:  # judging and writing make no step: their one-line errors wait for the peers' steps
         shards = distributed.map_shards_in_step(
             num_shards, generate_shard, then=make_shard, idle=lambda: generator.idle(model, tokenizer),
-            steps=lambda shard: 0 if finished[shard] else generator.calls(len(chunk_of(shard))))
+            steps=lambda shard: 0 if finished[shard] else generator.calls(len(chunk_of(shard))), model=model)
     else:
         shards = distributed.map_shards(num_shards, make_shard)
     records = [row for rows, _ in shards for row in rows]

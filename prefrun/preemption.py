@@ -41,6 +41,7 @@ class _Listener:
         self.caught: int | None = None
         self.caught_at = 0.0
         self.deferring = 0
+        self.stops_at = "the next step boundary with a checkpoint"
         self.previous: dict[int, object] = {}
 
     def handle(self, signum: int, frame) -> None:
@@ -50,8 +51,8 @@ class _Listener:
             return
         self.caught, self.caught_at = signum, now
         if self.deferring and first:
-            log.warning("%s: stopping at the next step boundary with a checkpoint (send it again to stop at once)",
-                        signal.Signals(signum).name)
+            log.warning("%s: stopping at %s (send it again to stop at once)", signal.Signals(signum).name,
+                        self.stops_at)
             return
         raise Preempted(signum, "at once (a repeated signal)" if self.deferring else
                         "outside training (finished shards, rounds and checkpoints are on disk)")
@@ -91,15 +92,28 @@ def caught() -> int | None:
 
 
 @contextlib.contextmanager
-def at_step_boundaries():
-    """Inside: a signal waits for `requested()`. A signal caught inside and not acted on is raised on leaving."""
+def at_step_boundaries(stops_at: str = "the next step boundary with a checkpoint"):
+    """Inside: a signal waits for `requested()` (or another agreed point, which `stops_at` names in the log). A
+    signal caught inside and not acted on is raised on leaving."""
     _listener.deferring += 1
+    before, _listener.stops_at = _listener.stops_at, stops_at
     try:
         yield
     finally:
         _listener.deferring -= 1
+        _listener.stops_at = before
     if _listener.caught is not None and not _listener.deferring:
         raise Preempted(_listener.caught, "after the last step")
+
+
+def shared(signum: int) -> Preempted | None:
+    """`signum`, the signal some process caught (0: none) as all of them agreed on it: this process stops with it
+    too (the error to raise, outside training), or None."""
+    if not signum:
+        return None
+    if _listener.caught is None:  # another process was signalled: this one stops with it
+        _listener.caught, _listener.caught_at = signum, time.monotonic()
+    return Preempted(signum, "outside training (finished shards, rounds and checkpoints are on disk)")
 
 
 def requested(accelerator) -> int:

@@ -5,9 +5,11 @@ scoring the process with fewer forwards makes a token's forwards until they are 
 forwards depend on when samples end) each generate() call is synced (it forwards until every process's samples
 have ended) and the process with fewer calls makes idle calls. Both give the results of one process with the
 unsharded model; each shard file has one writer. A vLLM engine lost on one process is not restarted with a
-sharded policy (one line instead of a hang)."""
+sharded policy (one line instead of a hang). A stop signal caught by one process mid-generation stops both at
+the same forward."""
 
 import os
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -20,13 +22,14 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prefrun.data.reference as reference
-from prefrun import faults
+from prefrun import faults, preemption
 from prefrun.data import Example, split_candidate_logps
 from prefrun.errors import InputError, PrefrunError
 from prefrun.generate import HFGenerator
 from prefrun.generate.vllm import VLLMGenerator, _EngineSession, _sets_for
 from prefrun.generate.worker_process import EngineLost
 from prefrun.pools import make_pools
+from prefrun.preemption import Preempted
 from prefrun.tasks import SortDigits
 from prefrun.tiny import char_tokenizer
 
@@ -92,6 +95,32 @@ def work(model, tokenizer, out_dir: Path):
             "shards_generated": generated, "generate_calls": calls[0], "again": again, "refused": refused}
 
 
+def stopped_by_a_signal(model, tokenizer, out_dir: Path) -> dict:
+    """Process 1 alone catches a stop signal at its third forward of the pools' generation (a signal raised at once
+    left process 0 waiting in a forward's collective): both stop at the same forward, with the signal."""
+    preemption.listen(["USR1"])
+    task = SortDigits()
+    judge = SimpleNamespace(score=lambda chunk, texts: [[task.score(p, t) for t in row] for p, row in zip(chunk, texts)])
+    forwards = [0]
+
+    def count(*_) -> None:
+        forwards[0] += 1
+        if forwards[0] == 3 and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    hook = model.register_forward_pre_hook(count)
+    try:
+        make_pools(task.prompts("train", 5), generator=HFGenerator(num_candidates=2, max_new_tokens=6, seed=3,
+                                                                    batch_size=2),
+                   judge=judge, model=model, tokenizer=tokenizer, out_dir=out_dir, shard_size=2)
+        said = None
+    except Preempted as err:
+        said = str(err)
+    finally:
+        hook.remove()
+    return {"said": said, "forwards": forwards[0]}
+
+
 def main(out: str) -> None:
     reference.SCORING_SHARD = 2  # 5 examples: 3 shards over 2 processes
     tokenizer = char_tokenizer()
@@ -117,7 +146,8 @@ def main(out: str) -> None:
     answer = {"sets": [{"generate_s": 1.0, "outputs": [[{"token_ids": [5, 6], "logprobs": [-1.0, -2.0]}]]},
                        {"generate_s": 2.0, "outputs": [[{"token_ids": [7], "logprobs": [-0.5]}]]}]}
     delivered = session.on_engine(lambda: answer if dist.get_rank() == 0 else None, partial(_sets_for, [0, 1]))
-    torch.save({"single": single, "sharded": sharded, "restart": refused, "delivered": delivered},
+    stopped = stopped_by_a_signal(model, tokenizer, Path(out).with_name("stopped-shards"))
+    torch.save({"single": single, "sharded": sharded, "restart": refused, "delivered": delivered, "stopped": stopped},
                f"{out}.{dist.get_rank()}")
     dist.barrier()  # both done before either tears the group down (a peer gone mid-teardown aborts gloo)
     dist.destroy_process_group()

@@ -68,5 +68,9 @@ def test_split_work_with_a_sharded_policy_keeps_every_process_in_step_and_does_n
         assert own["outputs"] is not None and other == {"generate_s": [2.0, 1.0][rank], "outputs": None,
                                                          "generated": [1, 2][rank]}
         assert "not restarted: the policy is sharded" in seen["restart"]
+        # Caught by process 1 at its third forward (before the processes ask each other there): both stopped at that
+        # forward, no hang.
+        assert seen["stopped"] == {"said": "stopped by SIGUSR1 outside training (finished shards, rounds and "
+                                           "checkpoints are on disk)", "forwards": 3}
     assert sorted(p.name for p in (tmp_path / "sharded-shards").glob("shard-*")) == [
         "shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]

@@ -82,7 +82,7 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
         parts = distributed.map_shards(num_shards, score)
     elif not packs(model) or packing_checked(model):
         parts = distributed.map_shards_in_step(num_shards, score, steps=steps,
-                                               idle=lambda: _idle_forward(model, pad_id))
+                                               idle=lambda: _idle_forward(model, pad_id), model=model)
     else:
         parts = distributed.map_shards(num_shards, score, split=False)
     width = max(len(ex.completion_ids) for ex in examples)
