@@ -195,15 +195,19 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                       batch_size=(cfg.reference_batch_size or cfg.batch_size) * 2) if sampler.uses_pools else None
     columns = None if draws else _fixed_columns(sampler, examples)
     lengths = [len(ex.prompt_ids) + max(len(c) for c in ex.completion_ids) for ex in examples]
-    first_epoch = _epoch_loader(lengths, cfg, seed, 0)
+    processes = accelerator.num_processes
+    first_epoch = _epoch_loader(lengths, cfg, seed, 0, processes)
     batches_per_epoch = len(accelerator.prepare(first_epoch))
-    if batches_per_epoch == 0:  # fewer batches than processes: accelerate gives some of them none
-        raise InputError(f"{len(examples)} training examples make {len(first_epoch)} batch(es) of "
-                         f"trainer.batch_size={cfg.batch_size}, fewer than the {accelerator.num_processes} "
-                         "processes: lower trainer.batch_size, or give more prompts")
+    if batches_per_epoch == 0:  # fewer examples than processes
+        raise InputError(f"{len(examples)} training example(s), fewer than the {processes} processes: give more "
+                         "prompts or data, or run fewer processes")
+    if len(examples) < cfg.batch_size * processes and processes > 1:
+        log.warning("%d training examples, fewer than one global batch (trainer.batch_size=%d x %d processes): each "
+                    "process trains on %d of them a step%s", len(examples), cfg.batch_size, processes,
+                    first_epoch.batch_size, f" ({len(examples) % processes} left out)" if len(examples) % processes
+                    else "")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * max(1, batches_per_epoch // cfg.grad_accum))
     # accelerate steps a prepared scheduler once per process at every optimiser step: count in those units.
-    processes = accelerator.num_processes
     budget = cfg.get("logits_budget_mb") or float("inf")
     if packed and not packing_checked(model):  # before prepare(): a sharded model's forwards are collectives, and
         # only the processes that have not checked this model yet (reference scoring may have) would run them
@@ -238,7 +242,7 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
               disable=not accelerator.is_local_main_process) as bar, preemption.at_step_boundaries():
         while state["step"] < total_steps:
             epoch, offset = divmod(state["micro_batches"], batches_per_epoch)
-            loader = accelerator.prepare(_epoch_loader(lengths, cfg, seed, epoch))
+            loader = accelerator.prepare(_epoch_loader(lengths, cfg, seed, epoch, processes))
             for indices in accelerator.skip_first_batches(loader, offset) if offset else loader:
                 state["micro_batches"] += 1
                 chunk = [examples[i] for i in indices.tolist()]
@@ -301,27 +305,32 @@ def _fixed_columns(sampler, examples: list[Example]) -> list[int]:
     return sampler.columns(sizes.pop())
 
 
-def _epoch_loader(lengths: list[int], cfg: DictConfig, seed: int, epoch: int) -> DataLoader:
+def _epoch_loader(lengths: list[int], cfg: DictConfig, seed: int, epoch: int, processes: int = 1) -> DataLoader:
     """Epoch `e` visits the examples in a permutation fixed by (seed, e): a resumed run can find its place.
-    With `trainer.group_by_length: G`, each window of G batches of that permutation is sorted by length
-    (prompt + longest candidate), cut into batches, and the batches shuffled inside the window: rows of a
-    batch have similar lengths (less padding), the order is still fixed by (seed, e). The examples a
-    short last batch would hold are dropped first, as without grouping.
+    The examples a short last global batch (trainer.batch_size on each of the `processes`) would hold are dropped,
+    as one process with the same global batch drops them: accelerate deals the batches to the processes in turn,
+    and would fill a last round of them with repeated examples (counted twice in that step, and the run no longer
+    one process's). Fewer examples than one global batch: one short batch (one process), or an equal share for
+    each process. With `trainer.group_by_length: G`, each window of G batches of that permutation is sorted by
+    length (prompt + longest candidate), cut into batches, and the batches shuffled inside the window: rows of a
+    batch have similar lengths (less padding), the order is still fixed by (seed, e).
     Batches are tensors of example indices; the loop builds the rows (which may depend on the policy)."""
     size, generator = cfg.batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    drop_last = len(order) >= size
+    if len(order) >= size * processes:
+        order = order[: len(order) - len(order) % (size * processes)]
+    elif processes > 1:  # (none left when there are fewer examples than processes: train() says so)
+        size = max(1, len(order) // processes)
+        order = order[: len(order) - len(order) % processes]
     window = (cfg.get("group_by_length") or 0) * size
     if window > size:
-        kept = order[: len(order) - len(order) % size] if drop_last else order
-        order = []
+        kept, order = order, []
         for start in range(0, len(kept), window):
             by_length = sorted(kept[start : start + window], key=lengths.__getitem__)
             batches = [by_length[i : i + size] for i in range(0, len(by_length), size)]
             for b in torch.randperm(len(batches), generator=generator).tolist():
                 order += batches[b]
-    return DataLoader(range(len(lengths)), batch_size=size, sampler=order, drop_last=drop_last,
-                      collate_fn=torch.tensor)
+    return DataLoader(range(len(lengths)), batch_size=size, sampler=order, collate_fn=torch.tensor)
 
 
 def disable_dropout(model) -> None:

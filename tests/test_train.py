@@ -71,6 +71,20 @@ def test_padding_free_fused_and_chunked_train_like_the_plain_padded_loop(bpe_mod
     assert trained["packed"][1][-1]["loss"] < 0.69  # it trained
 
 
+def test_several_processes_get_one_processs_global_batches_and_no_repeated_examples():
+    """accelerate deals the batches to the processes in turn and fills a last round of them with repeated examples:
+    2 processes of batch 4 trained a step one process of batch 8 drops, on 2 examples counted twice."""
+    lengths, cfg = [10] * 13, OmegaConf.create({"batch_size": 4})
+    one = [b.tolist() for b in _epoch_loader(lengths, OmegaConf.create({"batch_size": 8}), seed=3, epoch=0)]
+    two = [b.tolist() for b in _epoch_loader(lengths, cfg, seed=3, epoch=0, processes=2)]
+    assert len(one) == 1 and two == [one[0][:4], one[0][4:]]  # batch i goes to process i % 2: one's global batch
+    # Fewer examples than a global batch: an equal share for each process (one is left out), never a repeat.
+    assert [b.tolist() for b in _epoch_loader(lengths[:7], cfg, seed=3, epoch=0, processes=2)] == \
+        [b.tolist() for b in _epoch_loader(lengths[:7], OmegaConf.create({"batch_size": 3}), seed=3, epoch=0)][:2]
+    assert [len(b) for b in _epoch_loader(lengths[:7], cfg, seed=3, epoch=0)] == [4]  # one process: as before
+    assert [len(b) for b in _epoch_loader(lengths[:3], cfg, seed=3, epoch=0)] == [3]  # (one short batch)
+
+
 def test_length_grouped_batches_keep_the_epoch_and_its_seed():
     lengths = [int(x) for x in torch.randint(5, 200, (37,), generator=torch.Generator().manual_seed(1))]
     plain = [b.tolist() for b in _epoch_loader(lengths, OmegaConf.create({"batch_size": 4}), seed=3, epoch=2)]
