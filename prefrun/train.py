@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from prefrun import faults, preemption
+from prefrun import distributed, faults, preemption
 from prefrun.checkpoint import Checkpoints
 from prefrun.data import Example, candidate_logps, collate, to_device
+from prefrun.data.reference import idle_forward
 from prefrun.errors import InputError, PrefrunError
 from prefrun.logprobs import check_packing, packing_checked, sequence_logps, use_packed_attention
 from prefrun.losses import log_reference_noise, pool_log_softmax_loss
@@ -359,8 +360,10 @@ class PoolDraws:
     """The negatives of each micro-batch of pools: score every candidate with the current policy (a batched
     no-grad forward, reused while younger than `sampler.refresh_every` steps), then let the sampler draw.
     Column 0 of each example is its chosen y_w. Each example's draws come from a generator seeded by (seed,
-    optimiser step, example index), so a resumed run draws what an uninterrupted one would, and a run on N
-    processes what one process draws at the same global batch."""
+    optimiser step, example index), so a resumed run draws what an uninterrupted one would (with
+    `refresh_every` other than 1 only until a kept score is needed: the kept scores are not in the checkpoint,
+    and a resumed run scores those pools anew), and a run on N processes what one process draws at the same
+    global batch (the kept scores are every process's)."""
 
     def __init__(self, sampler, examples: list[Example], *, beta: float, pad_id: int, seed: int, batch_size: int):
         self.sampler, self.examples, self.beta, self.pad_id, self.seed = sampler, examples, beta, pad_id, seed
@@ -380,11 +383,25 @@ class PoolDraws:
     def __call__(self, model, indices: list[int], state: dict) -> tuple[list[list[int]], dict[str, Tensor]]:
         refresh, step = self.sampler.refresh_every, state["step"]
         stale = [i for i in indices if i not in self.cache or (refresh and step - self.cache[i][0] >= refresh)]
+        # Several processes: scores kept for later steps are every process's (an example another process scored is
+        # not scored again here: the draws stay one process's), and every process makes as many scoring forwards
+        # (fewer stale pools, or smaller ones, were fewer forwards), a token's forward at a time after its own: the
+        # forwards of the prepared model are collectives (a sharded policy's gathers; DDP broadcasts the buffers
+        # before each forward), and uneven ones hung.
+        several = distributed.world_size() > 1
+        forwards = -(-sum(len(self.examples[i].completion_ids) for i in stale) // self.batch_size)
+        idle = max(distributed.gather(forwards)) - forwards if several else 0
+        scored, width = {}, self.reference.shape[1]
         if stale:
             logps, _ = candidate_logps(model, [self.examples[i] for i in stale], self.pad_id, batch_size=self.batch_size)
-            width = self.reference.shape[1]
-            for i, row in zip(stale, logps):
-                self.cache[i] = (step, torch.nn.functional.pad(row, (0, width - row.shape[0])))
+            scored = {i: torch.nn.functional.pad(row, (0, width - row.shape[0])) for i, row in zip(stale, logps)}
+        for _ in range(idle):
+            idle_forward(model, self.pad_id)
+        if several and refresh != 1:
+            for part in distributed.gather(scored):
+                scored = {**part, **scored}
+        for i, row in scored.items():
+            self.cache[i] = (step, row)
         index = torch.tensor(indices)
         policy = torch.stack([self.cache[i][1] for i in indices])
         if refresh == 1:

@@ -121,6 +121,30 @@ def stopped_by_a_signal(model, tokenizer, out_dir: Path) -> dict:
     return {"said": said, "forwards": forwards[0]}
 
 
+def pool_draws(model, tokenizer) -> dict:
+    """MC-PO's negatives under the sharded policy, the pools of different sizes on the two processes (legal with
+    data=pools) and their scores kept for later steps (sampler.refresh_every=0): each process made the scoring
+    forwards its own pools needed (a hang); now as many as the busiest, and a pool another process scored is not
+    scored again. Returns the columns drawn at step 0 (own pools) and step 1 (the other process's pools)."""
+    from prefrun.samplers import CDSampler
+    from prefrun.train import PoolDraws
+
+    ids = lambda text: tokenizer(text).input_ids  # noqa: E731
+    pools = [Example(ids("sort 31:"), [ids(" 13")[1:], ids(" 31")[1:]], reference_logps=[-5.0, -6.0], scores=[1.0, 0.0]),
+             Example(ids("sort 52:"), [ids(" 25")[1:], ids(" 52")[1:], ids(" 22")[1:], ids(" 5")[1:]],
+                     reference_logps=[-5.0, -6.0, -7.0, -4.0], scores=[1.0, 0.0, 0.5, 0.2])]
+    draws = PoolDraws(CDSampler(refresh_every=0), pools, beta=0.5, pad_id=tokenizer.pad_token_id, seed=0, batch_size=1)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    forwards = [0]
+    hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    first = draws(model, [rank], {"step": 0})[0]  # process 0: 2 candidates (2 forwards), process 1: 4
+    after_first = forwards[0]
+    second = draws(model, [1 - rank], {"step": 1})[0]  # scored by the other process at step 0: no forward
+    hook.remove()
+    return {"first": first, "second": second, "forwards": [after_first, forwards[0] - after_first],
+            "cached": sorted(draws.cache)}
+
+
 def main(out: str) -> None:
     reference.SCORING_SHARD = 2  # 5 examples: 3 shards over 2 processes
     tokenizer = char_tokenizer()
@@ -147,8 +171,8 @@ def main(out: str) -> None:
                        {"generate_s": 2.0, "outputs": [[{"token_ids": [7], "logprobs": [-0.5]}]]}]}
     delivered = session.on_engine(lambda: answer if dist.get_rank() == 0 else None, partial(_sets_for, [0, 1]))
     stopped = stopped_by_a_signal(model, tokenizer, Path(out).with_name("stopped-shards"))
-    torch.save({"single": single, "sharded": sharded, "restart": refused, "delivered": delivered, "stopped": stopped},
-               f"{out}.{dist.get_rank()}")
+    torch.save({"single": single, "sharded": sharded, "restart": refused, "delivered": delivered, "stopped": stopped,
+                "pool_draws": pool_draws(model, tokenizer)}, f"{out}.{dist.get_rank()}")
     dist.barrier()  # both done before either tears the group down (a peer gone mid-teardown aborts gloo)
     dist.destroy_process_group()
 

@@ -68,6 +68,10 @@ def test_split_work_with_a_sharded_policy_keeps_every_process_in_step_and_does_n
         assert own["outputs"] is not None and other == {"generate_s": [2.0, 1.0][rank], "outputs": None,
                                                          "generated": [1, 2][rank]}
         assert "not restarted: the policy is sharded" in seen["restart"]
+        # MC-PO's pool scoring: as many forwards on both (4, the 4-candidate pool's), none for a pool already scored
+        # by the other process (sampler.refresh_every=0), whose scores both keep.
+        draws = seen["pool_draws"]
+        assert draws["forwards"] == [4, 0] and draws["cached"] == [0, 1], draws
         # Caught by process 1 at its third forward (before the processes ask each other there): both stopped at that
         # forward, no hang.
         assert seen["stopped"] == {"said": "stopped by SIGUSR1 outside training (finished shards, rounds and "

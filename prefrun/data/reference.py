@@ -82,7 +82,7 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
         parts = distributed.map_shards(num_shards, score)
     elif not packs(model) or packing_checked(model):
         parts = distributed.map_shards_in_step(num_shards, score, steps=steps,
-                                               idle=lambda: _idle_forward(model, pad_id), model=model)
+                                               idle=lambda: idle_forward(model, pad_id), model=model)
     else:
         parts = distributed.map_shards(num_shards, score, split=False)
     width = max(len(ex.completion_ids) for ex in examples)
@@ -96,7 +96,7 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
 
 
 @torch.no_grad()
-def _idle_forward(model, pad_id: int) -> None:
+def idle_forward(model, pad_id: int) -> None:
     """One forward of a single token, as scoring makes them (packed or padded): its collectives meet the ones of
     a peer's real forward."""
     from prefrun.logprobs import packs, sequence_logps
