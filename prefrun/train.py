@@ -308,8 +308,10 @@ def _fixed_columns(sampler, examples: list[Example]) -> list[int]:
 
 def _epoch_loader(lengths: list[int], cfg: DictConfig, seed: int, epoch: int, processes: int = 1) -> DataLoader:
     """Epoch `e` visits the examples in a permutation fixed by (seed, e): a resumed run can find its place.
-    The examples a short last global batch (trainer.batch_size on each of the `processes`) would hold are dropped,
-    as one process with the same global batch drops them: accelerate deals the batches to the processes in turn,
+    The examples a short last optimiser step (trainer.batch_size on each of the `processes`, trainer.grad_accum
+    times) or global batch would hold are dropped, as one process with the same global batch drops them (an
+    epoch ends on a whole optimiser step: accelerate steps at the end of an epoch, a partial accumulation included,
+    and the run stopped before its last epoch was done); accelerate deals the batches to the processes in turn,
     and would fill a last round of them with repeated examples (counted twice in that step, and the run no longer
     one process's). Fewer examples than one global batch: one short batch (one process), or an equal share for
     each process. With `trainer.group_by_length: G`, each window of G batches of that permutation is sorted by
@@ -318,7 +320,10 @@ def _epoch_loader(lengths: list[int], cfg: DictConfig, seed: int, epoch: int, pr
     Batches are tensors of example indices; the loop builds the rows (which may depend on the policy)."""
     size, generator = cfg.batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    if len(order) >= size * processes:
+    step = size * processes * (cfg.get("grad_accum") or 1)  # an optimiser step's examples
+    if len(order) >= step:  # (a short last step: accelerate stepped at the epoch's end on a scaled-down gradient)
+        order = order[: len(order) - len(order) % step]
+    elif len(order) >= size * processes:
         order = order[: len(order) - len(order) % (size * processes)]
     elif processes > 1:  # (none left when there are fewer examples than processes: train() says so)
         size = max(1, len(order) // processes)

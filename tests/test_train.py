@@ -83,6 +83,11 @@ def test_several_processes_get_one_processs_global_batches_and_no_repeated_examp
         [b.tolist() for b in _epoch_loader(lengths[:7], OmegaConf.create({"batch_size": 3}), seed=3, epoch=0)][:2]
     assert [len(b) for b in _epoch_loader(lengths[:7], cfg, seed=3, epoch=0)] == [4]  # one process: as before
     assert [len(b) for b in _epoch_loader(lengths[:3], cfg, seed=3, epoch=0)] == [3]  # (one short batch)
+    # With gradient accumulation an epoch ends on a whole optimiser step (accelerate stepped at the epoch's end, on
+    # what a short accumulation had summed, and the run stopped before its last epoch was done).
+    accumulated = OmegaConf.create({"batch_size": 4, "grad_accum": 2})
+    assert [len(b) for b in _epoch_loader(lengths, accumulated, seed=3, epoch=0)] == [4, 4]
+    assert [len(b) for b in _epoch_loader(lengths * 2, accumulated, seed=3, epoch=0, processes=2)] == [4] * 4
 
 
 def test_length_grouped_batches_keep_the_epoch_and_its_seed():
