@@ -136,6 +136,12 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
         _stop_with(f"{line}; {_how_to_continue(cfg)}", code=1)
 
 
+# Counts whose 0 has no meaning, where a config holds them (train's, eval's, generate's).
+_AT_LEAST_ONE = ("trainer.batch_size", "trainer.grad_accum", "trainer.log_every", "eval.batch_size",
+                 "eval.interval_resamples", "interval_resamples", "judge_shard_size", "generator.num_candidates",
+                 "generator.batch_size")
+
+
 def _check_value_types(cfg: DictConfig) -> None:
     """A value given on the command line where the config holds a number or a true/false (`trainer.max_steps=abc`)
     stops the run here, in one line, rather than deep inside the run minutes later. The defaults are the config
@@ -145,6 +151,10 @@ def _check_value_types(cfg: DictConfig) -> None:
 
     from prefrun.errors import InputError
 
+    for key in _AT_LEAST_ONE:  # a 0 here failed deep inside (a division by zero, numpy's bootstrap), after training
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise InputError(f"{key}={value}: give a whole number >= 1")
     hydra_cfg = HydraConfig.get()
     given = [o for o in hydra_cfg.overrides.task if "=" in o and not o.startswith(("+", "~"))]
     values = [o for o in given if "." in o.split("=", 1)[0]]

@@ -48,7 +48,9 @@ def test_unset_mandatory_key(tmp_path, cache_dir, pairs_jsonl):
 @pytest.mark.parametrize("override, line", [
     ("trainer.max_steps=abc", "trainer.max_steps='abc': give a whole number"),  # default null: the trainer checks
     ("optim.lr=fast", "optim.lr='fast': give a number (the default is"),  # any key whose default is a number
-    ("trainer.save_final=maybe", "trainer.save_final='maybe': give true or false")])
+    ("trainer.save_final=maybe", "trainer.save_final='maybe': give true or false"),
+    # a count of 0: numpy's bootstrap failed after training, before checkpoint-final was saved
+    ("eval.interval_resamples=0", "eval.interval_resamples=0: give a whole number >= 1")])
 def test_a_value_of_the_wrong_type_stops_at_the_start_in_one_line(tmp_path, cache_dir, override, line):
     """`trainer.max_steps=abc` built pools, scored the reference and evaluated the start (30 s) before a TypeError."""
     proc = run_cli(["train", *TINY_JOB, override], tmp_path, check=False)
