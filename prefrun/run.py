@@ -16,7 +16,6 @@ import gc
 import hashlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -65,6 +64,7 @@ from prefrun.online import (
     log_round,
     merges_adapters,
     prompt_folds,
+    prompt_limit,
     read_round_weights,
     restore_round,
     round_row,
@@ -158,7 +158,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
     generator, judge = instantiate(cfg.generator), _judge(cfg, task)
     _self_rewarding(judge, policy, tokenizer)
-    limit, why = _prompt_limit(data, generator, policy)
+    limit, why = prompt_limit(data, generator, policy)
     prompts = fitting_prompts(data.train_prompts(task, tokenizer, generator), tokenizer, limit=limit, why=why,
                               source=data.prompt_source)
     folds = prompt_folds(prompts, online.rounds, online.prompts_per_round, source=data.prompt_source)
@@ -276,19 +276,6 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
         _report(summary, cfg.eval.get("primary"), record.dir)
     primary = cfg.eval.get("primary")
     return after[primary]["mean"] if primary in after else None
-
-
-def _prompt_limit(data, generator, policy) -> tuple[int, str]:
-    """The longest prompt a round can use, and why: it must leave a completion token in data.max_length (unless
-    data.max_prompt_length cuts it for training) and fit the generator's context."""
-    context = getattr(generator, "max_model_len", None) or \
-        getattr(policy.config.get_text_config(), "max_position_embeddings", None)
-    limits = [(context - 1, f"the model's context is {context} tokens: generator.max_model_len or the model's "
-                            "max_position_embeddings")] if context else []
-    if data.max_prompt_length is None:
-        limits.append((data.max_length - 1, f"data.max_length={data.max_length} must leave room for a completion: "
-                                             "raise it, or set data.max_prompt_length to cut long prompts in training"))
-    return min(limits) if limits else (sys.maxsize, "")
 
 
 def _round_seed(generator_seed: int, seed: int, t: int) -> int:

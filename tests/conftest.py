@@ -87,7 +87,7 @@ def char_llama(*, hidden: int, heads: int, seed: int, **config):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads, head_dim=64,
-                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **config)
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **{"max_position_embeddings": 128, **config})
     return LlamaForCausalLM(config).eval(), tokenizer
 
 

@@ -130,6 +130,18 @@ def test_greedy_is_the_argmax_repeated(chars):
         assert logits[len(context) - n - 1 : -1].argmax(-1).tolist() == cands.token_ids[0]
 
 
+def test_hf_generation_keeps_to_the_models_context():
+    """As vLLM's engine: a prompt that fills the context is one line, completions end at the context (a GPT-2 failed
+    with torch's "index out of range in self"; a rotary model went on past its training)."""
+    model, tokenizer = char_llama(hidden=64, heads=1, seed=0, max_position_embeddings=16)
+    out = HFGenerator(num_candidates=2, max_new_tokens=30, min_new_tokens=30).generate(["sort 4813:"], model=model,
+                                                                                        tokenizer=tokenizer)
+    width = len(prompt_ids(tokenizer, "sort 4813:"))
+    assert [len(ids) for ids in out[0].token_ids] == [16 - width] * 2
+    with pytest.raises(InputError, match="generator=hf: a prompt has 22 tokens, and the model.s context is 16 .max_position_embeddings."):
+        HFGenerator(max_new_tokens=4).generate(["sort 123456789012345:"], model=model, tokenizer=tokenizer)
+
+
 def test_prompt_ids_and_as_chat_with_a_chat_template(bpe):
     _, tokenizer = bpe
     assert prompt_ids(tokenizer, "what is 3") == tokenizer("what is 3").input_ids

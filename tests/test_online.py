@@ -389,7 +389,7 @@ def test_a_round_whose_pools_all_tie_is_recorded_untrained_the_policy_carries_ov
     killed = run_cli(job, tmp_path, env, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "online: skipped 8 of 72 prompts of data.prompts.path=" in log and "longer than 63 tokens" in log
+    assert "skipped 8 of 72 prompts of data.prompts.path=" in log and "longer than 63 tokens" in log
     assert ("round 1/2: no usable pools (32 prompts: 32 all scores equal): the round trains nothing and the policy "
             "carries over to round 2 (round/trained=0)") in log
     round_1 = json.loads((tmp_path / "run" / "rounds" / "1" / "round.json").read_text())

@@ -535,9 +535,14 @@ class GeneratedPreferences(PreferenceData):
              pools: bool = False) -> list[Example]:
         from prefrun.generate.hf import HFGenerator
         from prefrun.model import fingerprint, sharded_compute_dtype
+        from prefrun.online import fitting_prompts, prompt_limit
         from prefrun.pools import make_pools
 
-        prompts = self.train_prompts(task, tokenizer, generator)
+        # Prompts too long to leave a completion token are skipped before the shards are cut, counted in one line, as
+        # online rounds skip them (HF generation failed deep inside torch on a model with position embeddings).
+        limit, why = prompt_limit(self, generator, policy)
+        prompts = fitting_prompts(self.train_prompts(task, tokenizer, generator), tokenizer, limit=limit, why=why,
+                                  source=self.prompt_source)
         # Shards sample with their own seeds: their size is part of what the pools are. A policy sharded with
         # FSDP's mixed precision samples other candidates than the same weights unsharded (HF generation).
         numerics = sharded_compute_dtype(policy) if isinstance(generator, HFGenerator) else None

@@ -3,6 +3,7 @@ sampled token and stop strings matched as vLLM matches them."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from prefrun import distributed
 from prefrun.errors import InputError
 from prefrun.generate.base import Candidates, Sampling, _candidates, _eos_ids, _log_rate, _tokenize
 from prefrun.model import in_loaded_precision, root_gathered
+
+log = logging.getLogger(__name__)
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -91,6 +94,16 @@ class HFGenerator(Sampling):
         if model is None:
             raise InputError("generator=hf samples from the policy in memory: pass model=")
         ids = _tokenize(tokenizer, prompts)
+        # The model's context, as vLLM's engine keeps to it: a prompt that fills it is refused, completions end at it
+        # (past it a model with position embeddings failed inside torch, a rotary one went on beyond its training).
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        longest = max(map(len, ids), default=0)
+        if context and longest >= context:
+            raise InputError(f"generator=hf: a prompt has {longest} tokens, and the model's context is {context} "
+                             "(max_position_embeddings): shorten the prompts")
+        if context and longest + self.max_new_tokens > context:
+            log.warning("generator=hf: completions of the longest prompts end at %d tokens of context (the model's "
+                        "limit), before max_new_tokens=%d", context, self.max_new_tokens)
         eos_ids = _eos_ids(tokenizer, model.generation_config)
         if not eos_ids:
             raise InputError("generator=hf: the tokenizer has no EOS token and the model's generation config "
@@ -128,7 +141,8 @@ class HFGenerator(Sampling):
                     # per call: a call is the unit that peers' calls meet (`idle`)
                     with root_gathered(model), in_loaded_precision(model):
                         out = model.generate(
-                            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
+                            input_ids=input_ids, attention_mask=attention_mask,
+                            max_new_tokens=min(self.max_new_tokens, context - width) if context else self.max_new_tokens,
                             num_return_sequences=per_prompt, pad_token_id=pad_id, eos_token_id=eos_ids,
                             logits_processor=LogitsProcessorList(processors),
                             stopping_criteria=StoppingCriteriaList([_StopStrings(tokenizer, self.stop, width)]
