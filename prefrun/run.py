@@ -31,7 +31,7 @@ from prefrun.data import GeneratedPreferences, attach_reference_logps
 from prefrun.errors import InputError
 from prefrun.evaluate import judged_scores, preference_metrics, without_completions
 from prefrun.generate import VLLMGenerator, as_chat
-from prefrun.judges import RuleJudge
+from prefrun.judges import RuleJudge, files_fingerprint
 from prefrun.judgments import JudgmentCache
 from prefrun.logprobs import use_packed_attention
 from prefrun.model import (
@@ -578,8 +578,13 @@ def generate_pools(cfg: DictConfig) -> Path:
         distributed.receive_weights(policy, fingerprint)
     prompts = as_chat(prompts, tokenizer, generator.chat_template)
     output = Path(cfg.output).expanduser()
-    job = {"model": name_or_path, "lora": bool(cfg.model.get("lora")), "generator": repr(generator),
-           "judge": repr(judge), "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
+    # The weights, not only their path: shards of a model since retrained in the same directory are another job's.
+    local = Path(name_or_path).expanduser()
+    weights = fingerprint(policy) if policy is not None else \
+        files_fingerprint(local, "model.name_or_path") if local.is_dir() else name_or_path
+    job = {"model": name_or_path, "weights": weights, "lora": bool(cfg.model.get("lora")),
+           "generator": repr(generator), "judge": repr(judge),
+           "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
     start = time.perf_counter()
     try:
         records = make_pools(prompts, generator=generator, judge=judge, model=policy, tokenizer=tokenizer,

@@ -88,6 +88,27 @@ def test_generate_writes_judged_pools_and_resumes_after_a_kill(tmp_path, cache_d
     assert summary["num_examples"] <= 48 and summary["eval_after"] == {}  # rule judge, the data is not the task's
 
 
+def test_generate_does_not_take_the_shards_of_a_model_since_retrained_in_the_same_directory(tmp_path, bpe_model_dir):
+    """The shards beside the output are reused by the same job only: the job named the model by its path, and after
+    retraining into the same directory the same command wrote the old model's pools again, silently."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    policy = tmp_path / "policy"
+    shutil.copytree(bpe_model_dir, policy)
+    args = ["generate", "model=hf", f"model.name_or_path={policy}", "generator=hf", "generator.num_candidates=2",
+            "generator.max_new_tokens=4", "num_prompts=4", f"output={tmp_path / 'pools.jsonl'}"]
+    run_cli(args, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(policy)  # "retrained"
+    proc = run_cli(args, tmp_path, check=False)
+    assert proc.returncode == 2 and "holds pools of another job" in proc.stdout + proc.stderr
+
+
 def test_biased_pairing_runs_with_one_warning(tmp_path, cache_dir):
     proc = run_cli(["train", *TINY_JOB, "experiment=mcpo_tiny", "sampler=hardest", "trainer.max_steps=2",
                     "eval.num_prompts=0", "trainer.save_final=false"], tmp_path)
