@@ -229,9 +229,15 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     model.train()
 
     state, window, last = {"step": 0, "micro_batches": 0}, _Window(), {}
+    # Where a checkpoint stands in the data is a count of micro-batches: read with other batches, it is elsewhere.
+    layout = {"trainer.batch_size": cfg.batch_size, "trainer.grad_accum": cfg.grad_accum, "examples": len(examples)}
     resume_from = checkpoints.latest() if checkpoints else None
     if resume_from:
         state = checkpoints.load(accelerator, resume_from)
+        made = state.pop("layout", layout)
+        if made != layout:
+            raise InputError(f"{resume_from} was made with {made} and this run has {layout}: resume with the same "
+                             "batches (or start a new run directory)")
         window.restore(state.pop("window"), accelerator.device)
         last = state.pop("last", {})  # a run stopped at its last step resumes with nothing left to do
         log.info("resuming from %s (step %d of %d)", resume_from, state["step"], total_steps)
@@ -281,14 +287,14 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                     on_log(last)
                 saved = checkpoints and checkpoints.due(state["step"]) and state["step"] < total_steps
                 if saved:
-                    checkpoints.save(accelerator, {**state, "window": window.state(), "last": last})
+                    checkpoints.save(accelerator, {**state, "window": window.state(), "last": last, "layout": layout})
                 faults.inject("train")
                 signum = preemption.requested(accelerator)
                 if signum:
                     where = f"at step {state['step']} of {total_steps}"
                     if checkpoints:
                         if not saved:
-                            checkpoints.save(accelerator, {**state, "window": window.state(), "last": last})
+                            checkpoints.save(accelerator, {**state, "window": window.state(), "last": last, "layout": layout})
                         where += f" (checkpoint {checkpoints.path(state['step'])})"
                     raise preemption.Preempted(signum, where)
                 if state["step"] >= total_steps:

@@ -66,3 +66,7 @@ def test_resume_key_continues_a_timestamped_run(tmp_path, cache_dir):
     log = (run / "train.log").read_text()
     assert "resuming from" in log and "other values of: trainer.max_steps" in log
     assert metrics(run)[-1]["step"] == 8
+    # A checkpoint's place in the data is a count of micro-batches: with other batches it would be elsewhere.
+    other = run_cli(["train", *JOB, "trainer.max_steps=12", "trainer.batch_size=4", f"resume={run}"], tmp_path,
+                    check=False)
+    assert other.returncode == 2 and "was made with {'trainer.batch_size': 8" in other.stdout + other.stderr
