@@ -584,8 +584,7 @@ def local_weights(model) -> LocalShards:
     same order). A weight that is not sharded is kept whole."""
     from torch.distributed.tensor import DTensor
 
-    resharded(model)
-    out = LocalShards()
+    out = LocalShards()  # (_weight_entries reshards first)
     for name, tensor, lora in _weight_entries(model, tied=False, buffers=False):
         value = master_or_local(tensor).detach().to("cpu", copy=True)
         if lora and merges_lora_in_fp32(model):

@@ -213,8 +213,7 @@ def set_policy_weights(model, weights: dict[str, Tensor], *, seed: int) -> None:
     """Write `weights` (as `prefrun.model.full_weights` returns them, or a sharded policy's `LocalShards`) into the
     model. With LoRA they go into the base layers and the adapters restart (B = 0, A drawn from `seed`): the
     policy's function is exactly `weights`, and "adapters off" is now this policy, the next round's reference."""
-    resharded(model)  # before the parameters are read: a gathered FSDP2 module registers its gathered copies
-    params = plain_parameters(model)
+    params = plain_parameters(model)  # (the shards: a gathered FSDP2 module is resharded first)
     missing, unknown = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unknown:
         raise InputError(f"online: saved weights do not fit the policy (missing {missing[:3]}, unknown {unknown[:3]}): "

@@ -109,11 +109,16 @@ def at_step_boundaries(stops_at: str = "the next step boundary with a checkpoint
 def shared(signum: int) -> Preempted | None:
     """`signum`, the signal some process caught (0: none) as all of them agreed on it: this process stops with it
     too (the error to raise, outside training), or None."""
-    if not signum:
+    if not _adopt(signum):
         return None
-    if _listener.caught is None:  # another process was signalled: this one stops with it
-        _listener.caught, _listener.caught_at = signum, time.monotonic()
     return Preempted(signum, "outside training (finished shards, rounds and checkpoints are on disk)")
+
+
+def _adopt(signum: int) -> int:
+    """`signum` (0: none), agreed on by the processes: one caught by another process is this one's too."""
+    if signum and _listener.caught is None:  # another process was signalled: this one stops with it
+        _listener.caught, _listener.caught_at = signum, time.monotonic()
+    return signum
 
 
 def requested(accelerator) -> int:
@@ -122,9 +127,7 @@ def requested(accelerator) -> int:
     if accelerator.num_processes > 1:
         flag = torch.tensor([signum], device=accelerator.device)
         signum = int(accelerator.reduce(flag, "max").item())
-    if signum and _listener.caught is None:  # another process was signalled: this one stops with it
-        _listener.caught, _listener.caught_at = signum, time.monotonic()
-    return signum
+    return _adopt(signum)
 
 
 def hand_over(err: Preempted) -> None:

@@ -575,12 +575,12 @@ def generate_pools(cfg: DictConfig) -> Path:
     else:
         policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
         policy.to(distributed.device())
-        distributed.receive_weights(policy, fingerprint)
+        received = distributed.receive_weights(policy, fingerprint)  # (their fingerprint, under several processes)
     prompts = as_chat(prompts, tokenizer, generator.chat_template)
     output = Path(cfg.output).expanduser()
     # The weights, not only their path: shards of a model since retrained in the same directory are another job's.
     local = Path(name_or_path).expanduser()
-    weights = fingerprint(policy) if policy is not None else \
+    weights = (received or fingerprint(policy)) if policy is not None else \
         files_fingerprint(local, "model.name_or_path") if local.is_dir() else name_or_path
     job = {"model": name_or_path, "weights": weights, "lora": bool(cfg.model.get("lora")),
            "generator": repr(generator), "judge": repr(judge),
