@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -119,10 +120,15 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
         if not is_full(err):
             raise
         _stop_with(str(disk_full(Path(err.filename or os.getcwd()), None, err)))
+    except MemoryError as err:  # torch.OutOfMemoryError is not one: below
+        _stop_with(_out_of_memory(err, cfg), code=1)
     except MissingMandatoryValue as err:
         _stop_with(f"{err.full_key} is not set: give it on the command line ({err.full_key}=...)")
     except RuntimeError as err:  # a collective whose peer died: the launcher is about to signal this process too
         from prefrun import distributed
+
+        if _is_out_of_memory(err):
+            _stop_with(_out_of_memory(err, cfg), code=1)
 
         line = distributed.peer_lost(err)
         if line is None:
@@ -134,6 +140,51 @@ def _one_line_errors(pipeline: str, cfg: DictConfig):
             _into_run_log(f"process {other} of {distributed.world_size()} stopped: {said}")
             sys.exit(code)
         _stop_with(f"{line}; {_how_to_continue(cfg)}", code=1)
+
+
+# Where a run ran out of memory (the first of these found in the error's traceback: a module, and the functions of
+# it, None for any) and what lowers that phase's memory. The first entries run inside the later ones.
+_MEMORY_KNOBS = (
+    ("prefrun/judges.py", None, "judging", "lower judge.batch_size or judge.max_length"),
+    ("prefrun/evaluate.py", None, "evaluating", "lower eval.batch_size (prompts per generate() call) or "
+     "eval.max_new_tokens, or trainer.reference_batch_size"),
+    ("prefrun/generate/", None, "generating", "lower generator.batch_size (prompts per generate() call, each "
+     "generator.num_candidates rows) or generator.max_new_tokens"),
+    ("prefrun/pools.py", ("generate_shard", "generate_wave"), "generating", "lower generator.batch_size (prompts "
+     "per generate() call, each generator.num_candidates rows) or generator.max_new_tokens"),
+    ("prefrun/train.py", ("__call__",), "scoring pools", "lower trainer.reference_batch_size"),
+    ("prefrun/train.py", None, "training", "lower trainer.batch_size and raise trainer.grad_accum as much (the same "
+     "optimiser steps: the run continues from its last checkpoint), or model.gradient_checkpointing=true, or lower "
+     "trainer.logits_budget_mb or data.max_length"),
+    ("prefrun/data/reference.py", None, "computing reference log-probs", "lower trainer.reference_batch_size"),
+    ("prefrun/model.py", None, "loading the model", "load it in 16 bits (model.dtype=bfloat16), train LoRA "
+     "adapters (+model/lora=default), or shard it (accelerate launch --config_file docs/accelerate/fsdp.yaml)"),
+)
+
+
+def _out_of_memory(err: BaseException, cfg: DictConfig) -> str:
+    """One line for a run out of memory (a GPU's, or an allocation the CPU refused): the phase it was in, what
+    lowers that phase's memory, the start of torch's own message (what it tried to allocate, what was free)."""
+    frames = [(f.f_code.co_filename.replace(os.sep, "/"), f.f_code.co_name) for f, _ in traceback.walk_tb(err.__traceback__)]
+    phase, knobs = "", "lower the batch sizes (trainer.batch_size, generator.batch_size, eval.batch_size)"
+    for where, functions, name, fix in _MEMORY_KNOBS:
+        if any(where in file and (functions is None or code in functions) for file, code in frames):
+            phase, knobs = f" {name}", fix
+            break
+    if OmegaConf.select(cfg, "generator._target_", default="").endswith("VLLMGenerator") and \
+            OmegaConf.select(cfg, "generator.kv_cache_memory_bytes") is None:
+        knobs += (f"; the vLLM engine may take generator.gpu_memory_utilization="
+                  f"{OmegaConf.select(cfg, 'generator.gpu_memory_utilization')} of the GPU")
+    said = str(err).strip()
+    said = said[said.index("DefaultCPUAllocator"):].split(". Error code")[0] if "DefaultCPUAllocator" in said else \
+        ". ".join(said.split(". ")[:3]).rstrip(".") or type(err).__name__
+    return (f"out of memory{phase} ({said}): {knobs}; `plan=true` prints each phase's memory per device; what was "
+            "finished is kept")
+
+
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    """torch's OutOfMemoryError (CUDA, MPS, XPU), or the CPU allocator's refusal (a plain RuntimeError)."""
+    return type(err).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(err)
 
 
 # Counts whose 0 has no meaning, where a config holds them (train's, eval's, generate's).

@@ -9,9 +9,10 @@ from its start over all rounds (6 steps a round: `train:10` is round 2's step 4;
 `generate:3` is round 2's first).
 Kinds: `kill` (SIGKILL to this process: a crash or an OOM kill), `term` (SIGTERM to this process), `hang` (wait
 until a signal arrives, 300 s at most: what a test needs to signal the launcher at a known point), `enospc` (the
-disk is full: OSError ENOSPC), `engine` (SIGKILL to the vLLM engine's process group). Each planned fault happens
-once per run directory (noted in <run dir>/.faults/), so the same command, environment and all, then continues
-as a user's retry would. docs/reliability.md lists the faults tried and the tests that show them.
+disk is full: OSError ENOSPC), `engine` (SIGKILL to the vLLM engine's process group), `oom` (torch's
+OutOfMemoryError, as a GPU out of memory raises it). Each planned fault happens once per run directory (noted in
+<run dir>/.faults/), so the same command, environment and all, then continues as a user's retry would.
+docs/reliability.md lists the faults tried and the tests that show them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-KINDS = ("kill", "term", "hang", "enospc", "engine")
+KINDS = ("kill", "term", "hang", "enospc", "engine", "oom")
 _engine_pids: list[int] = []
 _counts: dict[str, int] = {}
 
@@ -74,6 +75,12 @@ def inject(phase: str, n: int | None = None, path=None) -> None:
                 time.sleep(0.05)
         elif kind == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) if path else None)
+        elif kind == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                          "79.10 GiB of which 1.06 GiB is free. Including non-PyTorch memory, this "
+                                          "process has 78.03 GiB memory in use (PREFRUN_FAULT)")
         elif kind == "engine":
             for pid in _engine_pids:
                 try:

@@ -229,16 +229,19 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     model.train()
 
     state, window, last = {"step": 0, "micro_batches": 0}, _Window(), {}
-    # Where a checkpoint stands in the data is a count of micro-batches: read with other batches, it is elsewhere.
     layout = {"trainer.batch_size": cfg.batch_size, "trainer.grad_accum": cfg.grad_accum, "examples": len(examples)}
     resume_from = checkpoints.latest() if checkpoints else None
     if resume_from:
         state = checkpoints.load(accelerator, resume_from)
         made = state.pop("layout", layout)
-        if made != layout:
-            raise InputError(f"{resume_from} was made with {made} and this run has {layout}: resume with the same "
-                             "batches (or start a new run directory)")
-        window.restore(state.pop("window"), accelerator.device)
+        scale = _same_steps(made, layout, cfg, processes, resume_from)
+        window.restore(state.pop("window"), accelerator.device, scale=scale)
+        if made != layout:  # the same optimiser steps, cut into other micro-batches
+            state["micro_batches"] = state["step"] * cfg.grad_accum
+            accelerator.step = state["micro_batches"] % batches_per_epoch  # accelerate's count towards a sync
+            log.info("resuming with trainer.batch_size=%d, trainer.grad_accum=%d (the checkpoint's: %d, %d): the same "
+                     "optimiser steps over the same examples", cfg.batch_size, cfg.grad_accum,
+                     made["trainer.batch_size"], made["trainer.grad_accum"])
         last = state.pop("last", {})  # a run stopped at its last step resumes with nothing left to do
         log.info("resuming from %s (step %d of %d)", resume_from, state["step"], total_steps)
         if on_resume:
@@ -302,6 +305,32 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     if deepspeed:
         keep_fp32_masters(model)
     return last
+
+
+def _same_steps(made: dict, layout: dict, cfg: DictConfig, processes: int, path) -> float:
+    """A checkpoint written with other micro-batches (`made`: trainer.batch_size, trainer.grad_accum, the number of
+    examples) resumes when each optimiser step still takes the same examples (every epoch's permutation is cut into
+    global batches of batch_size x grad_accum x processes examples; the processes are the checkpoint's): what a run
+    out of memory needs, half the batch and twice the accumulation. Returns the factor that turns the checkpoint's
+    micro-batches into this run's (its metrics window counts micro-batches); refuses, in one line, any other change."""
+    if made == layout:
+        return 1.0
+    batch, accum = made["trainer.batch_size"], made["trainer.grad_accum"]
+    if made["examples"] != layout["examples"]:
+        why = f"on {made['examples']} training examples, and this run has {layout['examples']}: resume on the same data"
+    elif batch * accum != cfg.batch_size * cfg.grad_accum:
+        why = (f"with trainer.batch_size x trainer.grad_accum = {batch} x {accum}, and this run has {cfg.batch_size} x "
+               f"{cfg.grad_accum}: keep the product (an optimiser step's examples), e.g. trainer.batch_size="
+               f"{max(1, batch // 2)} trainer.grad_accum={accum * 2 if batch > 1 else accum}")
+    elif layout["examples"] < batch * accum * processes:
+        why = (f"with trainer.batch_size={batch} trainer.grad_accum={accum} on fewer examples than one optimiser step "
+               "(each epoch is one step, cut by the batch size): resume with the same batches")
+    elif cfg.get("group_by_length") and batch != cfg.batch_size:
+        why = (f"with trainer.batch_size={batch}, and trainer.group_by_length sorts windows of batches by length (the "
+               "order depends on the batch size): resume with the same trainer.batch_size")
+    else:
+        return cfg.grad_accum / accum
+    raise InputError(f"{path} was made {why}; or start a new run directory")
 
 
 def _fixed_columns(sampler, examples: list[Example]) -> list[int]:
@@ -482,11 +511,12 @@ class _Window:
         return {"sums": sums, "count": self.count,
                 "grad_norms": [float(g) for g in self.grad_norms], "tokens": int(self.tokens)}
 
-    def restore(self, saved: dict, device) -> None:
+    def restore(self, saved: dict, device, scale: float = 1.0) -> None:
+        """`scale`: this run's micro-batches per checkpoint micro-batch (each optimiser step weighs the same)."""
         if saved["sums"]:
             self.names = list(saved["sums"])
-            self.sums = torch.tensor(list(saved["sums"].values()), device=device)
-        self.count, self.tokens = saved["count"], saved["tokens"]
+            self.sums = torch.tensor(list(saved["sums"].values()), device=device) * scale
+        self.count, self.tokens = saved["count"] * scale, saved["tokens"]
         self.grad_norms = [torch.tensor(g) for g in saved["grad_norms"]]
 
     def flush(self, accelerator: Accelerator) -> dict:

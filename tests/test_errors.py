@@ -72,3 +72,21 @@ def test_diverging_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir,
 
     weights = load_file(kept[-1] / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())  # the last good checkpoint, untouched
+
+
+def test_out_of_memory_in_training_names_what_to_lower_and_a_smaller_batch_continues(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    job = [*TINY_JOB, "trainer.max_steps=6", "trainer.save_every=2", "eval.num_prompts=0", f"hydra.run.dir={run}"]
+    oom = {"PREFRUN_FAULT": "train:3:oom"}  # torch's OutOfMemoryError after step 3, as a GPU raises it
+    proc = run_cli(["train", *job], tmp_path, oom, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if "[ERROR]" in line]
+    assert "Traceback" not in out and len(errors) == 1, errors
+    assert ("out of memory training (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "79.10 GiB of which 1.06 GiB is free): lower trainer.batch_size and raise trainer.grad_accum") in errors[0]
+    # What the line says to do: the same optimiser steps in smaller micro-batches, from the last checkpoint.
+    run_cli(["train", *job, "trainer.batch_size=4", "trainer.grad_accum=2"], tmp_path, oom)
+    log = (run / "train.log").read_text()
+    assert "(the checkpoint's: 8, 1): the same optimiser steps" in log and "resuming from" in log
+    assert (run / "summary.json").exists()
