@@ -27,7 +27,7 @@ from prefrun import distributed, storage, winrate
 from prefrun.errors import InputError
 from prefrun.generate import VLLMGenerator, as_chat
 from prefrun.judgments import JudgmentCache
-from prefrun.model import fingerprint, load_policy, load_tokenizer, resolve_model_path
+from prefrun.model import fingerprint, load_policy, load_tokenizer, resolve_model_path, weights_of
 from prefrun.pools import make_pools
 from prefrun.runlog import RunLog
 
@@ -242,8 +242,10 @@ def side_answers(side: Side, prompts: list, cfg: DictConfig, task, cache_dir: Pa
     model_cfg = OmegaConf.create({"name_or_path": side.model_path, "build": None, "attn_implementation": None,
                                   "gradient_checkpointing": False, "reference": None, "lora": None,
                                   **side.model_settings})
-    if isinstance(generator, VLLMGenerator):  # the engine loads the weights itself
-        policy, tokenizer, weights = None, load_tokenizer(side.model_path, model_cfg), side.model_path
+    if isinstance(generator, VLLMGenerator):  # the engine loads the weights itself (keyed by their files' bytes:
+        # answers of a model since retrained into the same directory are another side's)
+        policy, tokenizer = None, load_tokenizer(side.model_path, model_cfg)
+        weights = weights_of(side.model_path, side.name)
     else:
         policy, tokenizer, _ = load_policy(model_cfg, task, cache_dir)
         policy.to(distributed.device()).eval()

@@ -51,7 +51,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from prefrun import distributed
 from prefrun.errors import InputError, PrefrunError
-from prefrun.model import DTYPES, loaded_whole
+from prefrun.model import DTYPES, files_fingerprint, loaded_whole
 from prefrun.model import fingerprint as weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -570,29 +570,6 @@ class PairwiseJudge(_ReadsPairs, _ClassifierJudge):
 
 
 ENGINE_ROWS = 4096  # judge.backend=vllm: questions per engine call
-
-
-_FINGERPRINTS: dict[tuple, str] = {}  # (directory, its weight files' names, sizes, mtimes) -> files_fingerprint
-
-
-def files_fingerprint(directory: Path, key: str) -> str:
-    """A hash of a checkpoint's weight files' bytes (the judge's weights, for a judge that does not hold them).
-    Kept for the life of the process while the files keep their sizes and modification times: a judge
-    reloaded every round does not read a large checkpoint again."""
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-    if not files:
-        raise InputError(f"{key}: {directory} holds no weights (*.safetensors or *.bin)")
-    stamp = (str(directory.resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
-    if stamp in _FINGERPRINTS:
-        return _FINGERPRINTS[stamp]
-    digest = hashlib.blake2b(digest_size=16)
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    _FINGERPRINTS[stamp] = "files:" + digest.hexdigest()
-    return _FINGERPRINTS[stamp]
 
 
 def _checkpoint_dir(name_or_path: str, key: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -642,8 +643,6 @@ def sharded_compute_dtype(model) -> torch.dtype | None:
 def fingerprint(model) -> str:
     """A hash of the starting weights' bytes: what the reference log-prob cache is keyed by. Fresh
     LoRA adapters are left out: they start as the identity (B = 0), so the function is the base's."""
-    import hashlib
-
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name:
@@ -655,3 +654,35 @@ def fingerprint(model) -> str:
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+_FINGERPRINTS: dict[tuple, str] = {}  # (directory, its weight files' names, sizes, mtimes) -> files_fingerprint
+
+
+def files_fingerprint(directory: Path, key: str) -> str:
+    """A hash of a checkpoint's weight files' bytes (the judge's weights, for a judge that does not hold them).
+    Kept for the life of the process while the files keep their sizes and modification times: a judge
+    reloaded every round does not read a large checkpoint again."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if not files:
+        raise InputError(f"{key}: {directory} holds no weights (*.safetensors or *.bin)")
+    stamp = (str(directory.resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp in _FINGERPRINTS:
+        return _FINGERPRINTS[stamp]
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    _FINGERPRINTS[stamp] = "files:" + digest.hexdigest()
+    return _FINGERPRINTS[stamp]
+
+
+def weights_of(name_or_path: str, key: str) -> str:
+    """What a model an engine loads from its files is, for keys of work done with it (shards of answers, pools): a
+    local directory's weight files' hash (a model retrained into the same directory is another), else the hub id.
+    Read by the main process once; every process gets it."""
+    local = Path(name_or_path).expanduser()
+    return distributed.from_main(lambda: files_fingerprint(local, key)) if local.is_dir() else name_or_path
+

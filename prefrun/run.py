@@ -31,7 +31,7 @@ from prefrun.data import GeneratedPreferences, attach_reference_logps
 from prefrun.errors import InputError
 from prefrun.evaluate import judged_scores, preference_metrics, without_completions
 from prefrun.generate import VLLMGenerator, as_chat
-from prefrun.judges import RuleJudge, files_fingerprint
+from prefrun.judges import RuleJudge
 from prefrun.judgments import JudgmentCache
 from prefrun.logprobs import use_packed_attention
 from prefrun.model import (
@@ -52,6 +52,7 @@ from prefrun.model import (
     resharded,
     resolve_model_path,
     save_policy,
+    weights_of,
 )
 from prefrun.online import (
     OnlineConfig,
@@ -579,9 +580,7 @@ def generate_pools(cfg: DictConfig) -> Path:
     prompts = as_chat(prompts, tokenizer, generator.chat_template)
     output = Path(cfg.output).expanduser()
     # The weights, not only their path: shards of a model since retrained in the same directory are another job's.
-    local = Path(name_or_path).expanduser()
-    weights = (received or fingerprint(policy)) if policy is not None else \
-        files_fingerprint(local, "model.name_or_path") if local.is_dir() else name_or_path
+    weights = (received or fingerprint(policy)) if policy is not None else weights_of(name_or_path, "model.name_or_path")
     job = {"model": name_or_path, "weights": weights, "lora": bool(cfg.model.get("lora")),
            "generator": repr(generator), "judge": repr(judge),
            "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}

@@ -17,6 +17,7 @@ from prefrun.compare import compare_answers, read_outputs, run_policies, sides, 
 from prefrun.errors import InputError
 from prefrun.judges import Judge, Verdicts
 from prefrun.judgments import JudgmentCache
+from prefrun.model import files_fingerprint
 
 from .conftest import TINY_JOB, run_cli, torchrun
 from .test_distributed import launch
@@ -210,6 +211,10 @@ def test_prefrun_eval_through_vllm_gives_hfs_greedy_answers(trained_run):
                for d in ("v1", "v2") for side in ("policy", "baseline")}
     assert answers["v2", "policy"] == answers["v1", "policy"] != answers["v1", "baseline"]
     assert _result(root / "v2") == _result(root / "v1")
+    # The engine's answers are kept under the weights' bytes, not their path: a policy retrained into the same
+    # directory is answered again, not read back from these shards.
+    job = json.loads((root / "v2" / "outputs" / "policy" / "manifest.json").read_text())
+    assert job["weights"] == files_fingerprint(root / "run" / "checkpoint-final", "policy")
 
 
 @pytest.mark.slow

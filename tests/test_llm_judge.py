@@ -25,8 +25,8 @@ from prefrun.judges import (
     RewardModelJudge,
     RuleJudge,
     Verdicts,
-    files_fingerprint,
 )
+from prefrun.model import files_fingerprint
 from prefrun.tasks import SortDigits
 
 from .conftest import REPO
