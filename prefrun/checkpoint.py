@@ -19,6 +19,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from prefrun import distributed, faults, storage
@@ -42,6 +43,7 @@ def _quiet_accelerate():
             logger.setLevel(level)
 
 MANIFEST = "manifest.json"
+TENSORS = "prefrun_tensors.pt"
 _NAME = re.compile(r"step-(\d+)")
 
 
@@ -59,7 +61,9 @@ class Checkpoints:
         """The newest checkpoint that passes its manifest, the same on every process (the main one checks)."""
         return distributed.from_main(self._newest_good)
 
-    def save(self, accelerator: Accelerator, state: dict) -> None:
+    def save(self, accelerator: Accelerator, state: dict, tensors: dict | None = None) -> None:
+        """`state`: the loop's position (JSON, in the manifest); `tensors`: more of it, the same on every process
+        (MC-PO's kept pool scores), written by the main process into the checkpoint as one file."""
         final = self.path(state["step"])
         tmp = final.with_name(final.name + ".tmp")
         needed = self._needed(accelerator)
@@ -74,6 +78,8 @@ class Checkpoints:
             try:
                 with _quiet_accelerate():
                     accelerator.save_state(str(tmp))
+                if tensors is not None and main:
+                    torch.save(tensors, tmp / TENSORS)
                 faults.inject("checkpoint", state["step"], path=tmp)
             except OSError as err:
                 if storage.is_full(err):
@@ -98,12 +104,14 @@ class Checkpoints:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def load(self, accelerator: Accelerator, path: Path) -> dict:
+    def load(self, accelerator: Accelerator, path: Path) -> tuple[dict, dict | None]:
+        """The loop's state and the tensors saved with it (None when there were none)."""
         state = json.loads((path / MANIFEST).read_text())["state"]
         _same_processes(path, state.pop("num_processes", accelerator.num_processes), accelerator.num_processes)
         with _quiet_accelerate():
             accelerator.load_state(str(path))
-        return state
+        tensors = torch.load(path / TENSORS, weights_only=True) if (path / TENSORS).exists() else None
+        return state, tensors
 
     def check_processes(self, num_processes: int) -> None:
         """The refusal `load` makes, made before anything is loaded or generated: the newest checkpoint was written

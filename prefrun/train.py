@@ -232,7 +232,9 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     layout = {"trainer.batch_size": cfg.batch_size, "trainer.grad_accum": cfg.grad_accum, "examples": len(examples)}
     resume_from = checkpoints.latest() if checkpoints else None
     if resume_from:
-        state = checkpoints.load(accelerator, resume_from)
+        state, tensors = checkpoints.load(accelerator, resume_from)
+        if draws:
+            draws.restore(tensors)
         made = state.pop("layout", layout)
         scale = _same_steps(made, layout, cfg, processes, resume_from)
         window.restore(state.pop("window"), accelerator.device, scale=scale)
@@ -290,14 +292,16 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                     on_log(last)
                 saved = checkpoints and checkpoints.due(state["step"]) and state["step"] < total_steps
                 if saved:
-                    checkpoints.save(accelerator, {**state, "window": window.state(), "last": last, "layout": layout})
+                    checkpoints.save(accelerator, {**state, "window": window.state(), "last": last, "layout": layout},
+                                     draws and draws.state())
                 faults.inject("train")
                 signum = preemption.requested(accelerator)
                 if signum:
                     where = f"at step {state['step']} of {total_steps}"
                     if checkpoints:
                         if not saved:
-                            checkpoints.save(accelerator, {**state, "window": window.state(), "last": last, "layout": layout})
+                            checkpoints.save(accelerator, {**state, "window": window.state(), "last": last,
+                                                           "layout": layout}, draws and draws.state())
                         where += f" (checkpoint {checkpoints.path(state['step'])})"
                     raise preemption.Preempted(signum, where)
                 if state["step"] >= total_steps:
@@ -400,10 +404,9 @@ class PoolDraws:
     """The negatives of each micro-batch of pools: score every candidate with the current policy (a batched
     no-grad forward, reused while younger than `sampler.refresh_every` steps), then let the sampler draw.
     Column 0 of each example is its chosen y_w. Each example's draws come from a generator seeded by (seed,
-    optimiser step, example index), so a resumed run draws what an uninterrupted one would (with
-    `refresh_every` other than 1 only until a kept score is needed: the kept scores are not in the checkpoint,
-    and a resumed run scores those pools anew), and a run on N processes what one process draws at the same
-    global batch (the kept scores are every process's)."""
+    optimiser step, example index), so a resumed run draws what an uninterrupted one would (the kept scores,
+    `refresh_every` other than 1, are in the checkpoint: `state`), and a run on N processes what one process
+    draws at the same global batch (the kept scores are every process's)."""
 
     def __init__(self, sampler, examples: list[Example], *, beta: float, pad_id: int, seed: int, batch_size: int):
         self.sampler, self.examples, self.beta, self.pad_id, self.seed = sampler, examples, beta, pad_id, seed
@@ -419,6 +422,19 @@ class PoolDraws:
             # Pairs used as pools of two: the chosen one scores 1, the rejected one 0.
             self.judge[i, :k] = torch.tensor(ex.scores if ex.scores is not None else [1.0, 0.0])
         self.cache: dict[int, tuple[int, Tensor]] = {}
+
+    def state(self) -> dict | None:
+        """The kept scores, for a checkpoint (the same on every process); None when nothing is kept."""
+        if not self.cache:
+            return None
+        kept = sorted(self.cache)
+        return {"pool_examples": torch.tensor(kept), "pool_scored_at": torch.tensor([self.cache[i][0] for i in kept]),
+                "pool_scores": torch.stack([self.cache[i][1] for i in kept])}
+
+    def restore(self, saved: dict | None) -> None:
+        self.cache = {} if not saved or "pool_scores" not in saved else {
+            i: (step, row) for i, step, row in zip(saved["pool_examples"].tolist(), saved["pool_scored_at"].tolist(),
+                                                   saved["pool_scores"])}
 
     def __call__(self, model, indices: list[int], state: dict) -> tuple[list[list[int]], dict[str, Tensor]]:
         refresh, step = self.sampler.refresh_every, state["step"]

@@ -49,7 +49,7 @@ def test_a_damaged_checkpoint_is_named_set_aside_and_the_one_before_is_used(tmp_
     assert checkpoints.latest() == tmp_path / "step-1"
     said = caplog.text
     assert f"checkpoint {tmp_path / 'step-2'} is damaged (model.safetensors" in said and "step-2.damaged" in said
-    assert checkpoints.load(accelerator, tmp_path / "step-1")["step"] == 1
+    assert checkpoints.load(accelerator, tmp_path / "step-1")[0]["step"] == 1
 
 
 def test_a_checkpoint_of_another_number_of_processes_is_refused_in_one_line(tmp_path):

@@ -27,7 +27,8 @@ def metrics(run_dir):
 # MC-PO: the negatives drawn after the kill are the ones an uninterrupted run draws (seeded by position). DPO
 # resumes through the same checkpoints and training loop, with nothing drawn (its kill is left out for the
 # suite's time; online DPO rounds are killed and resumed in tests/test_online.py and test_faults.py).
-ALGORITHMS = {"mcpo": ["experiment=mcpo_tiny"]}
+# The pools are scored once (refresh_every=0): after the kill, the scores kept before it (in the checkpoint) draw.
+ALGORITHMS = {"mcpo": ["experiment=mcpo_tiny", "sampler.refresh_every=0"]}
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
