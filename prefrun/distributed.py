@@ -417,7 +417,12 @@ def receive_weights(model: torch.nn.Module, fingerprint: Callable[[torch.nn.Modu
                 raise ProcessMismatch(f"process {rank()}: the {what}'s weights are on the meta device (not loaded); "
                                       "load them on every process (fsdp_cpu_ram_efficient_loading keeps zeros, "
                                       "which is fine)")
-            dist.broadcast(tensor.data, src=0)
+            if tensor.device == device():
+                dist.broadcast(tensor.data, src=0)
+            else:  # a model in host memory until FSDP shards it: NCCL sends device tensors, one at a time here
+                sent = tensor.data.to(device())
+                dist.broadcast(sent, src=0)
+                tensor.data.copy_(sent)
     prints = gather(fingerprint(model))
     if len(set(prints)) > 1:
         odd = [i for i, p in enumerate(prints) if p != prints[0]]

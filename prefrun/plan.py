@@ -138,7 +138,8 @@ def plan(cfg: DictConfig, task) -> dict:
         trainer["fp32 master weights (DeepSpeed)"] = trainable * 4 / launch.share("optimiser")
     phases = {"train": dict(trainer)}
     # Pools, reference log-probs and the judged evaluation come before training: under FSDP on the shards (the
-    # policy is sharded as it is loaded), else the full model on every process (weights sent from rank 0).
+    # policy is sharded as it is loaded: whole in host memory, on the device a layer at a time), else the full
+    # model on every process (weights sent from rank 0).
     phases["before training"] = {"policy weights (sharded)": weights / launch.share("weights")} \
         if launch.sharding == "fsdp" else {"policy weights (whole, every process)": weights}
     if cfg.model.get("reference"):

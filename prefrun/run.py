@@ -386,7 +386,10 @@ def _round_evaluation(evaluate, cfg, generator, tokenizer, probe_prompts: list):
 
 def _load_policy(cfg, task, cache_dir: Path, accelerator):
     policy, tokenizer, name_or_path = load_policy(cfg.model, task, cache_dir)
-    policy.to(accelerator.device)
+    # Under FSDP the policy reaches the device as shards (fully_shard moves a layer at a time), never whole: a model
+    # whose weights, in fp32 for training, fill a GPU trains sharded as long as its shards fit.
+    if accelerator.distributed_type != "FSDP":
+        policy.to(accelerator.device)
     # Every process generates and scores with rank 0's weights (FSDP's RAM-efficient loading leaves zeros on the
     # others until prepare()), checked by fingerprint.
     distributed.receive_weights(policy, fingerprint)
