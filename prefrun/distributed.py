@@ -291,9 +291,9 @@ def map_shards_in_step(num_shards: int, work: Callable[[int], Any], *, steps: Ca
     keeps forwarding until every process's call has ended (HF generation; idle: a call that samples one token).
     `steps(shard)` is how many steps `work(shard)` makes, known before any runs (every process must be told
     the same). `then(shard, made)`: the shard's work that makes no step (judging, writing), given what
-    `work(shard)` made; a one-line error there is held until this process has made all its steps (the rest as
-    idle ones), then stops every process with it, as in map_shards, instead of leaving the others waiting in a
-    step it will never make. `model`: the sharded model the steps run; a stop signal then stops every process at
+    `work(shard)` made; a one-line error there, or one `work` raises before its first step (its input refused),
+    is held until this process has made all its steps (the rest as idle ones), then stops every process with
+    it, as in map_shards, instead of leaving the others waiting in a step it will never make. `model`: the sharded model the steps run; a stop signal then stops every process at
     the same forward of it (`stops_at_shared_forwards`)."""
     mine = [shard for shard in range(num_shards) if owner(shard) == rank()]
     counts = gather(sum(steps(shard) for shard in mine))
@@ -307,7 +307,15 @@ def map_shards_in_step(num_shards: int, work: Callable[[int], Any], *, steps: Ca
                     for _ in range(steps(shard)):
                         idle()
                     continue
-                made = work(shard)
+                try:
+                    made = work(shard)
+                except PrefrunError as err:  # raised before the shard's first step (a generate() call's checks
+                    if getattr(err, "signum", None):  # of its input): its steps are made idle, as the shards' after
+                        raise  # it. (A stop signal is raised at a forward every process stops at.)
+                    failed = err
+                    for _ in range(steps(shard)):
+                        idle()
+                    continue
                 try:
                     done[shard] = made if then is None else then(shard, made)
                 except PrefrunError as err:

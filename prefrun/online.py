@@ -123,11 +123,17 @@ def prompt_folds(prompts: list, rounds: int, per_round: int | None, *, source: s
     return [prompts[t * per_round : (t + 1) * per_round] for t in range(rounds)]
 
 
+def context_length(generator, policy) -> int | None:
+    """The tokens a prompt and its completion share: the engine's context (generator.max_model_len), else the
+    model's (max_position_embeddings); None when neither says."""
+    return getattr(generator, "max_model_len", None) or \
+        getattr(policy.config.get_text_config(), "max_position_embeddings", None)
+
+
 def prompt_limit(data, generator, policy) -> tuple[int, str]:
     """The longest prompt a round (or an offline job's pools) can use, and why: it must leave a completion token
     in data.max_length (unless data.max_prompt_length cuts it for training) and fit the generator's context."""
-    context = getattr(generator, "max_model_len", None) or \
-        getattr(policy.config.get_text_config(), "max_position_embeddings", None)
+    context = context_length(generator, policy)
     limits = [(context - 1, f"the model's context is {context} tokens: generator.max_model_len or the model's "
                             "max_position_embeddings")] if context else []
     if data.max_prompt_length is None:

@@ -58,6 +58,7 @@ from prefrun.online import (
     OnlineConfig,
     Rounds,
     attach_round_reference,
+    context_length,
     cpu_state,
     evaluate_start,
     finish_weights,
@@ -120,7 +121,7 @@ def run(cfg: DictConfig) -> float | None:
     held_out = data.load_eval(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
     _attach_reference(cfg, accelerator, policy, tokenizer, [examples, held_out], cache_dir)
 
-    evaluate = _judged_evaluation(cfg, data, task, judge, tokenizer)
+    evaluate = _judged_evaluation(cfg, data, task, judge, tokenizer, context_length(generator, policy))
     before = evaluate(policy, None)
     judge.close()  # a reward model leaves memory while training runs; it loads again for the evaluation after
     last = train(policy, tokenizer, examples, loss_fn=loss_fn, beta=cfg.loss.beta, sampler=sampler,
@@ -163,8 +164,9 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     prompts = fitting_prompts(data.train_prompts(task, tokenizer, generator), tokenizer, limit=limit, why=why,
                               source=data.prompt_source)
     folds = prompt_folds(prompts, online.rounds, online.prompts_per_round, source=data.prompt_source)
-    evaluate, eval_backend = _round_evaluation(_judged_evaluation(cfg, data, task, judge, tokenizer), cfg, generator,
-                                               tokenizer, folds[0])
+    evaluate, eval_backend = _round_evaluation(_judged_evaluation(cfg, data, task, judge, tokenizer,
+                                                                  context_length(generator, policy)),
+                                               cfg, generator, tokenizer, folds[0])
     lora, steps_before = bool(cfg.model.get("lora")), 0
     # Kept only where a round needs them: the starting weights (reference / KL) and θ̂_{t-1} (APO's momentum).
     initial = cpu_state(policy) if online.ref == "initial" or online.kl_estimate else None
@@ -340,13 +342,17 @@ def _no_evaluation(model, before, engine=None) -> dict:
     return {}
 
 
-def _judged_evaluation(cfg, data, task, judge, tokenizer):
+def _judged_evaluation(cfg, data, task, judge, tokenizer, context: int | None):
     """`evaluate(model, before, engine=None) -> results`: completions of held-out prompts judged before and after
     training. The prompts are the task's held-out ones when training on the task, else the data's held-out
-    records' (data.eval_size / data.eval_split): a run on a user's data is never scored on the built-in task."""
+    records' (data.eval_size / data.eval_split): a run on a user's data is never scored on the built-in task.
+    A prompt that leaves no room for a completion in the model's `context` is skipped (counted in one line)."""
     if not cfg.eval.num_prompts or cfg.eval.judge == "none":
         return _no_evaluation
     prompts = task.prompts("eval", cfg.eval.num_prompts) if data.uses_task else data.eval_prompts(cfg.eval.num_prompts)
+    if context:
+        prompts = fitting_prompts(prompts, tokenizer, limit=context - 1, source="the held-out prompts",
+                                  why=f"the model's context is {context} tokens")
     if not prompts:
         log.info("judged evaluation: off (no held-out prompts: set data.eval_size or data.eval_split)")
         return _no_evaluation

@@ -91,8 +91,17 @@ def work(model, tokenizer, out_dir: Path):
         refused = None
     except PrefrunError as err:
         refused = str(err)
+    # A prompt that fills the model's context, in shard 1 (process 1's): generate() refuses it before its first
+    # forward, while process 0 generates shard 0: process 1 makes that shard's call idle, and both stop with its line.
+    try:
+        make_pools([*prompts[:2], "sort " + "9" * 80, *prompts[3:]], generator=generator, judge=judge, model=model,
+                   tokenizer=tokenizer, out_dir=out_dir.with_name(out_dir.name + "-long"), shard_size=2)
+        too_long = None
+    except PrefrunError as err:
+        too_long = str(err)
     return {"logps": logps, "pools": pools, "forwards": forwards[0], "shards_scored": shards_scored,
-            "shards_generated": generated, "generate_calls": calls[0], "again": again, "refused": refused}
+            "shards_generated": generated, "generate_calls": calls[0], "again": again, "refused": refused,
+            "too_long": too_long}
 
 
 def stopped_by_a_signal(model, tokenizer, out_dir: Path) -> dict:

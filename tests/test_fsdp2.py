@@ -63,6 +63,8 @@ def test_split_work_with_a_sharded_policy_keeps_every_process_in_step_and_does_n
         assert seen["sharded"]["again"] == seen["single"]["again"] == seen["single"]["pools"]
         assert "the judge refused shard 1" in seen["sharded"]["refused"] and "judging shard 2 of 3" in seen["sharded"]["refused"]
         assert seen["single"]["refused"].startswith("the judge refused shard 1")
+        for run in ("single", "sharded"):  # (sharded: raised on process 1 before its shard's first step; it hung)
+            assert "a prompt has 86 tokens, and the model's context is 64" in seen[run]["too_long"], seen[run]["too_long"]
         # The fed engine's answer: each process received its own set's samples, of the other only the count.
         own, other = seen["delivered"]["sets"][rank], seen["delivered"]["sets"][1 - rank]
         assert own["outputs"] is not None and other == {"generate_s": [2.0, 1.0][rank], "outputs": None,
