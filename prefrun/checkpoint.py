@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from prefrun import distributed, faults, storage
-from prefrun.errors import InputError
+from prefrun.errors import InputError, PrefrunError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Checkpoints:
         try:
             for part in (clear, write, seal):
                 distributed.together(part)
-        except storage.DiskFull:
+        except PrefrunError:  # a full disk (on several processes at once: `together` names one of them)
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
