@@ -289,7 +289,7 @@ def write_pools(records: list[dict], path: Path) -> None:
     if path.suffix == ".parquet":
         from datasets import Dataset
 
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = storage.temporary(path)
         try:
             Dataset.from_list(records).to_parquet(str(tmp))
             os.replace(tmp, path)

@@ -58,12 +58,18 @@ def ensure_space(path: Path, needed: int, what: str) -> None:
                        "(or point the run elsewhere) and run the same command again: nothing was written")
 
 
+def temporary(path: Path) -> Path:
+    """A name beside `path` that no other writer uses meanwhile: processes on other hosts sharing a filesystem may
+    have this one's PID (containers number them alike), so the host is in it too."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def write_atomic(path: Path, data: bytes | str, *, checked: bool = False) -> None:
     """`data` at `path`, whole or not at all (temporary file, fsync, rename); `checked`: with a digest beside it.
     A full disk is one line (DiskFull) and leaves no temporary file behind."""
     path = Path(path)
     data = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("wb") as handle:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -20,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from prefrun import distributed
+from prefrun import distributed, storage
 from prefrun.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class TinyLlama:
                 model = self._warm_up(self._init_model(tokenizer), tokenizer, task)  # is the same, cached or not
         finally:
             torch.set_num_threads(threads)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp = storage.temporary(path)
         shutil.rmtree(tmp, ignore_errors=True)
         distributed.save_pretrained(model, tmp)  # also on a node's local main process (its own cache)
         tokenizer.save_pretrained(tmp)
