@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from prefrun.errors import PrefrunError
+from prefrun.errors import InputError, PrefrunError
 from prefrun.preemption import Preempted
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,32 @@ def _printed_by_main(error: PrefrunError) -> PrefrunError:
     if not is_main():
         error.printed_by_main = True
     return error
+
+
+def shared_directory(path: Path, what: str, fix: str) -> None:
+    """Refuse, in one line, a directory `path` that is not the same for every process: a node-local disk (or a
+    relative path under each node's own working directory) where the run's files must be one (checkpoints,
+    rounds: written by one process, read by all). The main process leaves a file there; every process looks."""
+    if not _active():
+        return
+    token = Path(path) / f".shared-{broadcast(os.urandom(8).hex() if is_main() else None)}"
+    if is_main():
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text("")
+    barrier()
+    seen = gather((token.exists(), socket.gethostname()))
+    barrier()
+
+    def verdict() -> None:
+        if not is_main():
+            return
+        token.unlink(missing_ok=True)
+        blind = [f"{i} (on {host})" for i, (ok, host) in enumerate(seen) if not ok]
+        if blind:
+            raise InputError(f"{what} {path} is not the directory the main process writes in, for process(es) "
+                             f"{', '.join(blind)}: {fix}")
+
+    together(verdict)
 
 
 def broadcast(value: T) -> T:

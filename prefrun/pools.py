@@ -153,13 +153,13 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     # HF generation runs the policy. Sharded (FSDP2, ZeRO-3), the shards stay split and each generate() call is a
     # step the processes make together (distributed.map_shards_in_step).
     in_step = generator.uses_model and distributed.is_sharded(model) and distributed.world_size() > 1
-    # Which shards are on disk is decided together: a process must not read a shard that another generates, and
-    # a damaged one (checked by its owner) is made again, in the steps counted for it (map_shards_in_step).
+    # Which shards are on disk is decided together, by each shard's owner (the one process that reads or makes it):
+    # a damaged one is made again, in the steps counted for it (map_shards_in_step), and on a node-local disk
+    # another node's shards count as done (they are, where their owner reads them).
     paths = [out_dir / f"shard-{i:05d}.jsonl" for i in range(num_shards)]
-    finished = distributed.gather([path.exists() and (distributed.owner(i) != distributed.rank()
-                                                      or storage.read_checked(path) is not None)
-                                   for i, path in enumerate(paths)])
-    finished = [all(flags) for flags in zip(*finished)] if num_shards else []
+    seen = distributed.gather([distributed.owner(i) == distributed.rank() and storage.read_checked(path) is not None
+                               for i, path in enumerate(paths)])
+    finished = [seen[distributed.owner(i)][i] for i in range(num_shards)]
 
     if not all(finished):
         generator.ready(model, tokenizer, prompts)  # every process at once (a sharded policy's engine sync)

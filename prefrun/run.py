@@ -95,6 +95,8 @@ def run(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
     record = RunLog(Path(hydra_cfg.runtime.output_dir), cfg, enabled=accelerator.is_main_process, sweep_name=sweep)
+    distributed.shared_directory(record.dir, "the run directory", "give every machine the same run directory on a "
+                                 "filesystem they all see, by an absolute path (hydra.run.dir=/shared/...)")
     cache_dir = Path(cfg.cache_dir).expanduser()
     set_seed(cfg.seed)
     log.info("accelerate: %d process(es), %s, %s, mixed precision %s", accelerator.num_processes,

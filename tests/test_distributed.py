@@ -468,6 +468,27 @@ def test_two_simulated_nodes_with_their_own_tmpdir_and_cache_equal_one_process(o
     assert all(len(list((root / f"node{r}" / "cache" / "models").glob("tiny-llama-*"))) == 1 for r in (0, 1))
 
 
+def test_two_nodes_whose_run_directories_differ_are_refused_in_one_line(tmp_path):
+    """`hydra.run.dir=run`, relative: each node's own directory (as a node-local disk is). Checkpoints and rounds
+    written by one process and read by all would be missing on the other node: refused before anything loads."""
+    port = str(30_000 + os.getpid() % 1_000)
+    procs = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "prefrun", "train", *JOB,
+                   "hydra.run.dir=run"]
+        procs.append(subprocess.Popen(command, cwd=node, env={**os.environ, **ENV, "PREFRUN_CACHE": str(node / "cache")},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    errors = [line for out in outputs for line in out.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and f"the run directory {tmp_path / 'node0' / 'run'} is not the directory the main " \
+        "process writes in, for process(es) 1 (on " in errors[0], outputs
+    assert not (tmp_path / "node0" / "cache").exists()  # refused before the embedded model was built
+
+
 def test_a_multirun_grid_of_two_process_jobs_writes_one_directory_per_job(tmp_path):
     """`accelerate launch ... -m prefrun train -m seed=0,1`: both processes run the grid, job by job, into the
     same sweep directory (rank 0 picks it), so each job's checkpoints hold both processes' state."""
