@@ -652,11 +652,12 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         """Self-rewarding: judge.name_or_path=policy, the policy being trained is the judge."""
         return self.name_or_path == "policy"
 
-    def use_policy(self, model, tokenizer) -> None:
+    def use_policy(self, model, tokenizer, *, will_shard: bool = False) -> None:
         """For judge.name_or_path=policy: judge with `model` (the policy, in memory, as it is now). Called
         again whenever its weights changed (each online round), so that the fingerprint, and with it the
-        judgment cache's key, follows the weights."""
-        if distributed.is_sharded(model):
+        judgment cache's key, follows the weights. `will_shard`: the run shards it later (ZeRO-3 partitions
+        the policy when training starts, and the evaluation after it would judge with a collective forward)."""
+        if (will_shard or distributed.is_sharded(model)) and distributed.world_size() > 1:
             raise InputError("judge.name_or_path=policy with a sharded policy (FSDP2 / ZeRO-3) is not supported: "
                              "its forward is a collective; judge with a copy (judge.name_or_path=<its directory>)")
         self._policy = (model, tokenizer)

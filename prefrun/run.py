@@ -114,7 +114,7 @@ def run(cfg: DictConfig) -> float | None:
     _warn_if_biased(cfg, sampler)
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
     judge, generator = _judge(cfg, task), instantiate(cfg.generator)
-    _self_rewarding(judge, policy, tokenizer)
+    _self_rewarding(judge, policy, tokenizer, accelerator)
     try:
         examples = data.load(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir,
                              generator=generator, judge=judge, pools=sampler.uses_pools)
@@ -161,7 +161,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     cache_dir = Path(cfg.cache_dir).expanduser()
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
     generator, judge = instantiate(cfg.generator), _judge(cfg, task)
-    _self_rewarding(judge, policy, tokenizer)
+    _self_rewarding(judge, policy, tokenizer, accelerator)
     limit, why = prompt_limit(data, generator, policy)
     prompts = fitting_prompts(data.train_prompts(task, tokenizer, generator), tokenizer, limit=limit, why=why,
                               source=data.prompt_source)
@@ -206,7 +206,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
                                  version=t - 1)
             times["sync_s"] = time.perf_counter() - clock
             # (b, c) K candidates per prompt of this round's fold, judged; kept in shards (resumable)
-            _self_rewarding(judge, accelerator.unwrap_model(policy), tokenizer)
+            _self_rewarding(judge, accelerator.unwrap_model(policy), tokenizer, accelerator)
             clock, counts = time.perf_counter(), {}
             records = make_pools(folds[t - 1], generator=generator, judge=judge, model=policy, tokenizer=tokenizer,
                                  out_dir=where / "shards", seed=_round_seed(generator.seed, cfg.seed, t), timings=counts,
@@ -327,11 +327,11 @@ def _judge(cfg, task):
     return judge
 
 
-def _self_rewarding(judge, policy, tokenizer) -> None:
+def _self_rewarding(judge, policy, tokenizer, accelerator) -> None:
     """judge=llm judge.name_or_path=policy: the policy judges its own candidates, with its weights as they are
     now (called again each round; the judgment cache keys by those weights)."""
     if getattr(judge, "judges_with_the_policy", False):
-        judge.use_policy(policy, tokenizer)
+        judge.use_policy(policy, tokenizer, will_shard=_distributed_type(accelerator) in ("FSDP", "DEEPSPEED ZeRO-3"))
 
 
 def _warn_if_biased(cfg, sampler) -> None:
