@@ -51,7 +51,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from prefrun import distributed
 from prefrun.errors import InputError, PrefrunError
-from prefrun.model import DTYPES, files_fingerprint, loaded_whole
+from prefrun.model import DTYPES, files_fingerprint, loaded_whole, weights_of
 from prefrun.model import fingerprint as weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,11 @@ class Judge:
     def fingerprint(self) -> str:
         """What the verdicts depend on, for a judgment cache on disk: the repr here; model judges add a
         hash of their loaded weights."""
+        return repr(self)
+
+    def identity(self) -> str:
+        """What this judge's scores depend on, without loading it (keys of judged pools, cached or in shards): the
+        repr here; a model judge in a local directory adds its weight files' hash."""
         return repr(self)
 
     def close(self) -> None:
@@ -269,6 +274,15 @@ class _ModelJudge(Judge):
         """The settings, for cache keys."""
         settings = self._settings()
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items() if v is not None)})"
+
+    def identity(self) -> str:
+        """The repr and, for a checkpoint in a local directory, its weight files' hash: a reward model retrained into
+        the same directory is another judge (cached pools it scored are not reused). A hub id names its weights;
+        the policy as judge is in the pools' key already."""
+        local = Path(self.name_or_path).expanduser()
+        if self.name_or_path == "policy" or not local.is_dir():
+            return repr(self)
+        return f"{self!r} weights={weights_of(str(local), f'judge.name_or_path={self.name_or_path!r}')}"
 
     def fingerprint(self) -> str:
         """The repr, a hash of the loaded weights' bytes (not their path: a retrained model must not be

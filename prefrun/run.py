@@ -210,7 +210,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
             clock, counts = time.perf_counter(), {}
             records = make_pools(folds[t - 1], generator=generator, judge=judge, model=policy, tokenizer=tokenizer,
                                  out_dir=where / "shards", seed=_round_seed(generator.seed, cfg.seed, t), timings=counts,
-                                 job={"round": t, "generator": repr(generator), "judge": repr(judge)})
+                                 job={"round": t, "generator": repr(generator), "judge": judge.identity()})
             times.update({k: counts.get(k, 0.0) for k in ("generate_s", "judge_s")})
             sync = dict(generator.sync_stats)  # the round's push (an evaluation through the engine pushes again)
             if accelerator.is_main_process:
@@ -593,7 +593,7 @@ def generate_pools(cfg: DictConfig) -> Path:
     # The weights, not only their path: shards of a model since retrained in the same directory are another job's.
     weights = (received or fingerprint(policy)) if policy is not None else weights_of(name_or_path, "model.name_or_path")
     job = {"model": name_or_path, "weights": weights, "lora": bool(cfg.model.get("lora")),
-           "generator": repr(generator), "judge": repr(judge),
+           "generator": repr(generator), "judge": judge.identity(),
            "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
     start = time.perf_counter()
     try:

@@ -232,6 +232,18 @@ def test_reward_model_scores_equal_single_forwards_whatever_the_batch(architectu
     assert len(set(np.round(expected, 4))) == len(expected)  # the texts do score differently
 
 
+def test_a_reward_model_retrained_into_its_directory_is_another_judge_for_the_pools_it_scores(tmp_path):
+    """Judged pools (the cached ones of an offline job, a round's shards, prefrun generate's) are keyed by the judge's
+    identity: its settings and, without loading it, its weight files' bytes, not only their path."""
+    path = save_classifier(tmp_path / "rm", char_tokenizer())
+    before = RewardModelJudge(str(path)).identity()
+    assert before.startswith("RewardModelJudge(name_or_path=") and " weights=files:" in before
+    assert RewardModelJudge(str(path)).identity() == before
+    save_classifier(path, char_tokenizer(), seed=1)  # retrained, same directory
+    assert RewardModelJudge(str(path)).identity() != before
+    assert RewardModelJudge("org/hub-model").identity() == repr(RewardModelJudge("org/hub-model"))
+
+
 def test_reward_model_renders_the_chat_template(chat_rm, random_rm):
     tokenizer = AutoTokenizer.from_pretrained(chat_rm)
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "sort 321:"}]

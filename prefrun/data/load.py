@@ -546,7 +546,7 @@ class GeneratedPreferences(PreferenceData):
         # Shards sample with their own seeds: their size is part of what the pools are. A policy sharded with
         # FSDP's mixed precision samples other candidates than the same weights unsharded (HF generation).
         numerics = sharded_compute_dtype(policy) if isinstance(generator, HFGenerator) else None
-        key = _hash(fingerprint(policy), prompts, repr(generator), repr(judge), generator.prompts_per_shard,
+        key = _hash(fingerprint(policy), prompts, repr(generator), judge.identity(), generator.prompts_per_shard,
                     *([f"fsdp/{numerics}"] if numerics else []))
         out_dir = Path(cache_dir).expanduser() / "pools" / key
         done = out_dir / "pools.jsonl"
