@@ -31,9 +31,7 @@ def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    rows = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.completion_ids))]
-    # Longest first: the peak memory comes at once, and packing is checked on the longest rows.
-    rows.sort(key=lambda r: len(examples[r[0]].prompt_ids) + len(examples[r[0]].completion_ids[r[1]]), reverse=True)
+    rows = _longest_first(examples)
     width = max(len(ex.completion_ids) for ex in examples)
     logps = torch.zeros(len(examples), width)
     lengths = torch.zeros(len(examples), width, dtype=torch.long)
@@ -56,6 +54,32 @@ def candidate_logps(model, examples: list[Example], pad_id: int, *, batch_size: 
     return logps, lengths
 
 
+def _longest_first(examples: list[Example]) -> list[tuple[int, int]]:
+    """(example, candidate) rows, longest first: the peak memory comes at once, and packing is checked on the
+    longest rows."""
+    rows = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.completion_ids))]
+    rows.sort(key=lambda r: len(examples[r[0]].prompt_ids) + len(examples[r[0]].completion_ids[r[1]]), reverse=True)
+    return rows
+
+
+@torch.no_grad()
+def _settle_packing(model, examples: list[Example], pad_id: int, batch_size: int) -> None:
+    """`check_packing` on the batch `candidate_logps` would check it on (the longest rows of `examples`): called
+    by every process with the same examples, it makes the same forwards everywhere (a sharded model's are
+    collectives) and gives every process the same verdict."""
+    from prefrun.logprobs import check_packing
+
+    was_training = model.training
+    model.eval()
+    try:
+        pairs = [(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in _longest_first(examples)[:batch_size]]
+        device = next(model.parameters()).device
+        check_packing(model, to_device(pad_rows(pairs, pad_id, packed=True), device),
+                      to_device(pad_rows(pairs, pad_id), device))
+    finally:
+        model.train(was_training)
+
+
 SCORING_SHARD = 256  # examples per shard when scoring is split over processes (fixed: results do not depend on N)
 
 
@@ -63,9 +87,9 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
     """`candidate_logps` of every example, the examples cut in shards of SCORING_SHARD that the processes
     share (each scores its own, all get all). One process scores the same shards one after the other. A sharded
     model (FSDP2, ZeRO-3) runs collective forwards: the shards stay split and the processes with fewer forwards
-    to make make a token's forwards until all have made as many (`distributed.map_shards_in_step`); before
-    packing has been checked on the model (a check makes forwards of its own), every process scores every
-    shard."""
+    to make make a token's forwards until all have made as many (`distributed.map_shards_in_step`); packing,
+    if not checked on the model yet, is checked first by every process on the first shard's longest rows (a
+    check makes forwards of its own, which the processes then make together)."""
     from prefrun.logprobs import packing_checked, packs
 
     size = SCORING_SHARD
@@ -80,11 +104,11 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
 
     if not distributed.is_sharded(model):
         parts = distributed.map_shards(num_shards, score)
-    elif not packs(model) or packing_checked(model):
+    else:
+        if packs(model) and not packing_checked(model):
+            _settle_packing(model, examples[:size], pad_id, batch_size)
         parts = distributed.map_shards_in_step(num_shards, score, steps=steps,
                                                idle=lambda: idle_forward(model, pad_id), model=model)
-    else:
-        parts = distributed.map_shards(num_shards, score, split=False)
     width = max(len(ex.completion_ids) for ex in examples)
     logps = torch.zeros(len(examples), width)
     lengths = torch.zeros(len(examples), width, dtype=torch.long)
