@@ -609,7 +609,8 @@ def log_round(row: dict, total: int) -> None:
     wins = f"; win rate against the start: {wins}" if wins else ""
     split = ", ".join(f"{k.removeprefix('round/time/').removesuffix('_s')} {v:.1f} s" for k, v in row.items()
                       if k.startswith("round/time/"))
-    kl = f", KL to initial {row['round/kl_to_initial']:.3f}" if "round/kl_to_initial" in row else ""
+    kl = f"KL to initial {row['round/kl_to_initial']:.3f}" if "round/kl_to_initial" in row else ""
     sync = f", sync diff {row['sync/max_abs_logp_diff']:.1e}" if "sync/max_abs_logp_diff" in row else ""
-    log.info("round %d/%d: judged %s%s%s; pool score %.3f, length %.1f%s; time: %s", row["round"], total, scores, wins, kl,
-             row["round/judge_score"], row["round/response_length"], sync, split)
+    judged = f"judged {scores}{wins}" if scores else "no judged evaluation"
+    log.info("round %d/%d: %s%s; pool score %.3f, length %.1f%s; time: %s", row["round"], total, judged,
+             f", {kl}" if kl else "", row["round/judge_score"], row["round/response_length"], sync, split)

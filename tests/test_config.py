@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prefrun.cli import config_dir
+from prefrun.tiny import char_tokenizer
 
 CONF = Path(config_dir())
 GLOBAL_GROUPS = ("hydra", "experiment", "hparams_search")  # `# @package _global_` presets, tested below
@@ -67,6 +68,23 @@ def test_generate_config_composes_and_its_prompts_instantiate():
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     for node in (cfg.prompts, cfg.generator, cfg.judge):
         instantiate(node)
+
+
+def test_a_prompt_file_for_sampled_preferences_is_given_as_the_readme_says_and_can_hold_out_prompts(tmp_path):
+    """`data.prompts.path=<file>` (the README's words; it was refused: data.prompts was null in the config), and
+    `data.eval_size`: a seeded share of those prompts held out for the judged evaluation, never trained on."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(f'{{"prompt": "sort {i}{i + 7}:"}}\n' for i in range(40)))
+    default = instantiate(compose_train([]).data)
+    assert default.uses_task and default.eval_prompts(8) == []
+    data = instantiate(compose_train([f"data.prompts.path={path}", "data.eval_size=0.25"]).data)
+    assert not data.uses_task and data.prompt_source == f"data.prompts.path={path}"
+    trained = data.train_prompts(None, char_tokenizer(), instantiate(compose_train([]).generator))
+    held = data.eval_prompts(100)
+    assert (len(trained), len(held)) == (30, 10) and not set(trained) & set(held)
+    assert held == instantiate(compose_train([f"data.prompts.path={path}", "data.eval_size=10"]).data).eval_prompts(100)
+    assert held != instantiate(compose_train([f"data.prompts.path={path}", "data.eval_size=10", "seed=1"]).data
+                               ).eval_prompts(100)
 
 
 def test_default_config_is_the_embedded_job():

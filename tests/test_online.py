@@ -384,7 +384,7 @@ def test_a_round_whose_pools_all_tie_is_recorded_untrained_the_policy_carries_ov
     flag = tmp_path / "tie"
     flag.touch()
     job = ["train", *ROUNDS, "online=iterative", "judge._target_=flat_judge.FlagJudge", f"hydra.run.dir={tmp_path / 'run'}",
-           f"+data.prompts={{_target_:prefrun.data.HFPrompts,path:{prompts},column:prompt}}"]
+           f"data.prompts.path={prompts}"]  # as the README says to write it (it was refused: not in the config)
     env = {"TIE_FLAG": str(flag), "PREFRUN_FAULT": "round:2:kill"}
     killed = run_cli(job, tmp_path, env, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

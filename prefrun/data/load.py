@@ -499,21 +499,47 @@ class GeneratedPreferences(PreferenceData):
     prompts for the judged evaluation: the task's, or `eval_split` of the prompts' data set."""
 
     num_prompts: int = 2048
-    prompts: Any = None  # an HFPrompts (conf/generate.yaml's `prompts` keys), or None: the task's prompts
+    prompts: Any = None  # an HFPrompts (conf/data/task_pairs.yaml's `prompts` keys), or None / path null: the task's
     eval_split: str | None = None
+    eval_size: float = 0  # with `prompts`: this share (< 1) or count (>= 1) of them held out for the evaluation
+    seed: int = 0  # draws the eval_size share
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, HFPrompts):
             self.prompts.key = "data.prompts"  # what its messages name
+            if not self.prompts.path:  # data.prompts.path=null: the task's prompts
+                self.prompts = None
 
     @property
     def uses_task(self) -> bool:
         return self.prompts is None
 
     def eval_prompts(self, n: int) -> list:
-        if self.prompts is None or not self.eval_split:
+        if self.prompts is None:
+            return []
+        if self.eval_size:
+            return self._split_prompts()[1][:n]
+        if not self.eval_split:
             return []
         return dataclasses.replace(self.prompts, split=self.eval_split, max_samples=n).prompts()
+
+    def _split_prompts(self) -> tuple[list, list]:
+        """The prompts to train on and those held out (`eval_size` of them, drawn with `seed`)."""
+        prompts = self.prompts.prompts()
+        if not self.eval_size:
+            return prompts, []
+        if self.eval_split:
+            raise InputError(f"data.eval_split={self.eval_split!r} and data.eval_size={self.eval_size} are both set: "
+                             "hold out a split of data.prompts.path or a share of its prompts, not both")
+        n = len(prompts)
+        k = math.ceil(self.eval_size * n) if 0 < self.eval_size < 1 else int(self.eval_size)
+        if self.eval_size < 0 or (self.eval_size >= 1 and self.eval_size != k) or k >= n:
+            raise InputError(f"data.eval_size={self.eval_size}: give a fraction below 1 or a whole count of prompts, "
+                             f"fewer than the {n} of data.prompts.path={self.prompts.path!r} (some must be trained on)")
+        order = list(range(n))
+        random.Random(self.seed).shuffle(order)
+        held = set(order[:k])
+        return [p for i, p in enumerate(prompts) if i not in held], [prompts[i] for i in sorted(held)]
 
     def train_prompts(self, task, tokenizer, generator) -> list:
         """The prompts candidates are generated for, in their final form (chat-wrapped when the tokenizer has a
@@ -523,7 +549,7 @@ class GeneratedPreferences(PreferenceData):
         if self.prompts is None and task is None:
             raise InputError("data=task_pairs samples preferences for a built-in task, but the task is removed (~task): "
                              "keep task=sort, set data.prompts.path=<prompts> or choose data=hf data.path=<your data>")
-        prompts = task.prompts("train", self.num_prompts) if self.prompts is None else self.prompts.prompts()
+        prompts = task.prompts("train", self.num_prompts) if self.prompts is None else self._split_prompts()[0]
         return as_chat(prompts, tokenizer, generator.chat_template)
 
     @property
