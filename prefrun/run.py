@@ -606,7 +606,7 @@ def generate_pools(cfg: DictConfig) -> Path:
     distributed.write_once(output, lambda path: write_pools(records, path))
     best = [max(r["scores"]) for r in records]
     mean = [sum(r["scores"]) / len(r["scores"]) for r in records]
-    log.info("pools: %d prompts x %d candidates -> %s (%.0f s); judge %s: mean score %.3f, mean best %.3f",
+    log.info("pools: %d prompts x %d candidates -> %s (%.0f s); %s: mean score %.3f, mean best %.3f",
              len(records), generator.num_candidates, output, time.perf_counter() - start, judge.name,
              sum(mean) / len(mean), sum(best) / len(best))
     return output
