@@ -58,8 +58,20 @@ class Checkpoints:
         return self.root / f"step-{step}"
 
     def latest(self) -> Path | None:
-        """The newest checkpoint that passes its manifest, the same on every process (the main one checks)."""
-        return distributed.from_main(self._newest_good)
+        """The newest checkpoint that passes its manifest, the same on every process (the main one lists them and
+        sets a damaged one aside; the processes share the reading of the files, `_damage`)."""
+        for path in reversed(distributed.from_main(self._done)):
+            damage = _damage(path)
+            if damage is None:
+                return path
+            if distributed.is_main():
+                aside = path.with_name(f"{path.name}.damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                log.warning("checkpoint %s is damaged (%s): set aside as %s; trying the one before it", path, damage,
+                            aside.name)
+            distributed.barrier()
+        return None
 
     def save(self, accelerator: Accelerator, state: dict, tensors: dict | None = None) -> None:
         """`state`: the loop's position (JSON, in the manifest); `tensors`: more of it, the same on every process
@@ -87,9 +99,9 @@ class Checkpoints:
                 raise
 
         def seal() -> None:  # once every process has written its part: the manifest, last, then the name
+            files = _sealed(tmp)  # on the disk, and what the manifest says of them
             if not main:
                 return
-            files = storage.sealed_digests(tmp)  # on the disk, and what the manifest says of them
             storage.write_atomic(tmp / MANIFEST, json.dumps(
                 {"state": {**state, "num_processes": accelerator.num_processes}, "files": files}))
             shutil.rmtree(final, ignore_errors=True)
@@ -129,18 +141,6 @@ class Checkpoints:
         found = [p for p in self.root.glob("step-*") if _NAME.fullmatch(p.name)]
         return sorted(found, key=lambda p: int(p.name[5:]))
 
-    def _newest_good(self) -> Path | None:
-        for path in reversed(self._done()):
-            damage = _damage(path)
-            if damage is None:
-                return path
-            aside = path.with_name(f"{path.name}.damaged")
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(path, aside)
-            log.warning("checkpoint %s is damaged (%s): set aside as %s; trying the one before it", path, damage,
-                        aside.name)
-        return None
-
     def _needed(self, accelerator: Accelerator) -> int:
         """What the next checkpoint will take: the last one's size, else the model and optimiser state (each
         process's share, times the processes when the weights are sharded; under DeepSpeed four fp32 copies of
@@ -175,13 +175,39 @@ def _same_processes(path: Path, written_by: int, processes: int) -> None:
                          "the number of processes only at a round boundary")
 
 
+def _shared_out(sizes: dict[str, int]) -> list[str]:
+    """The files in the order the processes share them (`distributed.map_shards` deals them out in turn): the
+    largest first, so that each process reads about as many bytes (a checkpoint of 8 processes under FSDP: 8
+    model and 8 optimiser shards, hashed 8 at a time instead of one after the other on the main process)."""
+    return sorted(sizes, key=lambda name: (-sizes[name], name))
+
+
+def _sealed(directory: Path) -> dict[str, dict]:
+    """Every file under `directory` made durable (fsync) and described by its size and SHA-256, the files read by
+    all the processes, each its share (every process calls this; the main process lists them)."""
+    sizes = distributed.from_main(lambda: {str(f.relative_to(directory)): f.stat().st_size
+                                           for f in Path(directory).rglob("*") if f.is_file()})
+    names = _shared_out(sizes)
+    digests = distributed.map_shards(len(names), lambda i: storage.file_digest(directory / names[i], sync=True))
+    return {name: {"size": sizes[name], "sha256": digest} for name, digest in sorted(zip(names, digests))}
+
+
 def _damage(path: Path) -> str | None:
-    """Why the checkpoint at `path` cannot be resumed from, or None when every file matches its manifest."""
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return f"no readable {MANIFEST}"
-    for name, expected in files.items():
+    """Why the checkpoint at `path` cannot be resumed from, or None when every file matches its manifest (every
+    process calls this: the files are read by all of them, each its share)."""
+    def manifest() -> dict | str:
+        try:
+            return json.loads((path / MANIFEST).read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            return f"no readable {MANIFEST}"
+
+    files = distributed.from_main(manifest)
+    if isinstance(files, str):
+        return files
+    names = _shared_out({name: expected["size"] for name, expected in files.items()})
+
+    def check(i: int) -> str | None:
+        name, expected = names[i], files[names[i]]
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
@@ -190,4 +216,6 @@ def _damage(path: Path) -> str | None:
             return f"{name} has {size} bytes of {expected['size']}"
         if storage.file_digest(file) != expected["sha256"]:
             return f"{name} differs from what was written (SHA-256)"
-    return None
+        return None
+
+    return next((found for found in distributed.map_shards(len(names), check) if found), None)

@@ -117,13 +117,6 @@ def file_digest(path: Path, block: int = 1 << 22, sync: bool = False) -> str:
     return digest.hexdigest()
 
 
-def sealed_digests(directory: Path) -> dict[str, dict]:
-    """Every file under `directory` made durable (fsync) and described by its size and SHA-256, in one open each."""
-    files = sorted(f for f in Path(directory).rglob("*") if f.is_file())
-    return {str(f.relative_to(directory)): {"size": f.stat().st_size, "sha256": file_digest(f, sync=True)}
-            for f in files}
-
-
 def _digest_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.sha256")
 
