@@ -68,6 +68,7 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
         if split and getattr(engine, "fed_by_main", False):
             shards = distributed.map_waves(num_shards, sample_wave, complete_and_judge)
         elif in_step:  # one generate() call a shard (a shard is one batch); the judge's errors wait for the steps
+            distributed.together(judge.load)  # before the steps, not inside one
             shards = distributed.map_shards_in_step(
                 num_shards, sample, then=complete_and_judge, steps=lambda shard: 1,
                 idle=lambda: HFGenerator(batch_size=size).idle(model, tokenizer), model=model)

@@ -132,6 +132,14 @@ class Judge:
         repr here; a model judge in a local directory adds its weight files' hash."""
         return repr(self)
 
+    def load(self) -> None:
+        """Load the judge's model now (a rule has none), as score() would: before work that the processes make in
+        step (a sharded policy's forwards), where loading it inside would keep the others waiting in a collective
+        (a hub download can outlast trainer.dist_timeout_s)."""
+        loader = getattr(self, "_load", None)
+        if loader is not None:
+            loader()
+
     def close(self) -> None:
         """Free the judge's model (a later score() loads it again); nothing to free for a rule."""
 

@@ -234,6 +234,8 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     if fed:
         shards = distributed.map_waves(num_shards, generate_wave, make_shard)
     elif in_step:  # judging and writing make no step: their one-line errors wait for the peers' steps
+        if judge is not None and not all(finished):
+            distributed.together(getattr(judge, "load", lambda: None))  # before the steps, not inside one
         shards = distributed.map_shards_in_step(
             num_shards, generate_shard, then=make_shard, idle=lambda: generator.idle(model, tokenizer),
             steps=lambda shard: 0 if finished[shard] else generator.calls(len(chunk_of(shard))), model=model)
