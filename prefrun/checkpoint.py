@@ -93,9 +93,9 @@ class Checkpoints:
                 if tensors is not None and main:
                     torch.save(tensors, tmp / TENSORS)
                 faults.inject("checkpoint", state["step"], path=tmp)
-            except OSError as err:
-                if storage.is_full(err):
-                    raise storage.disk_full(tmp, needed, err) from None
+            except Exception as err:  # (torch.save and safetensors report a full disk without its errno)
+                if storage.filled(err, tmp):
+                    raise storage.disk_full(tmp, needed, err if isinstance(err, OSError) else None) from None
                 raise
 
         def seal() -> None:  # once every process has written its part: the manifest, last, then the name

@@ -287,10 +287,10 @@ class _ModelJudge(Judge):
         """The repr and, for a checkpoint in a local directory, its weight files' hash: a reward model retrained into
         the same directory is another judge (cached pools it scored are not reused). A hub id names its weights;
         the policy as judge is in the pools' key already."""
-        local = Path(self.name_or_path).expanduser()
-        if self.name_or_path == "policy" or not local.is_dir():
+        if self.name_or_path == "policy":
             return repr(self)
-        return f"{self!r} weights={weights_of(str(local), f'judge.name_or_path={self.name_or_path!r}')}"
+        weights = weights_of(self.name_or_path, f"judge.name_or_path={self.name_or_path!r}")
+        return repr(self) if weights == self.name_or_path else f"{self!r} weights={weights}"
 
     def fingerprint(self) -> str:
         """The repr, a hash of the loaded weights' bytes (not their path: a retrained model must not be

@@ -683,6 +683,6 @@ def weights_of(name_or_path: str, key: str) -> str:
     """What a model an engine loads from its files is, for keys of work done with it (shards of answers, pools): a
     local directory's weight files' hash (a model retrained into the same directory is another), else the hub id.
     Read by the main process once; every process gets it."""
-    local = Path(name_or_path).expanduser()
-    return distributed.from_main(lambda: files_fingerprint(local, key)) if local.is_dir() else name_or_path
+    local = Path(name_or_path).expanduser()  # (a directory the main process sees: every process takes its answer)
+    return distributed.from_main(lambda: files_fingerprint(local, key) if local.is_dir() else name_or_path)
 

@@ -43,6 +43,16 @@ def is_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in FULL
 
 
+FULL_BELOW = 4 << 20  # bytes free under which a write that failed is taken for a full disk
+
+
+def filled(err: BaseException, path: Path) -> bool:
+    """Whether the write that raised `err` under `path` failed because the disk is full: ENOSPC / EDQUOT, or a
+    library's own error for it (torch.save raises RuntimeError 'unexpected pos', safetensors a SafetensorError
+    'os error 28', without the errno) while the disk has next to nothing free."""
+    return is_full(err) or (not isinstance(err, PrefrunError) and free_bytes(path) < FULL_BELOW)
+
+
 def free_bytes(path: Path) -> int:
     path = Path(path)
     while not path.exists() and path != path.parent:

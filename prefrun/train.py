@@ -67,6 +67,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
                                   cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
     _deepspeed_settings(accelerator, cfg)
+    _same_accumulation(accelerator, cfg)
     if accelerator.is_main_process and fsdp_config and not torch.cuda.is_available() and not cfg.get("cpu_fsdp"):
         log.info("an FSDP config on CPU processes: accelerate trains it as multi-process DDP; trainer.cpu_fsdp=true "
                  "runs FSDP2 for real (sharded weights, optimiser state and checkpoints)")
@@ -82,6 +83,22 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
                     if torch.cuda.is_available() else "no FSDP config was launched (accelerate launch --config_file "
                     "docs/accelerate/fsdp.yaml ...): nothing to shard, the key does nothing")
     return accelerator
+
+
+def _same_accumulation(accelerator: Accelerator, cfg: DictConfig) -> None:
+    """trainer.grad_accum is what prefrun counts optimiser steps, epochs, the scheduler and a checkpoint's place in
+    the data by: an accelerate config (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) or a DeepSpeed config with a
+    gradient_accumulation_steps of its own, which accelerate would use instead, must agree with it."""
+    found = {"the accelerate config's gradient_accumulation_steps": accelerator.gradient_accumulation_steps}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        value = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps", "auto")
+        if value != "auto":
+            found["the DeepSpeed config's gradient_accumulation_steps"] = int(value)
+    for where, value in found.items():
+        if value != cfg.grad_accum:
+            raise InputError(f"{where} is {value} and trainer.grad_accum={cfg.grad_accum}: prefrun counts optimiser "
+                             f"steps, epochs and checkpoints by trainer.grad_accum; give trainer.grad_accum={value}, "
+                             "or leave the key out of that config")
 
 
 def _deepspeed_settings(accelerator: Accelerator, cfg: DictConfig) -> None:

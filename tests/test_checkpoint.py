@@ -94,6 +94,17 @@ def test_on_a_small_real_disk_the_space_is_checked_before_the_save_and_nothing_i
     assert list(small_disk.iterdir()) == []
 
 
+def test_on_a_small_real_disk_a_checkpoint_that_fills_it_mid_save_is_one_line_and_nothing_partial_stays(
+        small_disk, monkeypatch):
+    """The disk fills while accelerate writes (another writer took the space the check saw): safetensors and
+    torch.save say so in errors of their own, without ENOSPC's errno. Still the full disk's line, and no .tmp."""
+    checkpoints, accelerator, _ = _saved(small_disk, [], size=600)
+    monkeypatch.setattr(Checkpoints, "_needed", lambda self, accelerator: 0)  # the check before the save passes
+    with pytest.raises(DiskFull, match=r"step-1.tmp: no space left on the device .*run the same command again"):
+        checkpoints.save(accelerator, {"step": 1, "micro_batches": 1, "window": {}})
+    assert list(small_disk.iterdir()) == []
+
+
 def test_on_a_small_real_disk_a_write_that_does_not_fit_is_one_line_and_no_temporary_file_stays(small_disk):
     with pytest.raises(DiskFull, match=r"big.bin: no space left on the device \(2.0 MiB needed"):
         write_atomic(small_disk / "big.bin", b"x" * (2 << 20), checked=True)

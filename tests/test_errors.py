@@ -90,3 +90,12 @@ def test_out_of_memory_in_training_names_what_to_lower_and_a_smaller_batch_conti
     log = (run / "train.log").read_text()
     assert "(the checkpoint's: 8, 1): the same optimiser steps" in log and "resuming from" in log
     assert (run / "summary.json").exists()
+
+
+def test_an_accumulation_set_in_the_accelerate_config_that_differs_from_trainer_grad_accum_is_one_line(tmp_path, cache_dir):
+    """accelerate would accumulate over the config's count (its ACCELERATE_GRADIENT_ACCUMULATION_STEPS), while
+    prefrun counts steps, epochs and checkpoints by trainer.grad_accum: each step would take other examples."""
+    proc = run_cli(["train", *TINY_JOB, "trainer.max_steps=2"], tmp_path,
+                   {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, check=False)
+    one_line_failure(proc, "the accelerate config's gradient_accumulation_steps is 4 and trainer.grad_accum=1",
+                     "give trainer.grad_accum=4")
