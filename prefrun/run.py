@@ -27,7 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefrun import distributed, faults
 from prefrun.checkpoint import Checkpoints
-from prefrun.data import GeneratedPreferences, attach_reference_logps
+from prefrun.data import (
+    GeneratedPreferences,
+    attach_reference_logps,
+    context_length,
+    fitting_prompts,
+    prompt_limit,
+)
 from prefrun.errors import InputError
 from prefrun.evaluate import judged_scores, preference_metrics, without_completions
 from prefrun.generate import VLLMGenerator, as_chat
@@ -58,15 +64,12 @@ from prefrun.online import (
     OnlineConfig,
     Rounds,
     attach_round_reference,
-    context_length,
     cpu_state,
     evaluate_start,
     finish_weights,
-    fitting_prompts,
     log_round,
     merges_adapters,
     prompt_folds,
-    prompt_limit,
     read_round_weights,
     restore_round,
     round_row,

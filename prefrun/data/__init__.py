@@ -6,7 +6,7 @@ What lives where (every public name is importable from `prefrun.data`, and the H
 - `formats`: the record formats (TRL's pair formats, implicit prompts) and their truncation rule,
   records -> token ids (`tokenize_record`, `token_ids`), and one clear line for a broken text data file;
 - `load`: the data sources, the `data=` choices: `PreferenceData`, `HFPreferenceData`, `HFPrompts`,
-  `GeneratedPreferences`, with the tokenized cache;
+  `GeneratedPreferences`, with the tokenized cache; which prompts fit a model's context (`fitting_prompts`);
 - `batches`: `Example` and the batches, left-padded or packed (`pad_rows`, `collate`, `to_device`);
 - `reference`: reference log-probs of every candidate (`candidate_logps`) and their disk cache
   (`attach_reference_logps`).
@@ -24,6 +24,9 @@ from prefrun.data.load import (
     HFPreferenceData,
     HFPrompts,
     PreferenceData,
+    context_length,
+    fitting_prompts,
+    prompt_limit,
 )
 from prefrun.data.reference import attach_reference_logps, candidate_logps, split_candidate_logps
 
@@ -42,6 +45,9 @@ __all__ = [
     "candidate_logps",
     "split_candidate_logps",
     "collate",
+    "context_length",
+    "fitting_prompts",
+    "prompt_limit",
     "pad_rows",
     "token_ids",
     "tokenize_record",

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -489,6 +490,37 @@ class HFPrompts(HFPreferenceData):
         return prompts
 
 
+def context_length(generator, policy) -> int | None:
+    """The tokens a prompt and its completion share: the engine's context (generator.max_model_len), else the
+    model's (max_position_embeddings); None when neither says."""
+    return getattr(generator, "max_model_len", None) or \
+        getattr(policy.config.get_text_config(), "max_position_embeddings", None)
+
+
+def prompt_limit(data, generator, policy) -> tuple[int, str]:
+    """The longest prompt a round (or an offline job's pools) can use, and why: it must leave a completion token
+    in data.max_length (unless data.max_prompt_length cuts it for training) and fit the generator's context."""
+    context = context_length(generator, policy)
+    limits = [(context - 1, f"the model's context is {context} tokens: generator.max_model_len or the model's "
+                            "max_position_embeddings")] if context else []
+    if data.max_prompt_length is None:
+        limits.append((data.max_length - 1, f"data.max_length={data.max_length} must leave room for a completion: "
+                                             "raise it, or set data.max_prompt_length to cut long prompts in training"))
+    return min(limits) if limits else (sys.maxsize, "")
+
+
+def fitting_prompts(prompts: list, tokenizer, *, limit: int, why: str, source: str) -> list:
+    """The prompts of at most `limit` tokens (as training and generation tokenize them); the others are skipped
+    before anything is generated for them, counted in one line saying `why` the limit is what it is."""
+    from prefrun.generate.base import prompt_ids
+
+    kept = [p for p in prompts if len(prompt_ids(tokenizer, p)) <= limit]
+    if len(kept) < len(prompts):
+        log.warning("skipped %d of %d prompts of %s longer than %d tokens (%s)", len(prompts) - len(kept),
+                    len(prompts), source, limit, why)
+    return kept
+
+
 @dataclass
 class GeneratedPreferences(PreferenceData):
     """Preferences sampled from the starting policy: `generator.num_candidates` completions for each prompt
@@ -561,7 +593,6 @@ class GeneratedPreferences(PreferenceData):
              pools: bool = False) -> list[Example]:
         from prefrun.generate.hf import HFGenerator
         from prefrun.model import fingerprint, sharded_compute_dtype
-        from prefrun.online import fitting_prompts, prompt_limit
         from prefrun.pools import make_pools
 
         # Prompts too long to leave a completion token are skipped before the shards are cut, counted in one line, as
