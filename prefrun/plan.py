@@ -165,9 +165,14 @@ def plan(cfg: DictConfig, task) -> dict:
     result = {"processes": launch.processes, "sharding": launch.sharding, "device": device, "device_bytes": memory,
               "parameters": total, "trainable": trainable, "dtype_bytes": size, "phases": phases, "peak": rows,
               "held": " (trainable ones held in fp32: trainer.master_weights)" if held > size else "",
-              "engines": placement}
+              "engines": placement, "loading": _loading(launch, weights, total * size)}
     if int(os.environ.get("RANK", "0")) == 0:
         _print(result, cfg)
+    loading = result["loading"]
+    if loading and loading["bytes"] > loading["host_bytes"]:
+        raise InputError(f"plan: loading needs {_size(loading['bytes'])} of host memory on a node ({loading['what']}) "
+                         f"and the node has {_size(loading['host_bytes'])}: fewer processes per node, a 16-bit model "
+                         "(model.dtype=bfloat16), or LoRA (+model/lora=default)")
     worst = max(rows, key=rows.get)
     if rows[worst] > memory:
         shard = "more processes or nodes" if launch.sharding in ("fsdp", "zero3") else \
@@ -176,6 +181,21 @@ def plan(cfg: DictConfig, task) -> dict:
                          f"{_size(memory)} ({device}); {shard}, use LoRA (+model/lora=default), or a smaller "
                          "generator.gpu_memory_utilization")
     return result
+
+
+def _loading(launch: Launch, held: float, loaded: float) -> dict | None:
+    """Host memory while the policy loads: each process of a node holds it whole until it is on its device (in
+    the dtype it was loaded in), under FSDP until it is sharded (its trainable weights already held in fp32 there:
+    `held`); a ZeRO-3 model is partitioned as it loads (None: nothing whole)."""
+    if launch.sharding == "zero3":
+        return None
+    import psutil
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", launch.processes))
+    each = held if launch.sharding == "fsdp" else loaded
+    return {"bytes": local * each, "host_bytes": psutil.virtual_memory().total,
+            "what": f"{local} process(es) x the whole policy, {_size(each)}, until it is "
+                    f"{'sharded' if launch.sharding == 'fsdp' else 'on its device'}"}
 
 
 def _engine(cfg: DictConfig, memory: float, weights: float) -> dict[str, float]:
@@ -260,6 +280,11 @@ def _print(result: dict, cfg: DictConfig) -> None:
         what = ", ".join(f"{name} {_size(value)}" for name, value in parts.items())
         fits = "fits" if result["peak"][phase] <= result["device_bytes"] else "DOES NOT FIT"
         lines.append(f"plan: {phase}: {_size(result['peak'][phase])} per process ({what}) -> {fits}")
+    loading = result["loading"]
+    if loading:
+        fits = "fits" if loading["bytes"] <= loading["host_bytes"] else "DOES NOT FIT"
+        lines.append(f"plan: loading: {_size(loading['bytes'])} of a node's host memory ({loading['what']}; the node "
+                     f"has {_size(loading['host_bytes'])}) -> {fits}")
     lines.append("plan: activations are not included (batch-dependent; model.gradient_checkpointing bounds them)")
     for line in lines:
         log.info("%s", line)

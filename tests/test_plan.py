@@ -17,6 +17,9 @@ def test_the_embedded_job_plans_without_building_anything(tmp_path, cache_dir):
     out = _said(run_cli(["train", "plan=true"], tmp_path))
     assert "plan: 1 process(es), sharding none" in out and "0.5M parameters" in out
     assert "train:" in out and "-> fits" in out and "DOES NOT FIT" not in out
+    # Host memory while loading: the process holds the whole policy (fp32 here) until it is on its device.
+    assert "plan: loading: 2.1 MiB of a node's host memory (1 process(es) x the whole policy, 2.1 MiB, until it is on " \
+        "its device; the node has" in out
     # nothing built (the cache holds only the tests' shared small model), nothing generated or scored
     assert sorted(p.name for p in cache_dir.iterdir()) == ["models"] and len(list((cache_dir / "models").iterdir())) == 1
 
@@ -58,6 +61,15 @@ def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(t
         plan(compose_train(lora), None)
     fits = plan(compose_train([*lora, "generator=hf"]), None)
     assert fits["peak"]["train"] / 2**30 == pytest.approx(14.0, abs=0.05) and "generate" not in fits["peak"]
+    # Loading: the bf16 model whole in host memory (LoRA: its base frozen), 8 processes of a node under FSDP: each
+    # holds it whole until it is sharded, which this machine's host memory cannot hold.
+    assert fits["loading"]["bytes"] / 2**30 == pytest.approx(13.5, abs=0.1)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WORLD_SIZE", "8")
+        env.setenv("LOCAL_WORLD_SIZE", "8")
+        env.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(InputError, match=r"plan: loading needs 10[0-9.]+ GiB of host memory on a node \(8 process"):
+            plan(compose_train([*lora, "generator=hf", "trainer.cpu_fsdp=true"]), None)
 
 
 def test_under_deepspeed_with_mixed_precision_the_plan_counts_its_fp32_masters_beside_16_bit_weights():
