@@ -359,13 +359,7 @@ class HFPreferenceData(PreferenceData):
         n = len(train)
         rows, held = list(range(n)), []
         if self.eval_size:
-            k = math.ceil(self.eval_size * n) if self.eval_size < 1 else int(self.eval_size)
-            if k >= n:
-                raise InputError(f"data.eval_size={self.eval_size} holds out {k} of the {n} records of split "
-                                 f"{self.split!r}, leaving none to train on: lower it")
-            order = list(range(n))
-            random.Random(self.seed).shuffle(order)
-            held = sorted(order[:k])
+            held = held_out(n, self.eval_size, self.seed, f"records of split {self.split!r}")
             chosen_out = set(held)
             rows = [i for i in rows if i not in chosen_out]
         if part == "eval":
@@ -490,6 +484,18 @@ class HFPrompts(HFPreferenceData):
         return prompts
 
 
+def held_out(n: int, eval_size: float, seed: int, what: str) -> list[int]:
+    """The indices (sorted) of the `eval_size` share (a fraction below 1, or a count) of `n` records held out for
+    the evaluation, drawn with `seed`; `what` names the records in the error when none would be left to train on."""
+    k = math.ceil(eval_size * n) if eval_size < 1 else int(eval_size)
+    if k >= n:
+        raise InputError(f"data.eval_size={eval_size} holds out {k} of the {n} {what}, leaving none to train on: "
+                         "lower it")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:k])
+
+
 def context_length(generator, policy) -> int | None:
     """The tokens a prompt and its completion share: the engine's context (generator.max_model_len), else the
     model's (max_position_embeddings); None when neither says."""
@@ -563,15 +569,11 @@ class GeneratedPreferences(PreferenceData):
         if self.eval_split:
             raise InputError(f"data.eval_split={self.eval_split!r} and data.eval_size={self.eval_size} are both set: "
                              "hold out a split of data.prompts.path or a share of its prompts, not both")
-        n = len(prompts)
-        k = math.ceil(self.eval_size * n) if 0 < self.eval_size < 1 else int(self.eval_size)
-        if self.eval_size < 0 or (self.eval_size >= 1 and self.eval_size != k) or k >= n:
-            raise InputError(f"data.eval_size={self.eval_size}: give a fraction below 1 or a whole count of prompts, "
-                             f"fewer than the {n} of data.prompts.path={self.prompts.path!r} (some must be trained on)")
-        order = list(range(n))
-        random.Random(self.seed).shuffle(order)
-        held = set(order[:k])
-        return [p for i, p in enumerate(prompts) if i not in held], [prompts[i] for i in sorted(held)]
+        if self.eval_size < 0 or (self.eval_size >= 1 and self.eval_size != int(self.eval_size)):
+            raise InputError(f"data.eval_size={self.eval_size}: give a fraction below 1 or a whole count of prompts")
+        held = held_out(len(prompts), self.eval_size, self.seed, f"prompts of data.prompts.path={self.prompts.path!r}")
+        chosen_out = set(held)
+        return [p for i, p in enumerate(prompts) if i not in chosen_out], [prompts[i] for i in held]
 
     def train_prompts(self, task, tokenizer, generator) -> list:
         """The prompts candidates are generated for, in their final form (chat-wrapped when the tokenizer has a
