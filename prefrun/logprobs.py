@@ -29,6 +29,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from prefrun import distributed
+
 log = logging.getLogger(__name__)
 
 PACKED_SDPA = "prefrun_packed_sdpa"
@@ -155,13 +157,15 @@ def packing_checked(model) -> bool:
 
 @torch.no_grad()
 def check_packing(model, packed: dict[str, Tensor], padded: dict[str, Tensor], *,
-                  logits_budget_mb: float = 256.0) -> bool:
+                  logits_budget_mb: float = 256.0, together: bool = False) -> bool:
     """Once per model, on the first batch it packs (`packed`, and the same rows `padded`): do packed rows give
     the log-probs that padded rows give under the model's own attention? Modelling code can make them differ:
     attention that leaks across sequences, or code that tests for "sdpa" by name and takes another path
     after the switch to `packed_sdpa`. If they differ, the model goes back to its own attention, `packs`
     answers False from then on (callers pad), and a warning says so. fp32: a tolerance of rounding; 16-bit
-    weights or autocast: a looser one (crossing sequences moves log-probs by whole nats)."""
+    weights or autocast: a looser one (crossing sequences moves log-probs by whole nats). `together`: every
+    process calls it at once, each on its own batch, and all take one verdict (packed only if every batch
+    agrees): a process that packed where another padded would train on numbers the check refused."""
     inner = _unwrap(model)
     if inner in _VERDICTS:
         return _VERDICTS[inner]
@@ -182,6 +186,9 @@ def check_packing(model, packed: dict[str, Tensor], padded: dict[str, Tensor], *
         model.train(was_training)
     diff, scale = (ours.float() - theirs.float()).abs().max().item(), theirs.float().abs().max().item()
     agrees = diff <= (1e-3 + 1e-5 * scale if exact else 0.1 + 2e-3 * scale)
+    if together:
+        checks = distributed.gather((agrees, diff))
+        agrees, diff = all(ok for ok, _ in checks), max(d for _, d in checks)
     _VERDICTS[inner] = agrees
     if agrees:
         log.info("padding-free batches: packed and padded log-probs agree to %.2g on the first batch", diff)

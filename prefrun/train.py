@@ -227,12 +227,13 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * max(1, batches_per_epoch // cfg.grad_accum))
     # accelerate steps a prepared scheduler once per process at every optimiser step: count in those units.
     budget = cfg.get("logits_budget_mb") or float("inf")
-    if packed and not packing_checked(model):  # before prepare(): a sharded model's forwards are collectives, and
-        # only the processes that have not checked this model yet (reference scoring may have) would run them
+    if packed and not packing_checked(model):  # before prepare(). Every process checks at once, each on its own
+        # first batch, and all take one verdict (a sharded model's forwards are collectives; reference scoring on
+        # several processes checks on all of them together, so none has a verdict here that another lacks)
         first = [examples[i] for i in next(iter(first_epoch)).tolist()]
         shared = columns or list(range(min(len(ex.completion_ids) for ex in first)))  # pools may differ in size
         batch, padded = (to_device(collate(first, pad_id, shared, packed=p), accelerator.device) for p in (True, False))
-        packed = check_packing(model, batch, padded, logits_budget_mb=budget)
+        packed = check_packing(model, batch, padded, logits_budget_mb=budget, together=processes > 1)
     # A sharded model that made forwards (pools, reference, evaluation, the check above) holds its root module's
     # parameters gathered: the optimiser must get the shards, which training updates, not the gathered copies.
     resharded(model)

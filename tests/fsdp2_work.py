@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import prefrun.data.reference as reference
 from prefrun import faults, preemption
 from prefrun.data import Example, split_candidate_logps
+from prefrun.data.batches import pad_rows
 from prefrun.errors import InputError, PrefrunError
 from prefrun.generate import HFGenerator
 from prefrun.generate.vllm import VLLMGenerator, _EngineSession, _sets_for
@@ -154,6 +155,21 @@ def pool_draws(model, tokenizer) -> dict:
             "cached": sorted(draws.cache)}
 
 
+def packing_verdict(tokenizer) -> dict:
+    """`check_packing(together=True)`, process 1's check made to disagree (its padded rows are other sequences
+    than its packed ones, as a model whose attention leaks across packed sequences gives): both processes pad."""
+    from prefrun.logprobs import check_packing, packs, use_packed_attention
+
+    model = tiny(tokenizer)
+    use_packed_attention(model)
+    rows = [(tokenizer("sort 31:").input_ids, tokenizer(" 13").input_ids[1:]),
+            (tokenizer("sort 52:").input_ids, tokenizer(" 25").input_ids[1:])]
+    padded_rows = rows if dist.get_rank() == 0 else rows[::-1]
+    pad = tokenizer.pad_token_id
+    agreed = check_packing(model, pad_rows(rows, pad, packed=True), pad_rows(padded_rows, pad), together=True)
+    return {"verdict": agreed, "packs": packs(model)}
+
+
 def main(out: str) -> None:
     reference.SCORING_SHARD = 2  # 5 examples: 3 shards over 2 processes
     tokenizer = char_tokenizer()
@@ -181,7 +197,8 @@ def main(out: str) -> None:
     delivered = session.on_engine(lambda: answer if dist.get_rank() == 0 else None, partial(_sets_for, [0, 1]))
     stopped = stopped_by_a_signal(model, tokenizer, Path(out).with_name("stopped-shards"))
     torch.save({"single": single, "sharded": sharded, "restart": refused, "delivered": delivered, "stopped": stopped,
-                "pool_draws": pool_draws(model, tokenizer)}, f"{out}.{dist.get_rank()}")
+                "pool_draws": pool_draws(model, tokenizer),
+                "packing": packing_verdict(tokenizer)}, f"{out}.{dist.get_rank()}")
     dist.barrier()  # both done before either tears the group down (a peer gone mid-teardown aborts gloo)
     dist.destroy_process_group()
 

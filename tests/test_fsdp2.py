@@ -76,6 +76,9 @@ def test_split_work_with_a_sharded_policy_keeps_every_process_in_step_and_does_n
         assert draws["forwards"] == [4, 0] and draws["cached"] == [0, 1], draws
         # Caught by process 1 at its third forward (before the processes ask each other there): both stopped at that
         # forward, no hang.
+        # Packing checked on each process's own rows, process 1's disagreeing: neither packs (one packing would
+        # train on numbers the other's check refused).
+        assert seen["packing"] == {"verdict": False, "packs": False}
         assert seen["stopped"] == {"said": "stopped by SIGUSR1 outside training (finished shards, rounds and "
                                            "checkpoints are on disk)", "forwards": 3}
     assert sorted(p.name for p in (tmp_path / "sharded-shards").glob("shard-*")) == [

@@ -66,7 +66,7 @@ def _longest_first(examples: list[Example]) -> list[tuple[int, int]]:
 def _settle_packing(model, examples: list[Example], pad_id: int, batch_size: int) -> None:
     """`check_packing` on the batch `candidate_logps` would check it on (the longest rows of `examples`): called
     by every process with the same examples, it makes the same forwards everywhere (a sharded model's are
-    collectives) and gives every process the same verdict."""
+    collectives), and every process takes the same verdict (where their numbers differed, the stricter)."""
     from prefrun.logprobs import check_packing
 
     was_training = model.training
@@ -75,7 +75,7 @@ def _settle_packing(model, examples: list[Example], pad_id: int, batch_size: int
         pairs = [(examples[i].prompt_ids, examples[i].completion_ids[c]) for i, c in _longest_first(examples)[:batch_size]]
         device = next(model.parameters()).device
         check_packing(model, to_device(pad_rows(pairs, pad_id, packed=True), device),
-                      to_device(pad_rows(pairs, pad_id), device))
+                      to_device(pad_rows(pairs, pad_id), device), together=True)
     finally:
         model.train(was_training)
 
@@ -87,9 +87,10 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
     """`candidate_logps` of every example, the examples cut in shards of SCORING_SHARD that the processes
     share (each scores its own, all get all). One process scores the same shards one after the other. A sharded
     model (FSDP2, ZeRO-3) runs collective forwards: the shards stay split and the processes with fewer forwards
-    to make make a token's forwards until all have made as many (`distributed.map_shards_in_step`); packing,
-    if not checked on the model yet, is checked first by every process on the first shard's longest rows (a
-    check makes forwards of its own, which the processes then make together)."""
+    to make make a token's forwards until all have made as many (`distributed.map_shards_in_step`). On several
+    processes packing, if not checked on the model yet, is checked first by every process on the first shard's
+    longest rows (a check makes forwards of its own, which the processes then make together), so that no process
+    packs rows where another found packing wrong."""
     from prefrun.logprobs import packing_checked, packs
 
     size = SCORING_SHARD
@@ -102,11 +103,11 @@ def split_candidate_logps(model, examples: list[Example], pad_id: int, *, batch_
     def steps(shard: int) -> int:  # forwards
         return -(-sum(len(ex.completion_ids) for ex in examples[shard * size : (shard + 1) * size]) // batch_size)
 
+    if distributed.world_size() > 1 and packs(model) and not packing_checked(model):
+        _settle_packing(model, examples[:size], pad_id, batch_size)  # not per shard: one verdict for all processes
     if not distributed.is_sharded(model):
         parts = distributed.map_shards(num_shards, score)
     else:
-        if packs(model) and not packing_checked(model):
-            _settle_packing(model, examples[:size], pad_id, batch_size)
         parts = distributed.map_shards_in_step(num_shards, score, steps=steps,
                                                idle=lambda: idle_forward(model, pad_id), model=model)
     width = max(len(ex.completion_ids) for ex in examples)
