@@ -444,11 +444,12 @@ def merges_adapters(online: OnlineConfig, lora: bool) -> bool:
 
 @torch.no_grad()
 def attach_round_reference(online: OnlineConfig, policy, tokenizer, examples, initial, lora: bool, *,
-                           batch_size: int) -> float | None:
+                           batch_size: int) -> tuple[float, float] | None:
     """Attach the round's reference log-probs (ref=previous: the policy now, at the round's start; ref=initial:
     the starting weights, LoRA: adapters off, else swapped in from their CPU copy). Returns the estimate
     E_y~π_t[log π_t(y) − log π_0(y)] of KL(π_t ‖ π_0) over the round's candidates (exact in expectation when
-    they are sampled at temperature 1, top-p 1), or None with online.kl_estimate=false."""
+    they are sampled at temperature 1, top-p 1) and its standard error (`kl_estimate`), or None with
+    online.kl_estimate=false."""
     faults.inject("reference")
     batch = batch_size * max(1, max(len(ex.completion_ids) for ex in examples))
     pad_id = tokenizer.pad_token_id
@@ -468,8 +469,26 @@ def attach_round_reference(online: OnlineConfig, policy, tokenizer, examples, in
         example.reference_logps = row[: len(example.completion_ids)]
     if not online.kl_estimate:
         return None
-    mask = current[1] > 0
-    return ((current[0] - start[0])[mask]).mean().item()
+    return kl_estimate(current[0] - start[0], current[1] > 0)
+
+
+def kl_estimate(log_ratios: Tensor, mask: Tensor) -> tuple[float, float]:
+    """The mean of the candidates' log π_t(y) − log π_0(y) ([prompts, K], `mask`: the candidates there are) and
+    its standard error. A prompt's candidates are not independent draws of the estimate's terms (they share
+    the prompt), so the error is the cluster-robust one of a ratio over prompts, Σ_i s_i / Σ_i n_i (s_i: prompt
+    i's sum, n_i: its count): √(m/(m−1) Σ_i (s_i − mean·n_i)²) / Σ_i n_i over m prompts. An unbiased
+    estimate can come out below 0 when the KL is small; the error says whether it is distinguishable from 0."""
+    ratios = torch.where(mask, log_ratios, torch.zeros_like(log_ratios)).double()
+    sums, counts = ratios.sum(1), mask.sum(1).double()
+    total = counts.sum()
+    if total == 0:
+        return 0.0, 0.0
+    mean = sums.sum() / total
+    prompts = int((counts > 0).sum())
+    if prompts < 2:
+        return mean.item(), float("nan")
+    spread = ((sums - mean * counts) ** 2).sum() * prompts / (prompts - 1)
+    return mean.item(), (spread.sqrt() / total).item()
 
 
 def finish_weights(policy, tokenizer, rounds: Rounds, t: int, online: OnlineConfig, lora: bool, previous_hat, seed: int,
@@ -538,7 +557,7 @@ def round_row(t: int, step: int, beta: float, records: list[dict], examples, tok
            "round/response_length": sum(lengths) / max(1, len(lengths)),
            "round/judge_score": sum(sum(r["scores"]) / len(r["scores"]) for r in records) / max(1, len(records))}
     if kl is not None:
-        row["round/kl_to_initial"] = kl
+        row["round/kl_to_initial"], row["round/kl_to_initial_stderr"] = kl
     for which, results in evaluated.items():
         for decoding, result in results.items():
             row[f"round/eval/{which}/{decoding}/mean"] = result["mean"]
@@ -577,7 +596,8 @@ def log_round(row: dict, total: int) -> None:
     wins = f"; win rate against the start: {wins}" if wins else ""
     split = ", ".join(f"{k.removeprefix('round/time/').removesuffix('_s')} {v:.1f} s" for k, v in row.items()
                       if k.startswith("round/time/"))
-    kl = f"KL to initial {row['round/kl_to_initial']:.3f}" if "round/kl_to_initial" in row else ""
+    kl = f"KL to initial {row['round/kl_to_initial']:.3f} ± {row['round/kl_to_initial_stderr']:.3f}" \
+        if "round/kl_to_initial" in row else ""
     sync = f", sync diff {row['sync/max_abs_logp_diff']:.1e}" if "sync/max_abs_logp_diff" in row else ""
     judged = f"judged {scores}{wins}" if scores else "no judged evaluation"
     log.info("round %d/%d: %s%s; pool score %.3f, length %.1f%s; time: %s", row["round"], total, judged,

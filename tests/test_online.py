@@ -18,7 +18,7 @@ from prefrun.errors import InputError
 from prefrun.extrapolate import extrapolate_parameters
 from prefrun.model import check_zero3_writable, hold_in_fp32, merge_lora_in_fp32
 from prefrun.model import full_weights as policy_weights
-from prefrun.online import OnlineConfig, load_weights, prompt_folds, set_policy_weights
+from prefrun.online import OnlineConfig, kl_estimate, load_weights, prompt_folds, set_policy_weights
 
 from .conftest import TINY_JOB, run_cli
 from .wandb_records import run_info
@@ -147,6 +147,18 @@ def test_set_policy_weights_refuses_weights_of_another_model():
         set_policy_weights(_tiny_llama(), {"lm_head.weight": torch.zeros(3, 3)}, seed=0)
 
 
+def test_the_kl_estimate_is_the_candidates_mean_with_an_error_clustered_by_prompt():
+    # Two prompts: one whose 3 candidates all have log-ratio 1, one whose 2 (third missing) have -1. The mean is
+    # per candidate (0.2); the error treats each prompt as one draw: s = (3, -2), n = (3, 2), so
+    # sqrt(2 * ((3 - 0.6)^2 + (-2 - 0.4)^2)) / 5 = 0.96. Candidates as independent draws would say 0.49.
+    ratios = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 7.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    mean, stderr = kl_estimate(ratios, mask)
+    assert mean == pytest.approx(0.2) and stderr == pytest.approx(0.96)
+    assert kl_estimate(torch.zeros(3, 2), torch.ones(3, 2, dtype=torch.bool)) == (0.0, 0.0)  # round 1: θ = θ_0
+    assert kl_estimate(torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.bool)) == (0.0, 0.0)  # only empty samples
+
+
 def test_prompt_folds_are_disjoint_and_checked():
     folds = prompt_folds(list(range(10)), 3, None, source="x")
     assert folds == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
@@ -229,7 +241,7 @@ def test_apo_alpha_zero_is_iterative_dpo_and_extrapolation_matches_the_saved_rou
     assert steps == sorted(steps) and steps[-1] == 12
     summary = json.loads((apo / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
-    for key in ("round/kl_to_initial", "round/response_length", "round/time/generate_s", "round/time/train_s",
+    for key in ("round/kl_to_initial", "round/kl_to_initial_stderr", "round/response_length", "round/time/generate_s", "round/time/train_s",
                 "sync/max_abs_logp_diff", "sync/weight_version", "round/eval/policy_hat/sampled/stderr",
                 "round/eval/policy/sampled/mean"):
         assert key in summary["rounds"][0], key
