@@ -335,8 +335,13 @@ def main(argv: list[str] | None = None) -> None:
 
     env_from_job()  # `srun` tasks as ranks, before Hydra picks the run directory (the same one for all of them)
     sys.argv = [f"prefrun {argv[0]}", *argv[1:]]
-    if int(os.environ.get("RANK", "0")) > 0 and any(a.split("=")[0] in _PRINT_ONLY for a in argv[1:]):
-        return  # Hydra prints and runs nothing: the main process prints it once
+    if int(os.environ.get("RANK", "0")) > 0:
+        if any(a.split("=")[0] in _PRINT_ONLY for a in argv[1:]):
+            return  # Hydra prints and runs nothing: the main process prints it once
+        if not any(a.split("=")[0].lstrip("+") == "hydra.output_subdir" for a in argv[1:]):
+            # One writer for <run dir>/.hydra/: the main process (which also puts the live run's back when a
+            # command is refused, runlog._hydra_files, and could not if the others wrote after it)
+            sys.argv.append("hydra.output_subdir=null")
     _hold_hydras_errors()
     try:
         command()  # errors leave through sys.exit, without waiting for the other processes
