@@ -62,7 +62,9 @@ class TinyLlama:
 
     def path(self, cache_dir: str | Path, task) -> Path:
         """Where this recipe's model lives: keyed by the recipe and the task (its teacher)."""
-        spec = json.dumps({"recipe": asdict(self), "task": repr(task), "threads": BUILD_THREADS}, sort_keys=True)
+        built_on = {"device": "cuda"} if torch.cuda.is_available() else {}  # a GPU's warm-up sums in another order
+        spec = json.dumps({"recipe": asdict(self), "task": repr(task), "threads": BUILD_THREADS, **built_on},
+                          sort_keys=True)
         return Path(cache_dir).expanduser() / "models" / f"tiny-llama-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
 
     def materialize(self, cache_dir: str | Path, task) -> Path:
@@ -123,7 +125,10 @@ class TinyLlama:
         )
 
     def _warm_up(self, model, tokenizer, task) -> LlamaForCausalLM:
-        """Supervised fine-tuning on the task's noisy teacher (completion tokens only)."""
+        """Supervised fine-tuning on the task's noisy teacher (completion tokens only), on this process's GPU where
+        it has one (a 100M recipe warms up in seconds there, in most of an hour on one CPU thread)."""
+        device = distributed.device()
+        model.to(device)
         rng = random.Random(self.seed)
         prompts = task.prompts("train", self.sft_steps * self.sft_batch_size)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.sft_lr, weight_decay=0.0)
@@ -144,6 +149,7 @@ class TinyLlama:
             width = max(map(len, input_ids))
             ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in input_ids])
             lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
+            ids, lab = ids.to(device), lab.to(device)
             loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=lab).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -152,4 +158,4 @@ class TinyLlama:
             optimizer.zero_grad(set_to_none=True)
             if step % 100 == 0 or step == self.sft_steps - 1:
                 log.info("embedded model: SFT step %d/%d loss %.3f", step + 1, self.sft_steps, loss.item())
-        return model.eval()
+        return model.cpu().eval()
