@@ -12,7 +12,6 @@ log-probs -> train -> (APO) extrapolate -> judged eval; each round kept under <r
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -386,9 +385,7 @@ def _round_evaluation(evaluate, cfg, generator, tokenizer, probe_prompts: list):
         return (lambda model, before, version: evaluate(model, before)), "hf"
 
     def through_engine(model, before, version: int) -> dict:
-        gc.collect()  # what training left, before the engine wakes (a shared GPU); prepared objects stay, as
-        if torch.cuda.is_available():  # DeepSpeed's need their hooks until the next round's prepare()
-            torch.cuda.empty_cache()
+        # (what training left goes back to the device before the engine wakes: the generator's _make_room)
         distributed.together(generator.sync, model, tokenizer, probe_prompts=probe_prompts, version=version)
         return evaluate(model, before, engine=generator)
 

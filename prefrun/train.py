@@ -326,6 +326,8 @@ def train(model, tokenizer, examples: list[Example], *, loss_fn, beta: float, sa
                     break
     if deepspeed:
         keep_fp32_masters(model)
+    else:  # past the last step the optimiser's state (AdamW: two fp32 copies of the trainable weights) serves
+        optimizer.state.clear()  # nothing: the evaluation, and a sleeping engine's wake-up, get its memory
     return last
 
 

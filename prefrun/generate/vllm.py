@@ -5,6 +5,7 @@ worker_process.py, the probe's trainer side in probe.py, the weights the engine 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib.util
 import logging
@@ -446,6 +447,7 @@ class VLLMGenerator(Sampling):
         longest = max(len(ids) for ids_set in ids_sets for ids in ids_set)
         _check_prompt_length(longest, max_new_tokens, session.max_len)
         if session.asleep:  # generating without a sync in between: wake everything, the KV cache is blank
+            _make_room()
             session.call("wake", what="wake-up", timeout_s=self.call_timeout_s)
             session.call("reset_prefix_cache", what="prefix cache reset", timeout_s=self.call_timeout_s)
             session.asleep = False
@@ -622,10 +624,12 @@ class VLLMGenerator(Sampling):
         buckets, pushed = 0, 0
         if not started:  # a live engine: push
             if session.asleep:  # weights first, then the KV cache: both at once may not fit on one GPU
+                _make_room()
                 held(lambda: session.call("wake", what="wake-up (weights)", timeout_s=timeout, tags=["weights"]))
             if self.debug_break_sync != "skip_push":
                 buckets, pushed = self._push(model, held)
             if session.asleep:
+                _make_room()  # the push's buckets
                 held(lambda: session.call("wake", what="wake-up (KV cache)", timeout_s=timeout, tags=["kv_cache"]))
                 session.asleep = False
             if self.debug_break_sync != "skip_prefix_reset":
@@ -875,3 +879,13 @@ def _sets_for(to: list[int], result: dict, rank: int) -> dict:
     return {**result, "sets": [spec if to[i] == rank else {"generate_s": spec["generate_s"], "outputs": None,
                                                             "generated": _tokens(spec)}
                                for i, spec in enumerate(result["sets"])]}
+
+
+def _make_room() -> None:
+    """Before a sleeping engine on the trainer's GPU wakes: what the trainer no longer holds (training's
+    activations and gradients, a freed optimiser state, a push's buckets) goes back to the device, not to torch's
+    cache, where vLLM's wake-up could not have it. (vLLM sized its KV cache when it started; its wake-up asks
+    for that much again.)"""
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
