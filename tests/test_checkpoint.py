@@ -111,6 +111,16 @@ def test_on_a_small_real_disk_a_write_that_does_not_fit_is_one_line_and_no_tempo
     assert list(small_disk.iterdir()) == []
 
 
+def test_on_a_small_real_disk_a_weight_push_that_does_not_fit_is_one_line_and_no_bucket_stays(small_disk):
+    """The engine push writes its buckets to /dev/shm (the node's memory) or the temporary directory: full, that
+    was safetensors' own error and a traceback."""
+    from prefrun.generate.weights import _write_bucket
+
+    with pytest.raises(DiskFull, match=r"small: no space left on the device \(2.0 MiB needed, .* free\)"):
+        _write_bucket({"w": torch.zeros(512, 1024)}, str(small_disk))
+    assert list(small_disk.iterdir()) == []
+
+
 def test_a_checked_file_that_was_damaged_reads_as_missing(tmp_path, caplog):
     path = tmp_path / "entry.pt"
     write_atomic(path, b"0123456789", checked=True)

@@ -3,6 +3,7 @@ LoRA merged in, a checkpoint for the engine to start from, and the pushed safete
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prefrun import distributed
+from prefrun import distributed, storage
 from prefrun.errors import InputError, PrefrunError
 from prefrun.model import full_weights
 
@@ -114,11 +115,20 @@ def _write_bucket(bucket: dict[str, Tensor], root: str | None) -> str:
     if bad is not None:
         raise PrefrunError(f"generator=vllm: the policy's weight {bad} holds NaN or inf: not pushing it to the engine; "
                            "the training step diverged (lower the learning rate)")
-    push_dir = Path(tempfile.mkdtemp(prefix="prefrun-vllm-push-", dir=root))
+    try:
+        push_dir = Path(tempfile.mkdtemp(prefix="prefrun-vllm-push-", dir=root))
+    except OSError as err:
+        if storage.is_full(err):
+            raise storage.disk_full(Path(root or tempfile.gettempdir()), None, err) from err
+        raise
     try:
         _write_push(bucket, push_dir / "model.safetensors")
-    except BaseException:
+    except BaseException as err:
+        full = storage.filled(err, push_dir)
         shutil.rmtree(push_dir, ignore_errors=True)
+        if full:  # one line naming where (/dev/shm counts against the node's memory), not a library's traceback
+            raise storage.disk_full(push_dir.parent, sum(t.numel() * t.element_size() for t in bucket.values()),
+                                    err if isinstance(err, OSError) else None) from err
         raise
     return str(push_dir)
 
@@ -163,9 +173,9 @@ def _checkpoint_shapes(path: Path) -> dict | None:
 
 
 def _push_root(nbytes: float) -> str | None:
-    """/dev/shm (RAM, no disk round trip) when it has room for twice `nbytes` (a bucket); else the temporary
-    directory."""
-    need = 2 * nbytes
+    """/dev/shm (RAM, no disk round trip) when it has room for twice `nbytes` (a bucket) for every process of
+    this node (they push at once); else the temporary directory."""
+    need = 2 * nbytes * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
         return "/dev/shm" if shutil.disk_usage("/dev/shm").free > need else None
     except OSError:
