@@ -262,3 +262,12 @@ def test_map_waves_on_one_process_is_map_shards():
                                 lambda shard, x: (shard, x))
     assert out == [(0, 0), (1, 10), (2, 20)] and made == [[0], [1], [2]]
     assert distributed.map_shards(5, lambda s: s, shards=range(2, 4)) == [2, 3]
+
+
+def test_a_generation_call_is_bounded_by_call_timeout_s_per_million_tokens_it_may_make():
+    """A shard is one engine call: the APO paper's (256 prompts x 5 candidates x 2,048 tokens, 2.6M tokens) gets
+    three bounds, a small one call_timeout_s itself."""
+    paper = VLLMGenerator(num_candidates=5, max_new_tokens=2048, call_timeout_s=600)
+    assert paper._generation_timeout([paper], [[[1, 2]] * 256]) == 1800
+    small = VLLMGenerator(num_candidates=4, max_new_tokens=16, call_timeout_s=600)
+    assert small._generation_timeout([small, small], [[[1]] * 8, [[1]] * 8]) == 600

@@ -9,6 +9,7 @@ import gc
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import sys
@@ -370,6 +371,13 @@ class VLLMGenerator(Sampling):
         _log_rate("vllm", self.last_stats)
         return sets
 
+    def _generation_timeout(self, settings: list[Sampling], ids_sets: list[list[list[int]]]) -> float:
+        """call_timeout_s, once more for every million tokens the call may generate (prompts × candidates ×
+        max_new_tokens): a shard is one call, and a shard of long completions (the APO paper's: 256 prompts × 5
+        × 2,048 tokens) can take longer than one bound on a GPU while nothing is wrong."""
+        requested = sum(len(ids) * s.num_candidates * s.max_new_tokens for s, ids in zip(settings, ids_sets))
+        return self.call_timeout_s * max(1, math.ceil(requested / TOKENS_PER_CALL_TIMEOUT))
+
     def _job_sets(self, settings: list[VLLMGenerator], ids_sets: list[list[list[int]]], eos_ids: list[int]) -> list:
         return [{"prompts": ids, "seeds": [_request_seed(s.seed, i) for i in range(len(ids))],
                  "sampling": _sampling_params(s, eos_ids)} for s, ids in zip(settings, ids_sets)]
@@ -453,7 +461,8 @@ class VLLMGenerator(Sampling):
             session.asleep = False
         generation_config = model.generation_config if model is not None else session.generation_config
         eos_ids = _eos_ids(tokenizer, generation_config)
-        result = session.call("generate", what="generation", timeout_s=self.call_timeout_s, deliver=deliver,
+        result = session.call("generate", what="generation", timeout_s=self._generation_timeout(settings, ids_sets),
+                              deliver=deliver,
                               sets=self._job_sets(settings, ids_sets, eos_ids),
                               use_tqdm=distributed.is_main())  # vLLM's bars: once on the console
         return result, eos_ids, {**extra, "worker_pid": self.worker_pid, "weight_version": session.version}
@@ -879,6 +888,9 @@ def _sets_for(to: list[int], result: dict, rank: int) -> dict:
     return {**result, "sets": [spec if to[i] == rank else {"generate_s": spec["generate_s"], "outputs": None,
                                                             "generated": _tokens(spec)}
                                for i, spec in enumerate(result["sets"])]}
+
+
+TOKENS_PER_CALL_TIMEOUT = 1_000_000  # a generation call's bound grows by call_timeout_s per million tokens
 
 
 def _make_room() -> None:
