@@ -176,7 +176,17 @@ def _start(state: dict, msg: dict) -> dict:
 
 def _push(llm, msg: dict) -> dict:
     start = time.perf_counter()
-    llm.collective_rpc("reload_weights", timeout=msg.get("rpc_timeout_s"), kwargs={"weights_path": msg["weights_path"]})
+    try:
+        llm.collective_rpc("reload_weights", timeout=msg.get("rpc_timeout_s"),
+                           kwargs={"weights_path": msg["weights_path"]})
+    except Exception as err:
+        if "weights_path" not in str(err):
+            raise
+        import vllm
+
+        raise RuntimeError(f"vLLM {getattr(vllm, '__version__', '?')} cannot reload weights from files (its "
+                           "reload_weights takes no weights_path; vLLM's layerwise reloading, 2026, added it): "
+                           "install a newer vllm (prefrun is tested with 0.32), or use generator.mode=fresh") from err
     return {"push_s": time.perf_counter() - start}
 
 

@@ -211,12 +211,13 @@ def test_lora_policy_is_saved_merged_for_the_engine(tmp_path, bpe, bpe_model_dir
     ids = torch.tensor([tokenizer("Question 3: what is").input_ids])
     with torch.no_grad():
         before = policy(ids).logits
-        _save_for_engine(policy, tmp_path / "merged")
+        _save_for_engine(policy, tmp_path / "merged", bucket_bytes=1)  # made a tensor at a time, a layer per file
         after = policy(ids).logits
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
         plain = model(ids).logits
     assert torch.equal(before, after)  # the policy is untouched
     assert (merged - before).abs().max() < 1e-5 and (plain - before).abs().max() > 1e-3
+    assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) > base.config.num_hidden_layers
 
 
 def test_the_engine_child_does_not_inherit_the_launchers_job(monkeypatch):

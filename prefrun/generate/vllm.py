@@ -31,7 +31,6 @@ from prefrun.generate.weights import (
     _check_push,
     _checkpoint_shapes,
     _configs,
-    _engine_state,
     _push_root,
     _save_for_engine,
     _write_bucket,
@@ -390,7 +389,7 @@ class VLLMGenerator(Sampling):
                 model_dir = session.fresh_dir
             elif model_path is None:
                 model_dir = work / "model"
-                _save_for_engine(model, model_dir)
+                _save_for_engine(model, model_dir, bucket_bytes=self.push_bucket_mb * 2**20)
             else:
                 model_dir = model_path
             config, generation_config = _configs(model, model_dir)
@@ -509,11 +508,13 @@ class VLLMGenerator(Sampling):
         if sleep_enabled:
             engine["enable_sleep_mode"] = True
         # A sharded policy is gathered by every process (a collective), whichever process holds the engine.
-        state = _engine_state(model) if model_path is None and distributed.is_sharded(model) else None
+        gathered = model_path is None and distributed.is_sharded(model)
+        if gathered:
+            _save_for_engine(model, model_dir, write=session.here, bucket_bytes=self.push_bucket_mb * 2**20)
 
         def start_here() -> dict | None:
-            if model_path is None:
-                _save_for_engine(model, model_dir, state)
+            if model_path is None and not gathered:
+                _save_for_engine(model, model_dir, bucket_bytes=self.push_bucket_mb * 2**20)
             _save_tokenizer(tokenizer, config, work / "tokenizer")
             session.worker = _Worker(_worker_env(self._visible_devices()))
             faults.engine_started(session.worker.proc.pid)  # PREFRUN_FAULT=...:engine kills its process group
@@ -555,7 +556,14 @@ class VLLMGenerator(Sampling):
                             "shares them (generator.gpu_memory_utilization must leave the trainer room)",
                             list(self.devices), sorted(trainers & set(self.devices)))
             return list(self.devices)
-        return [torch.cuda.current_device()] if "LOCAL_RANK" in os.environ else None
+        if "LOCAL_RANK" not in os.environ:
+            return None
+        if self.tensor_parallel_size * self.data_parallel_size > 1:
+            raise InputError(f"generator.tensor_parallel_size={self.tensor_parallel_size} x data_parallel_size="
+                             f"{self.data_parallel_size}: under several training processes each process's engine "
+                             "sees its own GPU only; give one engine the GPUs it needs with generator.engines=main "
+                             "generator.devices=[...] (GPUs the trainer does not use), or keep both at 1")
+        return [torch.cuda.current_device()]
 
     def _sleep_enabled(self) -> bool:
         if self.sleep_mode == "auto":  # with GPUs of its own (engines=main, devices) it has nothing to give back
@@ -697,7 +705,7 @@ class VLLMGenerator(Sampling):
         else:
             previous = session.fresh_dir
             session.fresh_dir = session.keep_dir(Path(tempfile.mkdtemp(prefix="prefrun-vllm-sync-"))) / "model"
-            _save_for_engine(model, session.fresh_dir)
+            _save_for_engine(model, session.fresh_dir, write=session.here, bucket_bytes=self.push_bucket_mb * 2**20)
             if previous is not None:
                 shutil.rmtree(previous.parent, ignore_errors=True)
         dtype = self._dtype(model, _text_config(model.config))

@@ -3,6 +3,7 @@ LoRA merged in, a checkpoint for the engine to start from, and the pushed safete
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from prefrun import distributed, storage
 from prefrun.errors import InputError, PrefrunError
-from prefrun.model import full_weights
+from prefrun.model import iter_full_weights
 
 
 def _configs(model, model_dir):
@@ -34,21 +35,53 @@ def _configs(model, model_dir):
     return config, generation_config
 
 
-def _engine_state(model) -> dict:
-    """The policy's state dict as a plain checkpoint holds it, tied weights under each name: LoRA adapters merged in
-    (the policy untouched), sharded parameters gathered (`prefrun.model.full_weights`)."""
-    return full_weights(model, tied=True, buffers=True, to_cpu=False)
-
-
-def _save_for_engine(model, path: Path, state: dict | None = None) -> None:
-    """The policy as a checkpoint vLLM loads: LoRA adapters merged in, the policy itself left untouched. `state`:
-    its weights already gathered (`_engine_state`: a sharded policy, gathered by every process, which must all
-    call this then)."""
-    if state is None and not hasattr(model, "peft_config") and not distributed.is_sharded(model):
-        distributed.save_pretrained(model, path)  # whichever process holds an engine writes its weights
+def _save_for_engine(model, path: Path, *, write: bool = True, bucket_bytes: float = 1 << 30) -> None:
+    """The policy as a checkpoint vLLM loads, the policy itself left untouched. A plain model is saved as it is
+    (by whichever process holds an engine). With LoRA adapters (merged in) or sharded parameters (FSDP2, ZeRO-3:
+    gathered, a collective that every process joins, `write` or not), its weights are made a tensor at a time
+    (`iter_full_weights`) and written in safetensors files of at most `bucket_bytes` with their index, by the
+    processes that hold an engine (`write`): no process holds the whole model at once, on its GPU or in its
+    memory (a model sharded because it does not fit on one GPU would not fit there whole either)."""
+    if not hasattr(model, "peft_config") and not distributed.is_sharded(model):
+        if write:
+            distributed.save_pretrained(model, path)
         return
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
-    distributed.save_pretrained(base, path, state_dict=state if state is not None else _engine_state(model))
+    weight_map, total, dtype = {}, 0, None
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
+    weights = iter_full_weights(model, tied=True, buffers=True, to_cpu=False)
+    for i, bucket in enumerate(_buckets(weights, bucket_bytes)):
+        if not write:
+            continue
+        name = f"model-{i + 1:05d}.safetensors"
+        try:
+            _write_push(bucket, path / name)
+        except BaseException as err:
+            if storage.filled(err, path):
+                raise storage.disk_full(path, None, err if isinstance(err, OSError) else None) from err
+            raise
+        weight_map.update(dict.fromkeys(bucket, name))
+        total += sum(t.numel() * t.element_size() for t in bucket.values())
+        dtype = dtype or next((t.dtype for t in bucket.values() if t.is_floating_point()), None)
+    if write:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _save_configs(model.get_base_model() if hasattr(model, "peft_config") else model, path, dtype)
+
+
+def _save_configs(model, path: Path, dtype) -> None:
+    """config.json (its dtype: what the files hold, as save_pretrained writes it) and generation_config.json."""
+    config = model.config
+    loaded = getattr(config, "dtype", None)
+    try:
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(path)
+    finally:
+        config.dtype = loaded
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(path)
 
 
 def _check_push(shapes: dict, aliases: set, reference: dict | None) -> None:
