@@ -301,6 +301,9 @@ COMMANDS = {"train": (train, "preference optimisation: DPO, IPO, MC-PO (pools); 
             "testbed": (testbed, "exact checks of DPO, MC-PO, APO on a finite bandit; writes docs/testbed.md"),
             "report": (report, "tables and plots of a run or multirun directory: prefrun report <dir>")}
 
+_HYDRA_COMMANDS = ("train", "generate", "eval", "testbed")  # (report parses its own arguments)
+_ONE_PROCESS_COMMANDS = ("testbed", "report")  # under several processes, run by the main process only
+
 USAGE = """usage: prefrun <command> [overrides ...] [hydra flags]
 
 commands:
@@ -338,7 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", "0")) > 0:
         if any(a.split("=")[0] in _PRINT_ONLY for a in argv[1:]):
             return  # Hydra prints and runs nothing: the main process prints it once
-        if not any(a.split("=")[0].lstrip("+") == "hydra.output_subdir" for a in argv[1:]):
+        if argv[0] in _ONE_PROCESS_COMMANDS:
+            return  # small exact work with files of its own: the main process does it, once
+        if argv[0] in _HYDRA_COMMANDS and not any(a.split("=")[0].lstrip("+") == "hydra.output_subdir"
+                                                  for a in argv[1:]):
             # One writer for <run dir>/.hydra/: the main process (which also puts the live run's back when a
             # command is refused, runlog._hydra_files, and could not if the others wrote after it)
             sys.argv.append("hydra.output_subdir=null")

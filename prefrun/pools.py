@@ -30,6 +30,7 @@ from typing import Any
 
 from prefrun import distributed, faults, storage
 from prefrun.errors import InputError, PrefrunError
+from prefrun.preemption import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,12 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
             if judge is not None:
                 faults.inject("judge")
                 scores = judge.score(chunk, texts)
+        except Preempted:  # a stop signal while judging: the shard is made again by the same command
+            raise
         except PrefrunError as err:  # a judge's wrong answer, named where it happened; finished shards stay
-            raise type(err)(f"{err} (judging shard {shard + 1} of {num_shards}, prompts {lo + 1}-{hi}, for "
-                            f"{out_dir}; the finished shards are kept)") from None
+            err.args = (f"{err} (judging shard {shard + 1} of {num_shards}, prompts {lo + 1}-{hi}, for "
+                        f"{out_dir}; the finished shards are kept)",)  # (its own type: the exit status says it)
+            raise err from None
         work = {"generate_s": generated - began, "judge_s": time.perf_counter() - generated,
                 "generated_tokens": sum(len(ids) for c in candidates for ids in c.token_ids),
                 "completions": sum(len(c.token_ids) for c in candidates), "prompts": hi - lo}

@@ -500,6 +500,10 @@ def test_a_multirun_grid_of_two_process_jobs_writes_one_directory_per_job(tmp_pa
         assert sorted(p.name for p in (sweep / job / "checkpoints" / "step-3").glob("random_states_*")) == [
             "random_states_0.pkl", "random_states_1.pkl"]
     assert _rows(sweep / "0")[-1]["loss"] != _rows(sweep / "1")[-1]["loss"]  # two seeds, two runs
+    # Its report under the same launcher: written by the main process alone (the other took Hydra's arguments
+    # for its own and stopped the job with a usage error)
+    out = launch(["report", str(sweep)], tmp_path, env)
+    assert (sweep / "report.md").exists() and "error" not in out.stdout + out.stderr
 
 
 def test_srun_tasks_become_ranks_without_torchrun(tmp_path):

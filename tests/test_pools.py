@@ -193,6 +193,20 @@ def test_a_judge_that_answers_nan_stops_pools_in_one_line_naming_the_shard_and_k
                    model=model, tokenizer=tokenizer, out_dir=tmp_path / "shards", shard_size=2)
     message = str(caught.value)
     assert message.startswith("nan-judge returned [nan, nan] for prompt 'sort 7:': a score of nan")
+    # A stop signal caught while judging (a judge checks between its batches) stops as a stop: it was a TypeError.
+    import signal
+
+    from prefrun.preemption import Preempted
+
+    class Stopped(Judge):
+        name = "stopped-judge"
+
+        def _score(self, prompts, candidates):
+            raise Preempted(signal.SIGTERM, "outside training")
+
+    with pytest.raises(Preempted, match="stopped by SIGTERM outside training"):
+        make_pools(["sort 12:"], generator=generator, judge=Stopped(), model=model, tokenizer=tokenizer,
+                   out_dir=tmp_path / "stopped", shard_size=2)
     assert f"(judging shard 2 of 2, prompts 3-4, for {tmp_path / 'shards'}; the finished shards are kept)" in message
     assert (tmp_path / "shards" / "shard-00000.jsonl").exists() and not (tmp_path / "shards" / "shard-00001.jsonl").exists()
     # The finished shard is reused only by pools cut the same way: other shards are another job's, one line.
