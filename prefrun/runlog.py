@@ -47,13 +47,19 @@ class RunLog:
             _hydra_files(self.dir, restore=True)
             raise
         atexit.register(self.lock.release)
-        _hydra_files(self.dir, restore=False)
-        config_file = self.dir / "config.yaml"
+        config_file, text = self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True)
+        self._pending: str | None = None
         if config_file.exists():  # a resumed run: say what changed since it started
-            changed = _changed_keys(OmegaConf.load(config_file), OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))
+            changed = _changed_keys(OmegaConf.load(config_file), OmegaConf.create(text))
             if changed:
                 log.warning("%s was started with other values of: %s", self.dir, ", ".join(changed))
-        config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            # Recorded once the command has run (its first row): one refused at resume (another global batch,
+            # another number of processes) leaves the run's record, and Hydra's copy, as they were.
+            self._pending = text
+            atexit.register(self._keep_record)
+        else:
+            _hydra_files(self.dir, restore=False)
+            config_file.write_text(text)
         self.metrics_file = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
         if cfg.logger.wandb:
             import wandb
@@ -63,8 +69,21 @@ class RunLog:
                                     tags=list(w.tags), name=w.name or self.dir.name, mode=w.mode, dir=str(self.dir),
                                     config=OmegaConf.to_container(cfg, resolve=True))
 
+    def _accept(self) -> None:
+        """This resumed command runs: its config and overrides become the run's record."""
+        if self._pending is not None:
+            _hydra_files(self.dir, restore=False)
+            (self.dir / "config.yaml").write_text(self._pending)
+            self._pending = None
+
+    def _keep_record(self) -> None:
+        """At exit: a resumed command that never ran puts back Hydra's copy of the run's last command."""
+        if self._pending is not None:
+            _hydra_files(self.dir, restore=True)
+
     def metrics(self, row: dict) -> None:
         if self.enabled:
+            self._accept()
             self.metrics_file.write(json.dumps(row) + "\n")
             self.metrics_file.flush()
             if self.wandb:
@@ -75,6 +94,7 @@ class RunLog:
         table of the round's sample generations."""
         if not self.enabled:
             return
+        self._accept()
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
         if self.wandb:
@@ -90,6 +110,7 @@ class RunLog:
         """On resume: drop rows logged after the checkpoint, which the resumed run logs again."""
         if not self.enabled:
             return
+        self._accept()
         self.metrics_file.close()
         path = self.dir / "metrics.jsonl"
         rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -100,6 +121,7 @@ class RunLog:
         summary = {**summary, "wall_time_s": time.time() - self.start, "peak_memory_mb": peak_memory_mb(),
                    "environment": environment()}
         if self.enabled:
+            self._accept()
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.metrics_file.close()
             if self.wandb:

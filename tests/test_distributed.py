@@ -15,6 +15,7 @@ import time
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from prefrun.online import load_weights
@@ -173,9 +174,14 @@ def test_a_two_process_run_stopped_by_sigterm_in_round_2_resumes_and_changes_pro
         said = refused.stdout + refused.stderr
         assert refused.returncode == 2 and "written by 2 process(es)" in said, said[-3000:]
         assert "are done" not in said  # refused before the policy loads and the finished rounds are read back
+        # and the run's record stays the command's that ran (it said batch_size 8 after the refusal)
+        assert yaml.safe_load((broken / "config.yaml").read_text())["trainer"]["batch_size"] == 4
+        assert "trainer.batch_size=4" in (broken / ".hydra" / "overrides.yaml").read_text()
     launch(["train", *job, "trainer.batch_size=4", sharded], root, env, config=config)  # the same command again
     log = (broken / "train.log").read_text()
     assert "rounds 1-1 of 3 are done" in log and "resuming from" in log
+    # (the two refused commands said what they changed; the same command again had nothing to say)
+    assert log.count("was started with other values") == 2, log
     _same_rows(_rows(broken), _rows(root / "one"), ROUND_KEYS)
     for t in (1, 2, 3):  # each round starts from θ_{t-1} (extrapolated into the shards) as its reference
         first = next(r for r in _rows(broken) if r.get("round") == t and r.get("round_step") == 1)
