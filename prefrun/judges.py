@@ -384,13 +384,17 @@ class _ModelJudge(Judge):
         (the start of the prompt is cut): the judge reads the end."""
         encoded = self._tokenizer(texts, add_special_tokens=not templated).input_ids
         bos, cut = self._tokenizer.bos_token_id, 0
+        context = getattr(self._model.config.get_text_config(), "max_position_embeddings", None)
+        limit = min(self.max_length, context or self.max_length)  # past its context a model breaks or makes noise
         for i, ids in enumerate(encoded):
-            if len(ids) > self.max_length:
+            if len(ids) > limit:
                 keep = ids[:1] if bos is not None and ids[0] == bos else []
-                encoded[i], cut = keep + ids[len(ids) - self.max_length + len(keep):], cut + 1
+                encoded[i], cut = keep + ids[len(ids) - limit + len(keep):], cut + 1
         if cut:
-            log.warning("%s: %d of %d texts are longer than judge.max_length=%d tokens: their start is cut",
-                        self.name, cut, len(texts), self.max_length)
+            why = f"judge.max_length={self.max_length}" if limit == self.max_length else \
+                f"the judge model's context (max_position_embeddings; judge.max_length={self.max_length})"
+            log.warning("%s: %d of %d texts are longer than %d tokens, %s: their start is cut", self.name, cut,
+                        len(texts), limit, why)
         return encoded
 
     @torch.inference_mode()

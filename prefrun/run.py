@@ -118,6 +118,7 @@ def run(cfg: DictConfig) -> float | None:
     judge, generator = _judge(cfg, task), instantiate(cfg.generator)
     _self_rewarding(judge, policy, tokenizer, accelerator)
     try:
+        data.fit_to(policy)
         examples = data.load(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir,
                              generator=generator, judge=judge, pools=sampler.uses_pools)
     finally:

@@ -138,6 +138,13 @@ def test_truncation_cuts_prompt_from_the_left_then_completions_from_the_right():
     assert PreferenceData(max_length=8).truncate(Example(list(range(8)), [[1], [2]])) is None  # prompt fills it
     fits = Example([1, 2], [[3], [4]])
     assert PreferenceData(max_length=8, max_prompt_length=1).truncate(fits).prompt_ids == [1, 2]  # untouched
+    # A model whose context is shorter than max_length (GPT-2's learned positions: an index error in torch, as
+    # a user's 256-position model with the default 512 showed): cut at the context, the prompt still leaving a token
+    short = PreferenceData(max_length=512, max_prompt_length=600)
+    short.fit_to(SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(
+        max_position_embeddings=6))))
+    out = short.truncate(Example(list(range(8)), [[100, 101], [200]]))
+    assert (out.prompt_ids, out.completion_ids) == ([3, 4, 5, 6, 7], [[100], [200]])
 
 
 # -- sources and formats -----------------------------------------------------------------------------

@@ -232,6 +232,14 @@ def test_reward_model_scores_equal_single_forwards_whatever_the_batch(architectu
     assert len(set(np.round(expected, 4))) == len(expected)  # the texts do score differently
 
 
+def test_a_text_beyond_the_judge_models_context_is_cut_to_it_not_an_index_error(bert_rm, caplog):
+    """BERT's positions are learned (128 here): judge.max_length=1024, the default, let a long text reach them."""
+    long = "sort 1:" + "9" * 300
+    with caplog.at_level("WARNING"):
+        [[score]] = RewardModelJudge(str(bert_rm), device="cpu").score([long], ["1"])
+    assert math.isfinite(score) and "longer than 128 tokens, the judge model's context" in caplog.text
+
+
 def test_a_reward_model_retrained_into_its_directory_is_another_judge_for_the_pools_it_scores(tmp_path):
     """Judged pools (the cached ones of an offline job, a round's shards, prefrun generate's) are keyed by the judge's
     identity: its settings and, without loading it, its weight files' bytes, not only their path."""

@@ -53,6 +53,21 @@ class PreferenceData:
     max_prompt_length: int | None = None
     # Records skipped per part ("train", "eval") and reason, for the run summary.
     skipped: dict = field(default_factory=dict, init=False, repr=False)
+    # The policy's context (`fit_to`): no sequence is longer, whatever max_length says.
+    context: int | None = field(default=None, init=False, repr=False)
+
+    def fit_to(self, policy) -> None:
+        """Cut sequences at the policy's context too (max_position_embeddings) when max_length is beyond it: past
+        it, learned positions fail (an index error deep in torch) and rotary ones compute noise."""
+        self.context = getattr(policy.config.get_text_config(), "max_position_embeddings", None)
+        if self.context and self.context < self.max_length:
+            log.warning("data.max_length=%d is beyond the model's context (%d tokens, max_position_embeddings): "
+                        "sequences are cut at %d", self.max_length, self.context, self.context)
+
+    @property
+    def limit(self) -> int:
+        """The most tokens a prompt and its completion hold in training."""
+        return min(self.max_length, self.context) if self.context else self.max_length
 
     def check(self) -> None:
         """Fail fast on what can be checked before any model is loaded (e.g. a missing file)."""
@@ -82,9 +97,9 @@ class PreferenceData:
     def truncate(self, example: Example) -> Example | None:
         prompt = example.prompt_ids
         longest = max(map(len, example.completion_ids))
-        if len(prompt) + longest > self.max_length and self.max_prompt_length:
-            prompt = prompt[-self.max_prompt_length :]
-        room = self.max_length - len(prompt)
+        if len(prompt) + longest > self.limit and self.max_prompt_length:
+            prompt = prompt[-min(self.max_prompt_length, self.limit - 1) :]
+        room = self.limit - len(prompt)
         if room < 1:
             return None
         return Example(prompt, [ids[:room] for ids in example.completion_ids], scores=example.scores)
@@ -95,7 +110,9 @@ class PreferenceData:
         reason its record was skipped), log the counts, and refuse to go on with nothing (`allow_none`: an
         online round, whose caller says what happens then)."""
         examples, skipped = [], Counter()
-        too_long = f"prompt alone fills data.max_length={self.max_length} (raise it or set data.max_prompt_length)"
+        too_long = f"prompt alone fills data.max_length={self.max_length} (raise it or set data.max_prompt_length)" \
+            if self.limit == self.max_length else \
+            f"prompt alone fills the model's context of {self.limit} tokens (set data.max_prompt_length to cut it)"
         for item in items:
             if isinstance(item, Example):
                 item = self.truncate(item) or too_long
