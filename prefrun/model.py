@@ -59,6 +59,10 @@ def load_tokenizer(name_or_path: str, cfg: DictConfig):
     except (OSError, ValueError, TypeError) as err:
         raise InputError(f"model.name_or_path={name_or_path!r}: cannot load its tokenizer ({err.__class__.__name__}: "
                          f"{str(err).splitlines()[0]}); save the tokenizer next to the model") from None
+    if not tokenizer("a 1", add_special_tokens=False).input_ids:  # transformers makes an empty one from nothing
+        raise InputError(f"model.name_or_path={name_or_path!r}: its tokenizer turns text into no tokens ({len(tokenizer)} "
+                         "in its vocabulary): its files are missing there (tokenizer.json or the vocabulary, "
+                         "tokenizer_config.json); save the tokenizer next to the model")
     if tokenizer.eos_token_id is None:
         raise InputError(f"model.name_or_path={name_or_path!r}: the tokenizer has no eos token; completions need one")
     if tokenizer.pad_token_id is None:
@@ -113,13 +117,20 @@ def load_causal_lm(name_or_path: str, cfg: DictConfig, *, key: str):
         )
     if cfg.dtype not in ("auto", *DTYPES):
         raise InputError(f"model.dtype={cfg.dtype!r}: choose auto, float32, bfloat16 or float16")
-    with loaded_whole():
-        return AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=trust,
-        )
+    try:
+        with loaded_whole():
+            return AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=trust,
+            )
+    except OSError as err:  # transformers' "no file named model.safetensors ..." (no errno: not a system error)
+        if err.errno is not None and not isinstance(err, FileNotFoundError):
+            raise
+        raise InputError(f"{key}={name_or_path!r}: cannot load its weights ({str(err).splitlines()[0]}); give a "
+                         "directory with config.json and its weights (model.safetensors or pytorch_model.bin, or "
+                         "their shards and index), or a hub id") from None
 
 
 def add_lora(model, cfg: DictConfig):

@@ -40,6 +40,26 @@ def test_model_without_a_tokenizer(tmp_path, cache_dir, bpe_model_dir, pairs_jso
     one_line_failure(proc, "cannot load its tokenizer")
 
 
+def test_a_model_directory_without_weights_or_whose_tokenizer_files_are_missing(tmp_path, cache_dir, bpe_model_dir,
+                                                                               pairs_jsonl):
+    """Without weights: transformers' OSError and its traceback. A Qwen2 without tokenizer files: transformers 5
+    made an empty tokenizer, every text no tokens, and the run failed in the reference log-probs."""
+    import shutil
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shutil.copytree(bpe_model_dir, tmp_path / "no_weights")
+    for weights in (tmp_path / "no_weights").glob("*.safetensors"):
+        weights.unlink()
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=1, num_key_value_heads=1)).save_pretrained(tmp_path / "no_tokens")
+    for model, says in (("no_weights", "cannot load its weights (Error no file named model.safetensors"),
+                        ("no_tokens", "its tokenizer turns text into no tokens")):
+        proc = run_cli(["train", "model=hf", f"model.name_or_path={tmp_path / model}", "data=jsonl",
+                        f"data.path={pairs_jsonl}", "~task"], tmp_path, check=False)
+        one_line_failure(proc, says)
+
+
 def test_unset_mandatory_key(tmp_path, cache_dir, pairs_jsonl):
     proc = run_cli(["train", "model=hf", "data=jsonl", f"data.path={pairs_jsonl}", "~task"], tmp_path, check=False)
     one_line_failure(proc, "model.name_or_path is not set")
