@@ -59,6 +59,10 @@ def load_tokenizer(name_or_path: str, cfg: DictConfig):
     except (OSError, ValueError, TypeError) as err:
         raise InputError(f"model.name_or_path={name_or_path!r}: cannot load its tokenizer ({err.__class__.__name__}: "
                          f"{str(err).splitlines()[0]}); save the tokenizer next to the model") from None
+    template = read_chat_template(cfg.get("chat_template"), "model.chat_template")
+    if template and tokenizer.chat_template != template:
+        log.info("tokenizer: using model.chat_template")
+        tokenizer.chat_template = template  # saved with the checkpoints, so that inference renders the same way
     if not tokenizer("a 1", add_special_tokens=False).input_ids:  # transformers makes an empty one from nothing
         raise InputError(f"model.name_or_path={name_or_path!r}: its tokenizer turns text into no tokens ({len(tokenizer)} "
                          "in its vocabulary): its files are missing there (tokenizer.json or the vocabulary, "
@@ -69,6 +73,18 @@ def load_tokenizer(name_or_path: str, cfg: DictConfig):
         log.info("tokenizer has no pad token: padding with eos (%r); padded positions are masked", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def read_chat_template(value: str | None, key: str) -> str | None:
+    """A chat template given as a Jinja string, or as the path of a file holding one (`key` names the setting)."""
+    if not value:
+        return None
+    if "{" in value:
+        return value
+    file = Path(value).expanduser()
+    if not file.is_file():
+        raise InputError(f"{key}={value!r}: no such file; give a Jinja template or its file")
+    return file.read_text()
 
 
 def load_reference(cfg: DictConfig):

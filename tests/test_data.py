@@ -376,7 +376,7 @@ def test_conversations_need_a_chat_template(bpe_model_dir, tmp_path):
     assert plain.chat_template is None
     path = str(write_jsonl(tmp_path / "chat.jsonl", FORMATS["conversational"]))
     with pytest.raises(InputError, match=r"chat.jsonl' holds conversations .* but the tokenizer has no chat "
-                                         r"template: use a chat/instruct model, set data.chat_template"):
+                                         r"template: use a chat/instruct model, set model.chat_template"):
         load(plain, tmp_path, path=path)
     (tmp_path / "template.jinja").write_text(TEMPLATE)  # ... which then works
     assert len(load(plain, tmp_path, path=path, chat_template=str(tmp_path / "template.jinja"))) == 6

@@ -162,10 +162,25 @@ def test_prompt_ids_and_as_chat_without_a_chat_template(bpe_model_dir):
     assert as_chat(["what is 3"], tokenizer) == ["what is 3"]  # auto: strings stay strings
     with pytest.raises(InputError, match="chat_template=true.*no chat template"):
         as_chat(["what is 3"], tokenizer, chat_template=True)
-    with pytest.raises(InputError, match="no chat template"):
+    with pytest.raises(InputError, match=r"no chat template: set one \(model.chat_template=<Jinja template or file>\)"):
         prompt_ids(tokenizer, [{"role": "user", "content": "what is 3"}])
     with pytest.raises(InputError, match="string or a non-empty list"):
         prompt_ids(tokenizer, 42)
+
+
+def test_model_chat_template_gives_any_command_a_template(tmp_path, bpe_model_dir):
+    """The key the line above names, for every command (data.chat_template is data=hf's alone): a file or a string."""
+    from prefrun.model import load_tokenizer
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    (tmp_path / "chat.jinja").write_text(template)
+    for given in (str(tmp_path / "chat.jinja"), template):
+        tokenizer = load_tokenizer(str(bpe_model_dir), OmegaConf.create({"trust_remote_code": False,
+                                                                          "chat_template": given}))
+        ids = prompt_ids(tokenizer, [{"role": "user", "content": "what is 3"}])
+        assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == "<user>whatis3<assistant>"
+    with pytest.raises(InputError, match="model.chat_template='nope.jinja': no such file"):
+        load_tokenizer(str(bpe_model_dir), OmegaConf.create({"trust_remote_code": False, "chat_template": "nope.jinja"}))
 
 
 @pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"num_candidates": 0}, {"stop": [""]},

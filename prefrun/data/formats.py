@@ -214,7 +214,7 @@ def _is_blank(path: Path) -> bool:
 
 def _no_template(path: str) -> str:
     return (f"data.path={path!r} holds conversations (lists of {{role, content}} messages) but the tokenizer has no "
-            "chat template: use a chat/instruct model, set data.chat_template=<Jinja template or file>, or give "
+            "chat template: use a chat/instruct model, set model.chat_template=<Jinja template or file>, or give "
             "the records as strings")
 
 

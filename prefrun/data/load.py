@@ -442,15 +442,10 @@ class HFPreferenceData(PreferenceData):
     def _use_chat_template(self, tokenizer) -> None:
         """`data.chat_template` (a Jinja string or a file) replaces the tokenizer's; it is saved with
         the checkpoint so that inference renders prompts the same way."""
-        if not self.chat_template:
-            return
-        template = self.chat_template
-        if "{" not in template:
-            file = Path(template).expanduser()
-            if not file.is_file():
-                raise InputError(f"data.chat_template={template!r}: no such file; give a Jinja template or its file")
-            template = file.read_text()
-        if tokenizer.chat_template != template:
+        from prefrun.model import read_chat_template
+
+        template = read_chat_template(self.chat_template, "data.chat_template")
+        if template and tokenizer.chat_template != template:
             log.info("data: using data.chat_template for the tokenizer")
             tokenizer.chat_template = template
 

@@ -38,7 +38,7 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     if _is_messages(prompt) and prompt:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError("a prompt is a list of messages, but the tokenizer has no chat template: set one "
-                             "(data.chat_template) or give string prompts")
+                             "(model.chat_template=<Jinja template or file>) or give string prompts")
         messages = [dict(m) for m in prompt]
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(encoded["input_ids"])
@@ -52,7 +52,7 @@ def as_chat(prompts: list, tokenizer, chat_template: str | bool = "auto") -> lis
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat_template is True and not has_template:
         raise InputError("generator.chat_template=true, but the tokenizer has no chat template: set one "
-                         "(data.chat_template) or use generator.chat_template=auto")
+                         "(model.chat_template=<Jinja template or file>) or use generator.chat_template=auto")
     wrap = has_template if chat_template == "auto" else bool(chat_template)
     return [[{"role": "user", "content": p}] if wrap and isinstance(p, str) else p for p in prompts]
 
