@@ -81,6 +81,7 @@ def judged_scores(model, tokenizer, prompts: list, judge, cfg: DictConfig, seed:
             "mean": statistics.fmean(per_prompt),
             "stderr": statistics.stdev(per_prompt) / len(per_prompt) ** 0.5 if len(per_prompt) > 1 else 0.0,
             "judge": judge.name,
+            "relative": bool(getattr(judge, "relative", False)),  # a mean of 0.5 by construction: see vs_start
             "num_prompts": len(prompts),
             "decoding": dict(decoding),
             "generator": "hf" if engine is None else "vllm",

@@ -81,6 +81,9 @@ class Judge:
     `_score` (and may implement `_compare`); `score` and `compare` check what they return."""
 
     name: str = "judge"
+    # Scores that rank a prompt's candidates against each other only (pairwise, llm: a prompt's mean is 0.5 by
+    # construction): a policy is then measured by its win rate against the start, never by a mean score.
+    relative: bool = False
 
     def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         """One score per candidate of each prompt, higher = better."""
@@ -526,6 +529,8 @@ class _ReadsPairs:
     """What the judges that read both responses at once share (pairwise, llm): a template with {prompt},
     {a}, {b}, rendered as one user turn when there is a chat template, and K candidates scored from
     every ordered pair's verdicts."""
+
+    relative = True  # (Judge.relative)
 
     def _set_template(self, template: str) -> None:
         try:

@@ -560,8 +560,9 @@ def round_row(t: int, step: int, beta: float, records: list[dict], examples, tok
         row["round/kl_to_initial"], row["round/kl_to_initial_stderr"] = kl
     for which, results in evaluated.items():
         for decoding, result in results.items():
-            row[f"round/eval/{which}/{decoding}/mean"] = result["mean"]
-            row[f"round/eval/{which}/{decoding}/stderr"] = result["stderr"]
+            if not result.get("relative"):  # (a pairwise judge's mean is 0.5 whatever the policy: left out)
+                row[f"round/eval/{which}/{decoding}/mean"] = result["mean"]
+                row[f"round/eval/{which}/{decoding}/stderr"] = result["stderr"]
             pairwise = result.get("vs_start")
             if pairwise:  # against the starting policy, pairwise (docs/evaluation.md)
                 prefix = f"round/eval/{which}/{decoding}"
@@ -599,6 +600,7 @@ def log_round(row: dict, total: int) -> None:
     kl = f"KL to initial {row['round/kl_to_initial']:.3f} ± {row['round/kl_to_initial_stderr']:.3f}" \
         if "round/kl_to_initial" in row else ""
     sync = f", sync diff {row['sync/max_abs_logp_diff']:.1e}" if "sync/max_abs_logp_diff" in row else ""
-    judged = f"judged {scores}{wins}" if scores else "no judged evaluation"
+    judged = f"judged {scores}{wins}" if scores else f"judged{wins.removeprefix(';')}" if wins else \
+        "no judged evaluation"
     log.info("round %d/%d: %s%s; pool score %.3f, length %.1f%s; time: %s", row["round"], total, judged,
              f", {kl}" if kl else "", row["round/judge_score"], row["round/response_length"], sync, split)

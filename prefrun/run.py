@@ -146,7 +146,7 @@ def run(cfg: DictConfig) -> float | None:
                                   "held_out_after": held_out_after})
         _report(summary, cfg.eval.get("primary"), record.dir)
     primary = cfg.eval.get("primary")
-    return after[primary]["mean"] if primary in after else held_out_after.get("rewards/accuracy")
+    return _primary_value(after, primary) if primary in after else held_out_after.get("rewards/accuracy")
 
 
 def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: RunLog, task) -> float | None:
@@ -283,7 +283,7 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
                                   "eval_after": after, "held_out_after": {}})
         _report(summary, cfg.eval.get("primary"), record.dir)
     primary = cfg.eval.get("primary")
-    return after[primary]["mean"] if primary in after else None
+    return _primary_value(after, primary) if primary in after else None
 
 
 def _round_seed(generator_seed: int, seed: int, t: int) -> int:
@@ -544,6 +544,15 @@ def _save_final(cfg, accelerator, policy, tokenizer, run_dir: Path, *, merged_ro
         save_policy(policy, tokenizer, path, merge_lora=merge, state_dict=state_dict)
 
 
+def _primary_value(after: dict, primary: str) -> float | None:
+    """What a job returns to a sweeper: eval.primary's judged score, or, where the judge's scores are relative
+    (pairwise, llm: a prompt's mean is 0.5 whatever the policy), its win rate against the start."""
+    result = after[primary]
+    if not result.get("relative"):
+        return result["mean"]
+    return (result.get("vs_start") or {}).get("win_rate")
+
+
 def _report(summary: dict, primary: str | None, run_dir: Path) -> None:
     for name in summary["eval_before"]:
         b, a = summary["eval_before"][name], summary["eval_after"][name]
@@ -553,6 +562,11 @@ def _report(summary: dict, primary: str | None, run_dir: Path) -> None:
         win = (f", win rate against the start {pairwise['win_rate']:.3f} [{pairwise['win_rate_interval'][0]:.3f}, "
                f"{pairwise['win_rate_interval'][1]:.3f}] (length-controlled {pairwise['lc_win_rate']:.3f})"
                if pairwise else "")
+        if a.get("relative"):  # a prompt's mean is 0.5 by construction: only the comparison with the start says
+            log.info("judged [%s%s] (%s, %d held-out prompts, %s; its scores rank a prompt's samples against each "
+                     "other only)%s", name, ", primary" if name == primary else "", a["judge"], b["num_prompts"],
+                     how, win or ": no comparison with the start")
+            continue
         log.info("judged score [%s%s] (%s, %d held-out prompts, %s): before %.3f ± %.3f -> after %.3f ± %.3f%s",
                  name, ", primary" if name == primary else "", a["judge"], b["num_prompts"], how, b["mean"],
                  b["stderr"], a["mean"], a["stderr"], win)

@@ -443,6 +443,14 @@ def test_the_policy_judges_its_own_candidates_through_the_judgment_cache_keyed_b
     assert len(weights) == 3, "the start, θ̂_1 (round 2's pools) and θ̂_2 (its evaluation): three judges"
     pools = [json.loads(line) for line in (tmp_path / "one" / "rounds" / "2" / "pools.jsonl").read_text().splitlines()]
     assert all(0 < s < 1 for p in pools for s in p["scores"])
+    # A pairwise judge's scores rank a prompt's samples against each other: their mean is 0.5 whatever the policy,
+    # so the rounds and the summary line give the win rate against the start, not that constant.
+    rounds = json.loads((tmp_path / "one" / "summary.json").read_text())["rounds"]
+    assert all("round/eval/policy_hat/sampled/mean" not in r and "round/eval/policy_hat/sampled/win_rate" in r
+               for r in rounds)
+    log = (tmp_path / "one" / "train.log").read_text()
+    assert "rank a prompt's samples against each other only), win rate against the start" in log
+    assert "judged score [" not in log
     parts = {d: len(list(d.glob("part-*.jsonl"))) for d in judges}
     run_cli([*job, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
     assert {d: len(list(d.glob("part-*.jsonl"))) for d in judges} == parts, "the same run again: nothing judged"
