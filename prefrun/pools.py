@@ -271,6 +271,47 @@ def make_pools(prompts: list, *, generator, judge, model, tokenizer, out_dir: Pa
     return records
 
 
+def _changes(old: dict, new: dict) -> str:
+    """What differs between two manifests, setting by setting inside a generator's or judge's repr."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        settings = (_settings(a), _settings(b)) if isinstance(a, str) and isinstance(b, str) else (None, None)
+        if all(settings):
+            sa, sb = settings
+            diff = [f"{k} {sa.get(k, '(none)')} -> {sb.get(k, '(none)')}" for k in sorted(set(sa) | set(sb))
+                    if sa.get(k) != sb.get(k)]
+            if diff:
+                out.append(f"{key}: {', '.join(diff)}")
+                continue
+        out.append(f"{key}: {reprlib.repr(a)} -> {reprlib.repr(b)}")
+    return "; ".join(out)
+
+
+def _settings(text: str) -> dict | None:
+    """`Name(a=1, b=[2, 3], c='x, y')` -> {a: '1', b: '[2, 3]', c: "'x, y'"}: the top level's settings."""
+    if "(" not in text or not text.endswith(")"):
+        return None
+    body, parts, depth, quote, start = text[text.index("(") + 1 : -1], {}, 0, None, 0
+    for i, char in enumerate(body + ","):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            name, _, value = body[start:i].strip().partition("=")
+            if name:
+                parts[name] = value
+            start = i + 1
+    return parts
+
+
 def _check_manifest(out_dir: Path, manifest: dict) -> None:
     """Shards of an earlier run are reused only when they were cut the same way."""
     path = out_dir / "manifest.json"
@@ -279,8 +320,8 @@ def _check_manifest(out_dir: Path, manifest: dict) -> None:
         if path.exists():
             old = json.loads(path.read_text())
             if old != manifest:
-                raise InputError(f"{out_dir} holds pools of another job ({old} vs now {manifest}): choose another "
-                                 "output directory or delete it")
+                raise InputError(f"{out_dir} holds pools of another job (changed: {_changes(old, manifest)}): choose "
+                                 "another output directory or delete it")
 
     # Every process has read the old manifest before one writes the new; a node-local directory holding another
     # job's on one node only stops every process with that node's line.

@@ -210,6 +210,6 @@ def test_a_judge_that_answers_nan_stops_pools_in_one_line_naming_the_shard_and_k
     assert f"(judging shard 2 of 2, prompts 3-4, for {tmp_path / 'shards'}; the finished shards are kept)" in message
     assert (tmp_path / "shards" / "shard-00000.jsonl").exists() and not (tmp_path / "shards" / "shard-00001.jsonl").exists()
     # The finished shard is reused only by pools cut the same way: other shards are another job's, one line.
-    with pytest.raises(InputError, match="holds pools of another job .*'shard_size': 2.* vs now .*'shard_size': 3"):
+    with pytest.raises(InputError, match=r"holds pools of another job \(changed: shard_size: 2 -> 3\)"):
         make_pools(["sort 12:", "sort 31:", "sort 7:", "sort 98:"], generator=generator, judge=NaNOnSecondShard(),
                    model=model, tokenizer=tokenizer, out_dir=tmp_path / "shards", shard_size=3)
