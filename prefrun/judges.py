@@ -316,7 +316,10 @@ class _ModelJudge(Judge):
     def _config_and_tokenizer(self, key: str):
         """The checkpoint's config, checked (`_check_config`: whether its own code provides the model class), and
         its tokenizer with judge.chat_template applied; each failure one line."""
+        from prefrun.model import check_local_path
+
         trust = self.trust_remote_code
+        check_local_path(self.name_or_path, key.split("=")[0])
         try:
             config = AutoConfig.from_pretrained(self.name_or_path, trust_remote_code=trust)
         except (OSError, ValueError) as err:
@@ -381,14 +384,18 @@ class _ModelJudge(Judge):
             raise InputError(f"{self.name}: the chat template failed on prompt {reprlib.repr(prompt)} "
                              f"({_reason(err)}); fix the prompt or set judge.chat_template") from None
 
-    def _encode(self, texts: list[str], *, templated: bool) -> list[list[int]]:
+    def _encode(self, texts: list[str], *, templated: bool, shorten: bool = True) -> list[list[int]]:
         """Token ids per text. A rendered chat template carries its own special tokens (no second BOS);
         plain text gets the tokenizer's. A text over max_length tokens keeps its BOS and its last tokens
         (the start of the prompt is cut): the judge reads the end."""
         encoded = self._tokenizer(texts, add_special_tokens=not templated).input_ids
         bos, cut = self._tokenizer.bos_token_id, 0
-        context = getattr(self._model.config.get_text_config(), "max_position_embeddings", None)
+        model = getattr(self, "_model", None)  # (None: a vLLM engine serves the judge, and its context holds)
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None) if model is not None \
+            else None
         limit = min(self.max_length, context or self.max_length)  # past its context a model breaks or makes noise
+        if not shorten:  # (tokenisation only: how a text ends)
+            return encoded
         for i, ids in enumerate(encoded):
             if len(ids) > limit:
                 keep = ids[:1] if bos is not None and ids[0] == bos else []
@@ -764,7 +771,7 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         """Each choice's token, read where the answer is: after the rendered text (a placeholder prompt
         and responses: only the end of the text, the same for every prompt, decides how it tokenises)."""
         context = self._render("x", "y", "z") + self.answer_prefix
-        ids = self._encode([context, *(context + c for c in self.choices)], templated=self._uses_template)
+        ids = self._encode([context, *(context + c for c in self.choices)], templated=self._uses_template, shorten=False)
         context_ids, choice_ids = ids[0], []
         for choice, full in zip(self.choices, ids[1:]):
             if len(full) != len(context_ids) + 1 or full[: len(context_ids)] != context_ids:
@@ -783,9 +790,9 @@ class LLMJudge(_ReadsPairs, _ModelJudge):
         self._keeps_logits = self._model is not None and \
             "logits_to_keep" in inspect.signature(self._model.forward).parameters
 
-    def _encode(self, texts: list[str], *, templated: bool) -> list[list[int]]:
+    def _encode(self, texts: list[str], *, templated: bool, shorten: bool = True) -> list[list[int]]:
         """As the base, less an EOS that a tokenizer appends to plain text: the answer is read at the end."""
-        encoded = super()._encode(texts, templated=templated)
+        encoded = super()._encode(texts, templated=templated, shorten=shorten)
         eos, eos_text = self._tokenizer.eos_token_id, self._tokenizer.eos_token
         if eos is None or templated:
             return encoded

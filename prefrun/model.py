@@ -115,10 +115,18 @@ def loaded_whole() -> Iterator[None]:
         hf_deepspeed.set_hf_deepspeed_config(config)  # prepare() partitions the policy under the same config
 
 
+def check_local_path(name_or_path: str, key: str) -> None:
+    """A name written as a path (absolute, ./, ../, ~) that does not exist is a missing directory, not a hub id:
+    said so, rather than the hub's "Repo id must be in the form 'repo_name'" that transformers gives."""
+    if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+        raise InputError(f"{key}={name_or_path!r}: no such directory; give the model's directory or a hub id")
+
+
 def load_causal_lm(name_or_path: str, cfg: DictConfig, *, key: str):
     """AutoModelForCausalLM.from_pretrained with prefrun's checks: one clear line for a bad path or
     a model that is not a causal LM."""
     trust = bool(cfg.trust_remote_code)
+    check_local_path(name_or_path, key)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust)
     except (OSError, ValueError) as err:
