@@ -551,3 +551,12 @@ def quiet_other_processes() -> None:
             handler.close()
         else:
             handler.setLevel(logging.ERROR)
+    try:  # transformers' and datasets' progress bars (loading weights, mapping a data set): the main process's only
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
