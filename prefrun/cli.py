@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
             # One writer for <run dir>/.hydra/: the main process (which also puts the live run's back when a
             # command is refused, runlog._hydra_files, and could not if the others wrote after it)
             sys.argv.append("hydra.output_subdir=null")
+        if argv[0] in _HYDRA_COMMANDS and not any(a.split("=")[0].lstrip("+") == "hydra/hydra_logging"
+                                                  for a in argv[1:]):
+            sys.argv.append("hydra/hydra_logging=disabled")  # a sweep's lines ("Launching 4 jobs"), once
     _hold_hydras_errors()
     try:
         command()  # errors leave through sys.exit, without waiting for the other processes

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -130,6 +131,9 @@ def _deepspeed_on_cpu():
     checkpoints, the checkpoint-final DeepSpeed gathers, as on GPUs."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _without_shm_comm()
+    # DeepSpeed's CPU collectives call torch's deprecated names: four FutureWarnings an optimiser step otherwise
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                            category=FutureWarning)
 
     def lift(state, plugin) -> None:
         plugin.set_mixed_precision(state._mixed_precision)
