@@ -20,7 +20,7 @@ def one_line_failure(proc, *needles):
 def test_missing_model_dir(tmp_path, cache_dir, pairs_jsonl):
     proc = run_cli(["train", "model=hf", "model.name_or_path=/no/such/model", "data=jsonl", f"data.path={pairs_jsonl}",
                     "~task"], tmp_path, check=False)
-    one_line_failure(proc, "model.name_or_path='/no/such/model'", "cannot load")
+    one_line_failure(proc, "model.name_or_path='/no/such/model': no such directory")
 
 
 def test_model_that_is_not_a_causal_lm(tmp_path, cache_dir, pairs_jsonl):
