@@ -54,12 +54,7 @@ def _save_for_engine(model, path: Path, *, write: bool = True, bucket_bytes: flo
         if not write:
             continue
         name = f"model-{i + 1:05d}.safetensors"
-        try:
-            _write_push(bucket, path / name)
-        except BaseException as err:
-            if storage.filled(err, path):
-                raise storage.disk_full(path, None, err if isinstance(err, OSError) else None) from err
-            raise
+        _write_push(bucket, path / name)
         weight_map.update(dict.fromkeys(bucket, name))
         total += sum(t.numel() * t.element_size() for t in bucket.values())
         dtype = dtype or next((t.dtype for t in bucket.values() if t.is_floating_point()), None)
@@ -156,12 +151,8 @@ def _write_bucket(bucket: dict[str, Tensor], root: str | None) -> str:
         raise
     try:
         _write_push(bucket, push_dir / "model.safetensors")
-    except BaseException as err:
-        full = storage.filled(err, push_dir)
+    except BaseException:
         shutil.rmtree(push_dir, ignore_errors=True)
-        if full:  # one line naming where (/dev/shm counts against the node's memory), not a library's traceback
-            raise storage.disk_full(push_dir.parent, sum(t.numel() * t.element_size() for t in bucket.values()),
-                                    err if isinstance(err, OSError) else None) from err
         raise
     return str(push_dir)
 
@@ -175,12 +166,20 @@ def _write_push(state: dict, path: Path) -> None:
     seen, tensors = set(), {}
     for name, tensor in state.items():
         tensor = tensor.detach()
-        storage = (tensor.device, tensor.untyped_storage().data_ptr())
-        if storage in seen:  # safetensors refuses shared storage: the alias gets its own copy
+        held = (tensor.device, tensor.untyped_storage().data_ptr())
+        if held in seen:  # safetensors refuses shared storage: the alias gets its own copy
             tensor = tensor.clone()
-        seen.add(storage)
+        seen.add(held)
         tensors[name] = tensor.contiguous()
-    save_file(tensors, str(path))
+    try:
+        save_file(tensors, str(path))
+    except BaseException as err:
+        full = storage.filled(err, path.parent)
+        path.unlink(missing_ok=True)
+        if full:  # one line naming where (/dev/shm counts against the node's memory), not a library's traceback
+            raise storage.disk_full(path.parent, sum(t.numel() * t.element_size() for t in tensors.values()),
+                                    err if isinstance(err, OSError) else None) from err
+        raise
     with safe_open(str(path), framework="pt") as f:  # the file as the engine will read it
         written = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     expected = {name: tuple(t.shape) for name, t in tensors.items()}
