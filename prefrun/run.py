@@ -123,7 +123,8 @@ def run(cfg: DictConfig) -> float | None:
                              generator=generator, judge=judge, pools=sampler.uses_pools)
     finally:
         generator.close()  # a persistent vLLM engine is not needed once the pools exist
-    held_out = data.load_eval(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
+    held_out = data.load_eval(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir,
+                              pools=sampler.uses_pools)
     _attach_reference(cfg, accelerator, policy, tokenizer, [examples, held_out], cache_dir)
 
     evaluate = _judged_evaluation(cfg, data, task, judge, tokenizer, context_length(generator, policy))

@@ -46,10 +46,10 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def load(tokenizer, tmp_path, **keys):
+def load(tokenizer, tmp_path, pools=True, **keys):
     data = HFPreferenceData(**keys)
     data.check()
-    return data.load(policy=None, tokenizer=tokenizer, task=None, cache_dir=tmp_path / "cache"), data
+    return data.load(policy=None, tokenizer=tokenizer, task=None, cache_dir=tmp_path / "cache", pools=pools), data
 
 
 def test_read_pool_puts_the_best_first_and_keeps_the_rest_in_order():
@@ -91,6 +91,21 @@ def test_our_format_and_public_shapes_give_the_same_examples(tokenizer, tmp_path
     first = rows[0]
     _, expected, _ = token_ids(tokenizer, first["prompt"], [first["candidates"][i] for i in (1, 0, 2, 3)])
     assert ours[0].completion_ids == expected and ours[0].scores == [1.0, 0.2, 0.5, -1.0]
+
+
+def test_a_pair_loss_on_a_pool_file_trains_on_each_pools_best_vs_worst(tokenizer, tmp_path):
+    # loss=dpo's sampler does not draw from pools: before, pools of 4 reached the loss and stopped the run there
+    rows = pools(3)
+    rows[1]["scores"] = [0.2, 1.0, -1.0, -1.0]  # the first of equal worst
+    path = write_jsonl(tmp_path / "ours.jsonl", rows)
+    assert [len(e.completion_ids) for e in load(tokenizer, tmp_path, path=path, columns=OURS)[0]] == [4, 4, 4]
+    pairs, _ = load(tokenizer, tmp_path, pools=False, path=path, columns=OURS)
+    for record, pair in zip(rows, pairs, strict=True):
+        best, worst = (record["candidates"][record["scores"].index(f(record["scores"]))] for f in (max, min))
+        assert pair.completion_ids == token_ids(tokenizer, record["prompt"], [best, worst])[1] and pair.scores is None
+    _, data = load(tokenizer, tmp_path, pools=False, path=path, columns=OURS, eval_size=1)
+    held_out = data.load_eval(policy=None, tokenizer=tokenizer, task=None, cache_dir=tmp_path / "cache")
+    assert [len(e.completion_ids) for e in held_out] == [2]  # the held-out share too: the loss scores it
 
 
 def test_bad_pools_are_skipped_and_counted(tokenizer, tmp_path, caplog):

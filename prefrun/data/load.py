@@ -83,8 +83,9 @@ class PreferenceData:
         records = self.records(policy=policy, tokenizer=tokenizer, task=task, cache_dir=cache_dir)
         return self.finish((tokenize_record(r, tokenizer) for r in records), len(records), "data", "train")
 
-    def load_eval(self, *, policy, tokenizer, task, cache_dir: Path) -> list[Example]:
-        """Held-out examples for evaluation; none unless the data source defines them."""
+    def load_eval(self, *, policy, tokenizer, task, cache_dir: Path, pools: bool = False) -> list[Example]:
+        """Held-out examples for evaluation (whole pools or pairs, as `load`); none unless the data source
+        defines them."""
         return []
 
     # Whether the data comes from the built-in task (then its held-out prompts are judged).
@@ -175,7 +176,7 @@ class HFPreferenceData(PreferenceData):
              pools: bool = False) -> list[Example]:
         """The training examples: the train split less any held-out share, at most `max_samples`."""
         dataset, rows, split = self._part("train")
-        return self._examples(dataset, rows, split, "train", tokenizer, Path(cache_dir).expanduser())
+        return self._examples(dataset, rows, split, "train", tokenizer, Path(cache_dir).expanduser(), pools)
 
     def eval_prompts(self, n: int) -> list:
         """The prompts of the first `n` usable held-out records (data.eval_split or data.eval_size)."""
@@ -194,13 +195,13 @@ class HFPreferenceData(PreferenceData):
                 break
         return prompts
 
-    def load_eval(self, *, policy=None, tokenizer, task=None, cache_dir: Path) -> list[Example]:
+    def load_eval(self, *, policy=None, tokenizer, task=None, cache_dir: Path, pools: bool = False) -> list[Example]:
         """The held-out examples: all of `eval_split`, or the `eval_size` share carved from the
         train split; an empty list when neither is set."""
         dataset, rows, split = self._part("eval")
         if dataset is None:
             return []
-        return self._examples(dataset, rows, split, "eval", tokenizer, Path(cache_dir).expanduser())
+        return self._examples(dataset, rows, split, "eval", tokenizer, Path(cache_dir).expanduser(), pools)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -388,16 +389,22 @@ class HFPreferenceData(PreferenceData):
     # -- tokenizing ------------------------------------------------------------------------------
 
     def _examples(self, dataset, rows: list[int] | None, split: str, part: str, tokenizer,
-                  cache_dir: Path) -> list[Example]:
+                  cache_dir: Path, pools: bool) -> list[Example]:
+        """`pools` false on a pool file: each pool becomes its best-vs-worst pair (a pair loss, loss=dpo)."""
         self._use_chat_template(tokenizer)
         if rows is not None:
             dataset = dataset.select(rows)
         try:
             with distributed.in_turn():  # the first process writes the tokenized cache, the others read it
-                return self._tokenize(dataset, rows, split, part, tokenizer, cache_dir)
+                examples = self._tokenize(dataset, rows, split, part, tokenizer, cache_dir)
         except UnicodeDecodeError as err:  # the json reader may pass bad bytes on to the first read of a value
             self._diagnose()
             raise InputError(f"{self.key}.path={self.path!r}: not valid UTF-8 ({_reason(err)}); re-save it as UTF-8") from None
+        if self.pools and not pools and examples:
+            log.info("data: %d %s pools -> their best-vs-worst pairs for a pair loss (loss=mcpo_cd sampler=cd "
+                     "trains on whole pools)", len(examples), part)
+            examples = [Example(e.prompt_ids, best_vs_worst(e.completion_ids, e.scores)) for e in examples]
+        return examples
 
     def _tokenize(self, dataset, rows: list[int] | None, split: str, part: str, tokenizer,
                   cache_dir: Path) -> list[Example]:
@@ -644,9 +651,8 @@ class GeneratedPreferences(PreferenceData):
                 items.append(pool)
                 continue
             prompt, candidates, scores = pool
-            if not pools:  # best vs worst (the first of equal worst)
-                worst = 1 + scores[1:].index(min(scores[1:]))
-                candidates, scores = [candidates[0], candidates[worst]], None
+            if not pools:
+                candidates, scores = best_vs_worst(candidates, scores), None
             prompt_ids, completion_ids, _ = token_ids(tokenizer, prompt, candidates)
             items.append(Example(prompt_ids, completion_ids, scores=scores))
         examples = self.finish(items, len(records), "data (generated pools)", "train", allow_none)
@@ -655,6 +661,11 @@ class GeneratedPreferences(PreferenceData):
         log.info("data: %d %s from %d prompts x %d candidates", len(examples), "pools" if pools else "pairs",
                  len(records), len(records[0]["candidates"]) if records else 0)
         return examples
+
+
+def best_vs_worst(candidates: list, scores: list[float]) -> list:
+    """A pool, best first -> [best, worst] (the first of equal worst): the pair a pair loss trains on."""
+    return [candidates[0], candidates[1 + scores[1:].index(min(scores[1:]))]]
 
 
 @dataclass(frozen=True)
