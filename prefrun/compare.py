@@ -247,7 +247,7 @@ def side_answers(side: Side, prompts: list, cfg: DictConfig, task, cache_dir: Pa
         policy, tokenizer = None, load_tokenizer(side.model_path, model_cfg)
         weights = weights_of(side.model_path, side.name)
     else:
-        policy, tokenizer, _ = load_policy(model_cfg, task, cache_dir)
+        policy, tokenizer, _ = load_policy(model_cfg, task, cache_dir, role=side.name)
         policy.to(distributed.device()).eval()
         weights = distributed.receive_weights(policy, fingerprint) or fingerprint(policy)
     chat = as_chat(prompts, tokenizer, generator.chat_template)

@@ -357,7 +357,7 @@ class _ModelJudge(Judge):
         except BaseException:
             self._model = self._tokenizer = None
             raise
-        log.info("%s: loaded (%s, %.0fM parameters, %s)", self.name, model.dtype,
+        log.info("%s: loaded (%s, %.2fM parameters, %s)", self.name, model.dtype,
                  sum(p.numel() for p in model.parameters()) / 1e6, self.device)
 
     def _loaded(self) -> None:

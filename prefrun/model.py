@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_policy(cfg: DictConfig, task, cache_dir: str | Path):
+def load_policy(cfg: DictConfig, task, cache_dir: str | Path, role: str = "policy"):
     """Return (model, tokenizer, name_or_path) for `cfg` (the `model` group), with LoRA adapters if
-    `model.lora` is set (then only the adapters train, and the frozen base is the reference)."""
+    `model.lora` is set (then only the adapters train, and the frozen base is the reference). `role` names
+    the model in the log (`prefrun eval` loads a baseline and the rounds' policies the same way)."""
     name_or_path = resolve_model_path(cfg, task, cache_dir)
     model = load_causal_lm(name_or_path, cfg, key="model.name_or_path")
     if cfg.gradient_checkpointing:
@@ -37,7 +38,7 @@ def load_policy(cfg: DictConfig, task, cache_dir: str | Path):
         model = add_lora(model, cfg.lora)
     tokenizer = load_tokenizer(name_or_path, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("policy: %s (%s, %.2fM parameters, %.2fM trainable)", name_or_path, model.dtype,
+    log.info("%s: %s (%s, %.2fM parameters, %.2fM trainable)", role, name_or_path, model.dtype,
              sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
     return model, tokenizer, name_or_path
 

@@ -798,8 +798,8 @@ class VLLMGenerator(Sampling):
         self.sync_stats.update({"sync/max_abs_logp_diff": float(diff), "sync/probe_change": float(change),
                                 "sync/weight_version": int(version), "sync/time_s": float(seconds),
                                 "sync/engine_restarts": self._session.restarts})
-        log.info("generator=vllm: weight version %d verified in %.2f s: max |engine - trainer| log-prob %.2g, "
-                 "engine probe change %.2g", version, seconds, diff, change)
+        log.info("generator=vllm: weight version %d verified in %.2f s: max |engine - trainer| log-prob %.2g, %s",
+                 version, seconds, diff, "the first probe" if math.isnan(change) else f"engine probe change {change:.2g}")
 
     # -- engine arguments -----------------------------------------------------------------------------------
 
