@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -67,21 +68,33 @@ def env_from_job() -> bool:
     tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))  # the step's tasks (srun), not the allocation's
     if tasks <= 1 or "SLURM_PROCID" not in env:
         return False
-    per_node = int(env.get("SLURM_STEP_TASKS_PER_NODE", str(tasks)).split("(")[0].split(",")[0])
+    per_node = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", str(tasks)), int(env.get("SLURM_NODEID", "0")))
     env.update({"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
                 "LOCAL_WORLD_SIZE": str(per_node)})
     env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")))
-    env.setdefault("MASTER_PORT", str(20_000 + int(env.get("SLURM_JOB_ID", "0")) % 40_000))
+    # the step too: two steps of one job at once (`srun ... &` twice) would both listen on the job's port
+    env.setdefault("MASTER_PORT", str(20_000 + (int(env.get("SLURM_JOB_ID", "0")) * 16
+                                                + int(env.get("SLURM_STEP_ID", "0") or 0)) % 40_000))
     return True
 
 
 def first_host(node_list: str) -> str:
-    """The first host of a SLURM node list: `gpu[07-09,12],cpu3` -> `gpu07`; `node5` -> `node5`."""
-    name = node_list.split(",")[0] if "[" not in node_list.split(",")[0] else node_list[: node_list.index("]") + 1]
-    if "[" not in name:
-        return name or "127.0.0.1"
-    prefix, ranges = name.split("[", 1)
-    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+    """The first host of a SLURM node list: each bracket of its first entry at its first value, the rest of the
+    name kept: `gpu[07-09,12],cpu3` -> `gpu07`, `node[1-2]-ib` -> `node1-ib`, `rack[1-2]-n[01-02]` ->
+    `rack1-n01`, `node5` -> `node5`."""
+    if not node_list:
+        return "127.0.0.1"
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], re.match(r"(?:[^,\[]|\[[^\]]*\])+",
+                                                                                         node_list).group(0))
+
+
+def tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """This node's share of SLURM_STEP_TASKS_PER_NODE (`8(x2),4`: 8 on nodes 0 and 1, 4 on node 2)."""
+    counts = []
+    for entry in tasks_per_node.split(","):
+        count, _, repeat = entry.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[min(node, len(counts) - 1)]
 
 
 def start(timeout_s: float) -> None:

@@ -277,7 +277,19 @@ def serve(fd: int) -> int:
         sys.stderr.flush()
 
 
+def _ignore_warnings() -> None:
+    """SLURM's early warning (`--signal=USR1@90`) and submitit's preemption signal (USR2) reach every process
+    of a step, this one too though it runs in its own session; their default action would end the engine
+    under the trainer, which is finishing its work to stop. The parent stops the engine itself (a shutdown,
+    then SIGKILL to its group); ignored signals stay ignored in the engine's own processes."""
+    import signal
+
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
+    _ignore_warnings()
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
         sys.exit(serve(int(sys.argv[2])))
     sys.exit(main(sys.argv[1]))

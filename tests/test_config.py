@@ -120,9 +120,12 @@ def test_online_presets_choose_their_algorithm(name, algorithm, loss, generator)
 
 
 def test_slurm_step_variables_become_torch_ranks(monkeypatch):
-    from prefrun.distributed import env_from_job, first_host
+    from prefrun.distributed import env_from_job, first_host, tasks_on_node
 
     assert first_host("gpu[07-09,12],cpu3") == "gpu07" and first_host("node5,node6") == "node5"
+    # a bracket inside the name: the rest of the name is kept (it gave node1, rack1: hosts that do not exist)
+    assert first_host("node[1-2]-ib") == "node1-ib" and first_host("rack[1-2]-n[01-02],x") == "rack1-n01"
+    assert [tasks_on_node("8(x2),4", node) for node in (0, 1, 2)] == [8, 8, 4]  # uneven nodes: this node's count
     import os
 
     # A copy of the environment for this test: what env_from_job sets must not reach the next tests' subprocesses.

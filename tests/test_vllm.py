@@ -248,6 +248,19 @@ def test_hung_worker_is_stopped_at_timeout_with_its_children(stand_in_vllm, bpe_
     assert grandchild not in live_processes_of_group(worker) and not is_alive(grandchild)
 
 
+def test_slurms_early_warning_signals_do_not_end_the_engine(stand_in_vllm, bpe_model_dir):
+    # SLURM signals every process of a step (--signal=USR1@90; submitit: USR2), the engine's own session too:
+    # it must live on while the trainer finishes its work; so must the engine's own processes.
+    stand_in_vllm("""
+        import os, signal, subprocess, sys
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(os.getpid(), signum)
+        code = "import os, signal; os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGUSR2)"
+        raise ValueError(f"still here, its child exited {subprocess.run([sys.executable, '-c', code]).returncode}")
+    """)
+    assert "ValueError: still here, its child exited 0" in one_line_error(bpe_model_dir)  # not "killed by signal 10"
+
+
 def test_worker_killed_before_results_is_one_line(stand_in_vllm, bpe_model_dir):
     stand_in_vllm("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
     assert "was killed by signal 9" in one_line_error(bpe_model_dir)

@@ -106,8 +106,13 @@ def _group_gone(pgid: int, wait_s: float) -> bool:
 def _exit_status(returncode: int | None) -> str:
     if returncode is None:
         return "closed its connection"
-    return f"was killed by signal {-returncode} (out of memory?)" if returncode < 0 else \
-        f"exited with status {returncode}"
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = "?"
+    return f"was killed by signal {-returncode} ({name}{', out of memory?' if name == 'SIGKILL' else ''})"
 
 
 def _stop_worker(proc: subprocess.Popen, conn: Connection, graceful: list[bool], grace_s: float) -> None:
