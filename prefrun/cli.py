@@ -27,7 +27,7 @@ def run_dir(resume: str | None, fresh: str) -> str:
     if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:  # several machines: no common temporary directory
         sys.exit(f"prefrun: this job spans several machines ({world} processes, "
                  f"{os.environ.get('LOCAL_WORLD_SIZE')} here): give every machine the same run directory on a "
-                 "shared filesystem, hydra.run.dir=<path> (or resume=<path>)")
+                 "shared filesystem, hydra.run.dir=<path> (or resume=<path>; a grid, -m: hydra.sweep.dir=<path>)")
     note = Path(tempfile.gettempdir()) / f"prefrun-run-dir-{os.environ.get('MASTER_PORT', '0')}"
     if int(os.environ.get("RANK", "0")) == 0:
         tmp = note.with_suffix(".tmp")

@@ -88,10 +88,10 @@ log = logging.getLogger("prefrun")
 def run(cfg: DictConfig) -> float | None:
     """Run one job; return what sweepers optimise: the held-out judged score after training, or the
     held-out pairs' reward accuracy when there is no judged task."""
+    distributed.env_from_job()  # the submitit launcher's tasks (tasks_per_node > 1) as ranks
     if cfg.get("plan"):  # what the run would do and whether it fits; nothing is loaded
         plan(cfg, instantiate(cfg.task) if cfg.get("task") else None)
         return None
-    distributed.env_from_job()  # the submitit launcher's tasks (tasks_per_node > 1) as ranks
     accelerator = make_accelerator(cfg.trainer)
     distributed.quiet_other_processes()  # one console, one train.log: the main process's
     hydra_cfg = HydraConfig.get()
