@@ -516,8 +516,8 @@ def said_by_main(line: str, code: int = 2, wait_s: float = 3.0, *, known: bool =
     `known`: the main process prints it (`together` raised it on every process), after closing what it holds (an
     engine: it may take longer than `wait_s`); this process waits for it longer (60 s), since the launcher stops the
     job when the first process exits, and prints nothing whatever it sees."""
-    if not _active():
-        return False
+    if not _active():  # no process group yet (plan=true): a line every process stops with is the main one's to say
+        return known and int(os.environ.get("RANK", "0")) != 0
     try:
         store = _store()
         store.set(f"{_STOPPED}{rank()}", f"{code} {line}")

@@ -168,19 +168,42 @@ def plan(cfg: DictConfig, task) -> dict:
               "engines": placement, "loading": _loading(launch, weights, total * size)}
     if int(os.environ.get("RANK", "0")) == 0:
         _print(result, cfg)
+    error = _refusal(result, cfg, launch, lora, size, held)
+    if error is not None:
+        error.printed_by_main = int(os.environ.get("RANK", "0")) != 0  # every process refuses; the main one says it
+        raise error
+    return result
+
+
+def _refusal(result: dict, cfg: DictConfig, launch: Launch, lora, size: int, held: int) -> InputError | None:
+    """The one line for a plan that does not fit (host memory while loading, else the phase that needs most),
+    with only the remedies this configuration has not taken."""
+    fp32_masters = held > size and cfg.trainer.get("master_weights", "fp32") == "fp32"
     loading = result["loading"]
     if loading and loading["bytes"] > loading["host_bytes"]:
-        raise InputError(f"plan: loading needs {_size(loading['bytes'])} of host memory on a node ({loading['what']}) "
-                         f"and the node has {_size(loading['host_bytes'])}: fewer processes per node, a 16-bit model "
-                         "(model.dtype=bfloat16), or LoRA (+model/lora=default)")
+        remedies = ["fewer processes per node"]
+        remedies += ["a 16-bit model (model.dtype=bfloat16)"] if size > 2 else []
+        remedies += ["trainer.master_weights=model (16-bit trainable weights: no fp32 copy)"] if fp32_masters else []
+        remedies += [] if lora else ["LoRA (+model/lora=default)"]
+        return InputError(f"plan: loading needs {_size(loading['bytes'])} of host memory on a node ({loading['what']}) "
+                          f"and the node has {_size(loading['host_bytes'])}: {_or(remedies)}")
+    rows, memory = result["peak"], result["device_bytes"]
     worst = max(rows, key=rows.get)
-    if rows[worst] > memory:
-        shard = "more processes or nodes" if launch.sharding in ("fsdp", "zero3") else \
-            "shard the model (accelerate launch --config_file docs/accelerate/fsdp.yaml or deepspeed_zero3.yaml)"
-        raise InputError(f"plan: the {worst} phase needs {_size(rows[worst])} per process and a process has "
-                         f"{_size(memory)} ({device}); {shard}, use LoRA (+model/lora=default), or a smaller "
-                         "generator.gpu_memory_utilization")
-    return result
+    if rows[worst] <= memory:
+        return None
+    remedies = ["more processes or nodes" if launch.sharding in ("fsdp", "zero3") else
+                "shard the model (accelerate launch --config_file docs/accelerate/fsdp.yaml or deepspeed_zero3.yaml)"]
+    remedies += [] if lora else ["LoRA (+model/lora=default)"]
+    remedies += ["trainer.master_weights=model (16-bit trainable weights: no fp32 copy)"] if fp32_masters else []
+    if any(part.startswith("vLLM engine") for part in result["phases"][worst]):
+        remedies += ["a smaller generator.gpu_memory_utilization" if torch.cuda.is_available() else
+                     "sampling in the training process (generator=hf)"]
+    return InputError(f"plan: the {worst} phase needs {_size(rows[worst])} per process and a process has "
+                      f"{_size(memory)} ({result['device']}): {_or(remedies)}")
+
+
+def _or(remedies: list[str]) -> str:
+    return remedies[0] if len(remedies) == 1 else ", ".join(remedies[:-1]) + " or " + remedies[-1]
 
 
 def _loading(launch: Launch, held: float, loaded: float) -> dict | None:

@@ -43,7 +43,8 @@ def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(t
     assert "7241.7M parameters" in _said(full) and "RMSprop: 1 per parameter" in _said(full)
     assert "judge.name_or_path='none': cannot read its config.json" in _said(full)
     [line] = [x for x in _said(full).splitlines() if "[ERROR]" in x]
-    assert "phase needs" in line and "use LoRA" in line  # one line: what does not fit and what to change
+    # one line: what does not fit and what to change (on a CPU the engine's share: sample in process)
+    assert "phase needs" in line and "LoRA (+model/lora=default)" in line and "generator=hf" in line
     # bf16 on disk, trainable weights held in fp32 (trainer.master_weights): 4 bytes each for weights, gradients and
     # RMSprop's state (trained as loaded, master_weights=model, half that: the unit test below); on a CPU the
     # engine process holds its own bf16 copy beside them
@@ -57,8 +58,9 @@ def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(t
     from .test_config import compose_train
 
     lora = [*(a for a in job[1:-1] if not a.startswith("judge.")), "judge.name_or_path=policy", "+model/lora=default"]
-    with pytest.raises(InputError, match=r"the train phase needs 27.8 GiB"):
+    with pytest.raises(InputError, match=r"the train phase needs 27.8 GiB") as refused:
         plan(compose_train(lora), None)
+    assert "LoRA" not in str(refused.value)  # it has LoRA: not offered again
     fits = plan(compose_train([*lora, "generator=hf"]), None)
     assert fits["peak"]["train"] / 2**30 == pytest.approx(14.0, abs=0.05) and "generate" not in fits["peak"]
     # Loading: the bf16 model whole in host memory (LoRA: its base frozen), 8 processes of a node under FSDP: each
@@ -70,6 +72,16 @@ def test_the_paper_preset_does_not_fit_this_machine_in_full_and_fits_with_lora(t
         env.setenv("ACCELERATE_USE_FSDP", "true")
         with pytest.raises(InputError, match=r"plan: loading needs 10[0-9.]+ GiB of host memory on a node \(8 process"):
             plan(compose_train([*lora, "generator=hf", "trainer.cpu_fsdp=true"]), None)
+
+
+def test_a_refusal_every_process_makes_before_the_process_group_is_the_main_processs_to_print(monkeypatch):
+    # plan=true under accelerate launch: no process group yet; each process refuses alike, one prints it
+    from prefrun.distributed import said_by_main
+
+    monkeypatch.setenv("RANK", "1")
+    assert said_by_main("plan: ...", known=True) and not said_by_main("its own", known=False)
+    monkeypatch.setenv("RANK", "0")
+    assert not said_by_main("plan: ...", known=True)
 
 
 def test_under_deepspeed_with_mixed_precision_the_plan_counts_its_fp32_masters_beside_16_bit_weights():
