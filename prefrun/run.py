@@ -162,6 +162,13 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     rounds = Rounds(record.dir, enabled=accelerator.is_main_process)
     global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
     _check_resumable(cfg, rounds, online.rounds, global_batch, accelerator.num_processes)
+    all_done = len(rounds.completed(online.rounds)) == online.rounds  # (every process: the main one's reading)
+    finished = distributed.broadcast(_finished(record.dir) if all_done and accelerator.is_main_process else None)
+    if finished is not None:  # the same command again, after the run ended: nothing loads, nothing is rewritten
+        log.info("online: the run is finished (all %d rounds, %s): nothing to do; its results are in summary.json "
+                 "(delete it to evaluate and save again)", online.rounds, record.dir)
+        primary, after = cfg.eval.get("primary"), finished.get("eval_after") or {}
+        return _primary_value(after, primary) if primary in after else None
     cache_dir = Path(cfg.cache_dir).expanduser()
     policy, tokenizer, name_or_path = _load_policy(cfg, task, cache_dir, accelerator)
     generator, judge = instantiate(cfg.generator), _judge(cfg, task)
@@ -187,8 +194,8 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     done = rounds.completed(online.rounds)
     if done:
         t = len(done)
-        log.info("online: rounds 1-%d of %d are done (%s); continuing with round %d", t, online.rounds, rounds.root,
-                 t + 1)
+        log.info("online: round%s done (%s); continuing with round %d", f" 1 of {online.rounds} is" if t == 1
+                 else f"s 1-{t} of {online.rounds} are", rounds.root, t + 1)
         restore_round(policy, tokenizer, rounds, t, online, lora, cfg.seed)
         if online.extrapolates:
             previous_hat = read_round_weights(policy, rounds.dir(t) / "policy_hat")
@@ -285,6 +292,14 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
         _report(summary, cfg.eval.get("primary"), record.dir)
     primary = cfg.eval.get("primary")
     return _primary_value(after, primary) if primary in after else None
+
+
+def _finished(run_dir: Path) -> dict | None:
+    """The summary.json of a run whose rounds are all done (written last, after checkpoint-final), if any."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _round_seed(generator_seed: int, seed: int, t: int) -> int:

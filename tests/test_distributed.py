@@ -179,7 +179,7 @@ def test_a_two_process_run_stopped_by_sigterm_in_round_2_resumes_and_changes_pro
         assert "trainer.batch_size=4" in (broken / ".hydra" / "overrides.yaml").read_text()
     launch(["train", *job, "trainer.batch_size=4", sharded], root, env, config=config)  # the same command again
     log = (broken / "train.log").read_text()
-    assert "rounds 1-1 of 3 are done" in log and "resuming from" in log
+    assert "round 1 of 3 is done" in log and "resuming from" in log
     # (the two refused commands said what they changed; the same command again had nothing to say)
     assert log.count("was started with other values") == 2, log
     _same_rows(_rows(broken), _rows(root / "one"), ROUND_KEYS)

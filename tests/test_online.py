@@ -313,7 +313,7 @@ def test_sigkill_in_round_2_then_rerun_ends_where_an_uninterrupted_run_ends(algo
 
     out = run_cli(["train", *job, f"hydra.run.dir={broken}"], tmp_path)  # the same command again
     log = (broken / "train.log").read_text()
-    assert "rounds 1-1 of 2 are done" in log and "resuming from" in log, out.stderr[-2000:]
+    assert "round 1 of 2 is done" in log and "resuming from" in log, out.stderr[-2000:]
     resumed, expected = _rows(broken), _rows(whole)
     assert [(r["round"], r["step"]) for r in resumed] == [(r["round"], r["step"]) for r in expected]
     for a, b in zip(resumed, expected):
@@ -413,11 +413,19 @@ def test_a_round_whose_pools_all_tie_is_recorded_untrained_the_policy_carries_ov
     flag.unlink()  # the judge fixed; the same command continues with round 2, from the carried-over policy
     run_cli(job, tmp_path, {"TIE_FLAG": str(flag)})
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "rounds 1-1 of 2 are done" in log
+    assert "round 1 of 2 is done" in log
     rounds = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
     assert [r["round/trained"] for r in rounds] == [0, 1] and rounds[1]["round/num_examples"] > 0
     assert {r["round"] for r in _rows(tmp_path / "run") if "loss" in r} == {2}
     assert rounds[1]["round/kl_to_initial"] == 0  # round 2 started from the starting policy itself
+
+    # The same command once more, the run finished: nothing loads and nothing is written again (it said
+    # "continuing with round 3" of 2 and rewrote checkpoint-final and summary.json, with this attempt's wall time)
+    kept = ["summary.json", "checkpoint-final/model.safetensors", "config.yaml", "metrics.jsonl"]
+    stamps = {name: (tmp_path / "run" / name).stat().st_mtime_ns for name in kept}
+    run_cli(job, tmp_path, {"TIE_FLAG": str(flag)})
+    assert "online: the run is finished (all 2 rounds" in (tmp_path / "run" / "train.log").read_text()
+    assert {name: (tmp_path / "run" / name).stat().st_mtime_ns for name in kept} == stamps
 
 
 def test_a_round_of_only_empty_completions_says_so(caplog):

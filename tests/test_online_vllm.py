@@ -105,7 +105,7 @@ def test_rounds_with_vllm_verify_every_sync_and_a_two_process_run_killed_in_roun
     resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     log = (broken / "train.log").read_text()
-    assert "rounds 1-1 of 2 are done" in log and "resuming from" in log
+    assert "round 1 of 2 is done" in log and "resuming from" in log
     # Round 1: each process generated its shard with its own engine; round 2's pools were on disk before the kill:
     # none regenerated.
     for t, generated in ((1, [16, 16]), (2, [0, 0])):
