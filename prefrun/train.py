@@ -69,6 +69,11 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
                                   cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
     _deepspeed_settings(accelerator, cfg)
     _same_accumulation(accelerator, cfg)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if accelerator.is_main_process and launcher != "no" and launcher != precision:
+        log.warning("the launcher asked for mixed precision %s (accelerate launch --mixed_precision, or its config "
+                    "file) and prefrun runs %s: trainer.mixed_precision=%s decides; set trainer.mixed_precision=%s "
+                    "to follow the launcher", launcher, precision, cfg.mixed_precision, launcher)
     if accelerator.is_main_process and fsdp_config and not torch.cuda.is_available() and not cfg.get("cpu_fsdp"):
         log.info("an FSDP config on CPU processes: accelerate trains it as multi-process DDP; trainer.cpu_fsdp=true "
                  "runs FSDP2 for real (sharded weights, optimiser state and checkpoints)")

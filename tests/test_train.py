@@ -4,6 +4,7 @@ length-grouped batches keep the epoch's examples; bf16 references start the log-
 
 import functools
 import json
+import logging
 import math
 
 import pytest
@@ -220,3 +221,13 @@ def test_pools_of_different_sizes_are_checked_for_packing_before_prepare(bpe_mod
           sampler=CDSampler(num_negatives=1), optimizer_factory=functools.partial(torch.optim.SGD, lr=0.1),
           cfg=cfg, accelerator=make_accelerator(cfg), seed=0, on_log=rows.append)
     assert packing_checked(model) and [r["step"] for r in rows] == [1, 2]
+
+
+def test_a_launchers_mixed_precision_that_trainer_mixed_precision_overrides_is_said(monkeypatch, caplog):
+    # the shipped fsdp.yaml's mixed_precision: bf16 on a CPU: prefrun ran fp32 and said nothing
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    cfg = OmegaConf.create({"batch_size": 2, "grad_accum": 1, "mixed_precision": "no"})
+    with caplog.at_level(logging.WARNING, logger="prefrun"):
+        assert make_accelerator(cfg).mixed_precision == "no"
+    assert "the launcher asked for mixed precision bf16" in caplog.text
+    assert "set trainer.mixed_precision=bf16 to follow the launcher" in caplog.text
