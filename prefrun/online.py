@@ -4,7 +4,7 @@ between rounds (read, write, extrapolate, swap in the initial ones). The round l
 
 A run directory of an online run holds, per round t = 1..T:
 
-    rounds/<t>/pools.jsonl      the round's candidates with their judge scores (shards/ while it is written)
+    rounds/<t>/pools.jsonl      the round's candidates with their judge scores (shards/ until the round is done)
     rounds/<t>/checkpoints/     resumable training checkpoints while the round trains (removed when it ends)
     rounds/<t>/policy_hat/      θ̂_t: the weights training produced (save_pretrained: a model directory)
     rounds/<t>/policy/          θ_t: what round t + 1 generates from (APO: extrapolated; else a link to policy_hat)
@@ -148,13 +148,14 @@ class Rounds:
         return distributed.broadcast(out)
 
     def finish(self, t: int, metrics: dict, *, keep_weights: bool) -> None:
-        """Mark round t done (atomically), drop its training checkpoints, and without `keep_weights` the
-        weights of round t - 1, which resume no longer needs."""
+        """Mark round t done (atomically), drop its training checkpoints and its pool shards (pools.jsonl holds
+        them), and without `keep_weights` the weights of round t - 1, which resume no longer needs."""
         if not self.enabled:
             return
         path = self.dir(t) / "round.json"
         storage.write_atomic(path, json.dumps(metrics, indent=2) + "\n")
         shutil.rmtree(self.dir(t) / "checkpoints", ignore_errors=True)
+        shutil.rmtree(self.dir(t) / "shards", ignore_errors=True)
         if not keep_weights and t > 1:
             for name in ("policy", "policy_hat"):
                 _remove(self.dir(t - 1) / name)

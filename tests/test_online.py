@@ -325,6 +325,7 @@ def test_sigkill_in_round_2_then_rerun_ends_where_an_uninterrupted_run_ends(algo
     for name in final_b:
         torch.testing.assert_close(final_a[name], final_b[name], atol=1e-6, rtol=0)
     assert not (broken / "rounds" / "2" / "checkpoints").exists()  # a finished round drops its checkpoints
+    assert not (broken / "rounds" / "2" / "shards").exists() and (broken / "rounds" / "2" / "pools.jsonl").exists()
 
 
 @pytest.mark.slow
