@@ -57,6 +57,8 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
             what = "a number" if key == "epochs" else "a whole number"
             raise InputError(f"trainer.{key}={value!r}: give {what} (or null where the default is null)")
     precision = mixed_precision(cfg.mixed_precision)
+    if not torch.cuda.is_available():  # accelerate imports DeepSpeed (when installed) to unwrap any model, and
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own detection warns on every process of a CPU job
     # A collective waits this long for the slowest process (a long judge or engine start on one of them).
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.get("dist_timeout_s") or 1800))
     fsdp_config = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
