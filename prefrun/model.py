@@ -210,8 +210,20 @@ def save_policy(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: d
     merged, `full_weights`: the merged weights under the base model's names)."""
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload() if state_dict is None else model.get_base_model()
+    if state_dict is not None:
+        state_dict = _untied(model, state_dict)
     distributed.save_pretrained(model, path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
+
+
+def _untied(model, state_dict: dict) -> dict:
+    """A gathered state dict without the copies of tied weights (an output embedding tied to the input one):
+    save_pretrained drops them only when they share storage, which gathered tensors do not."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    config = getattr(model, "config", None)
+    if not tied or not getattr(config, "tie_word_embeddings", False):
+        return state_dict
+    return {name: tensor for name, tensor in state_dict.items() if name not in set(tied)}
 
 
 def adapter_state(model) -> dict[str, torch.Tensor] | None:
