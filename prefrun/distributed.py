@@ -82,10 +82,10 @@ def first_host(node_list: str) -> str:
     """The first host of a SLURM node list: each bracket of its first entry at its first value, the rest of the
     name kept: `gpu[07-09,12],cpu3` -> `gpu07`, `node[1-2]-ib` -> `node1-ib`, `rack[1-2]-n[01-02]` ->
     `rack1-n01`, `node5` -> `node5`."""
-    if not node_list:
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])+", node_list)
+    if first is None:
         return "127.0.0.1"
-    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], re.match(r"(?:[^,\[]|\[[^\]]*\])+",
-                                                                                         node_list).group(0))
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], first.group(0))
 
 
 def tasks_on_node(tasks_per_node: str, node: int) -> int:
