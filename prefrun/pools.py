@@ -320,8 +320,8 @@ def _check_manifest(out_dir: Path, manifest: dict) -> None:
         if path.exists():
             old = json.loads(path.read_text())
             if old != manifest:
-                raise InputError(f"{out_dir} holds pools of another job (changed: {_changes(old, manifest)}): choose "
-                                 "another output directory or delete it")
+                raise InputError(f"{out_dir} holds pools of another job (changed: {_changes(old, manifest)}): write "
+                                 "elsewhere or delete it")
 
     # Every process has read the old manifest before one writes the new; a node-local directory holding another
     # job's on one node only stops every process with that node's line.

@@ -593,6 +593,16 @@ def _report(summary: dict, primary: str | None, run_dir: Path) -> None:
     log.info("run directory: %s (%.0f s)", run_dir, summary["wall_time_s"])
 
 
+def _job_output(output: Path) -> Path:
+    """`output`, inside a grid (-m) under each job's own directory when relative: the jobs of `prefrun generate -m
+    generator.temperature=0.5,1.0` all wrote pools.jsonl in the working directory (the second refused its shards)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if output.is_absolute() or not HydraConfig.initialized() or HydraConfig.get().mode.name != "MULTIRUN":
+        return output
+    return Path(HydraConfig.get().runtime.output_dir) / output
+
+
 def generate_pools(cfg: DictConfig) -> Path:
     """`prefrun generate`: prompts (a data set's column, or the built-in task's train prompts) -> K candidates
     each from the model (generator=) -> judge scores (judge=) -> `cfg.output` as {prompt, candidates, scores}.
@@ -620,7 +630,7 @@ def generate_pools(cfg: DictConfig) -> Path:
         policy.to(distributed.device())
         received = distributed.receive_weights(policy, fingerprint)  # (their fingerprint, under several processes)
     prompts = as_chat(prompts, tokenizer, generator.chat_template)
-    output = Path(cfg.output).expanduser()
+    output = _job_output(Path(cfg.output).expanduser())
     # The weights, not only their path: shards of a model since retrained in the same directory are another job's.
     weights = (received or fingerprint(policy)) if policy is not None else weights_of(name_or_path, "model.name_or_path")
     job = {"model": name_or_path, "weights": weights, "lora": bool(cfg.model.get("lora")),

@@ -109,6 +109,18 @@ def test_generate_does_not_take_the_shards_of_a_model_since_retrained_in_the_sam
     assert proc.returncode == 2 and "holds pools of another job" in proc.stdout + proc.stderr
 
 
+def test_a_grid_of_generate_jobs_writes_each_jobs_pools_in_its_own_directory(tmp_path, bpe_model_dir):
+    # the default output (pools.jsonl) is relative: every job of the grid wrote it in the working directory, and
+    # the second refused the first one's shards
+    grid = tmp_path / "grid"
+    run_cli(["generate", "-m", "model=hf", f"model.name_or_path={bpe_model_dir}", "generator=hf",
+             "generator.num_candidates=2", "generator.max_new_tokens=4", "num_prompts=4", "generator.seed=0,1",
+             f"hydra.sweep.dir={grid}"], tmp_path)
+    first, second = ([json.loads(line) for line in (grid / job / "pools.jsonl").read_text().splitlines()]
+                     for job in ("0", "1"))
+    assert len(first) == len(second) == 4 and first != second and not (tmp_path / "pools.jsonl").exists()
+
+
 def test_biased_pairing_runs_with_one_warning(tmp_path, cache_dir):
     proc = run_cli(["train", *TINY_JOB, "experiment=mcpo_tiny", "sampler=hardest", "trainer.max_steps=2",
                     "eval.num_prompts=0", "trainer.save_final=false"], tmp_path)
