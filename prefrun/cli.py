@@ -14,8 +14,17 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+_RUN_DIRS: dict[tuple, str] = {}  # Hydra resolves hydra.sweep.dir again for every job of a grid
+
 
 def run_dir(resume: str | None, fresh: str) -> str:
+    key = (resume, fresh)
+    if key not in _RUN_DIRS:
+        _RUN_DIRS[key] = _agreed_run_dir(resume, fresh)
+    return _RUN_DIRS[key]
+
+
+def _agreed_run_dir(resume: str | None, fresh: str) -> str:
     """`hydra.run.dir`: the directory being resumed, if any, else a fresh timestamped one, the same
     for every process of an `accelerate launch` job (rank 0 picks it; the others read it from a
     file keyed by the job's rendezvous port; a job on several machines must name it: hydra.run.dir=...)."""

@@ -73,8 +73,9 @@ def env_from_job() -> bool:
                 "LOCAL_WORLD_SIZE": str(per_node)})
     env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")))
     # the step too: two steps of one job at once (`srun ... &` twice) would both listen on the job's port
-    env.setdefault("MASTER_PORT", str(20_000 + (int(env.get("SLURM_JOB_ID", "0")) * 16
-                                                + int(env.get("SLURM_STEP_ID", "0") or 0)) % 40_000))
+    step = env.get("SLURM_STEP_ID", "0")
+    env.setdefault("MASTER_PORT", str(20_000 + (int(env.get("SLURM_JOB_ID", "0"))
+                                                + 7_919 * (int(step) if step.isdigit() else 0)) % 40_000))
     return True
 
 

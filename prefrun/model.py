@@ -218,12 +218,17 @@ def save_policy(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: d
 
 def _untied(model, state_dict: dict) -> dict:
     """A gathered state dict without the copies of tied weights (an output embedding tied to the input one):
-    save_pretrained drops them only when they share storage, which gathered tensors do not."""
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    config = getattr(model, "config", None)
-    if not tied or not getattr(config, "tie_word_embeddings", False):
+    save_pretrained drops them only when they share storage, which gathered tensors do not. Tied as loaded
+    (`all_tied_weights_keys`: a checkpoint with a head of its own loads untied whatever its config says) and
+    equal in the gathered weights, or kept."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None:
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+    if not isinstance(tied, dict) or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         return state_dict
-    return {name: tensor for name, tensor in state_dict.items() if name not in set(tied)}
+    copies = {target for target, source in tied.items() if target in state_dict and source in state_dict
+              and torch.equal(state_dict[target], state_dict[source])}
+    return {name: tensor for name, tensor in state_dict.items() if name not in copies}
 
 
 def adapter_state(model) -> dict[str, torch.Tensor] | None:

@@ -183,7 +183,8 @@ def _refusal(result: dict, cfg: DictConfig, launch: Launch, lora, size: int, hel
     if loading and loading["bytes"] > loading["host_bytes"]:
         remedies = ["fewer processes per node"]
         remedies += ["a 16-bit model (model.dtype=bfloat16)"] if size > 2 else []
-        remedies += ["trainer.master_weights=model (16-bit trainable weights: no fp32 copy)"] if fp32_masters else []
+        if fp32_masters and launch.sharding == "fsdp":  # (held in fp32 as loaded only under FSDP)
+            remedies += ["trainer.master_weights=model (16-bit trainable weights: no fp32 copy)"]
         remedies += [] if lora else ["LoRA (+model/lora=default)"]
         return InputError(f"plan: loading needs {_size(loading['bytes'])} of host memory on a node ({loading['what']}) "
                           f"and the node has {_size(loading['host_bytes'])}: {_or(remedies)}")
@@ -196,8 +197,9 @@ def _refusal(result: dict, cfg: DictConfig, launch: Launch, lora, size: int, hel
     remedies += [] if lora else ["LoRA (+model/lora=default)"]
     remedies += ["trainer.master_weights=model (16-bit trainable weights: no fp32 copy)"] if fp32_masters else []
     if any(part.startswith("vLLM engine") for part in result["phases"][worst]):
-        remedies += ["a smaller generator.gpu_memory_utilization" if torch.cuda.is_available() else
-                     "sampling in the training process (generator=hf)"]
+        remedies += ["sampling in the training process (generator=hf)" if not torch.cuda.is_available() else
+                     "a smaller generator.kv_cache_memory_bytes" if cfg.generator.get("kv_cache_memory_bytes") else
+                     "a smaller generator.gpu_memory_utilization"]
     return InputError(f"plan: the {worst} phase needs {_size(rows[worst])} per process and a process has "
                       f"{_size(memory)} ({result['device']}): {_or(remedies)}")
 

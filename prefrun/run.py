@@ -163,7 +163,8 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
     _check_resumable(cfg, rounds, online.rounds, global_batch, accelerator.num_processes)
     all_done = len(rounds.completed(online.rounds)) == online.rounds  # (every process: the main one's reading)
-    finished = distributed.broadcast(_finished(record.dir) if all_done and accelerator.is_main_process else None)
+    finished = distributed.broadcast(_finished(record.dir, online.rounds) if all_done and accelerator.is_main_process
+                                     else None)
     if finished is not None:  # the same command again, after the run ended: nothing loads, nothing is rewritten
         log.info("online: the run is finished (all %d rounds, %s): nothing to do; its results are in summary.json "
                  "(delete it to evaluate and save again)", online.rounds, record.dir)
@@ -294,12 +295,14 @@ def run_rounds(cfg: DictConfig, online: OnlineConfig, *, accelerator, record: Ru
     return _primary_value(after, primary) if primary in after else None
 
 
-def _finished(run_dir: Path) -> dict | None:
-    """The summary.json of a run whose rounds are all done (written last, after checkpoint-final), if any."""
+def _finished(run_dir: Path, total: int) -> dict | None:
+    """The summary.json of a run whose rounds are all done, if it is that run's (written last, after
+    checkpoint-final, with its `total` rounds: one of a run since extended, stopped before its summary, is not)."""
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
+    return summary if len(summary.get("rounds") or []) == total else None
 
 
 def _round_seed(generator_seed: int, seed: int, t: int) -> int:

@@ -138,8 +138,8 @@ def test_slurm_step_variables_become_torch_ranks(monkeypatch):
                         "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123"}.items():
         monkeypatch.setenv(name, value)
     assert env_from_job()
-    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")] == [
-        "9", "16", "1", "8", "gpu07"]
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                    "MASTER_PORT")] == ["9", "16", "1", "8", "gpu07", "20123"]
     assert not env_from_job()  # a launcher (or this) has set WORLD_SIZE: nothing more to do
 
 

@@ -208,3 +208,20 @@ def test_weights_held_in_fp32_are_still_sampled_and_served_in_the_dtype_they_wer
     start = cpu_state(model)
     assert start["model.embed_tokens.weight"].dtype == torch.float32
     assert {t.dtype for name, t in start.items() if name != "model.embed_tokens.weight"} == {torch.bfloat16}
+
+
+def test_a_gathered_checkpoint_drops_a_tied_heads_copy_and_keeps_a_head_of_its_own(tmp_path):
+    """save_pretrained drops a tied weight only when it shares storage, which gathered tensors (FSDP2, ZeRO-3,
+    merged LoRA) do not; a checkpoint whose config ties but whose head is its own loads untied and keeps it."""
+    from prefrun.model import _untied, save_policy
+
+    from .conftest import char_llama
+
+    model, tokenizer = char_llama(hidden=64, heads=1, seed=0, tie_word_embeddings=True)
+    gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # no shared storage
+    save_policy(model, tokenizer, tmp_path / "tied", merge_lora=False, state_dict=gathered)
+    assert "lm_head.weight" not in load_file(tmp_path / "tied" / "model.safetensors")
+    own = {**gathered, "lm_head.weight": gathered["lm_head.weight"] + 1}
+    model.save_pretrained(tmp_path / "own", state_dict=own)
+    untied = AutoModelForCausalLM.from_pretrained(tmp_path / "own")  # its config still says tie_word_embeddings
+    assert "lm_head.weight" in _untied(untied, {name: tensor.clone() for name, tensor in untied.state_dict().items()})

@@ -429,6 +429,14 @@ def test_a_round_whose_pools_all_tie_is_recorded_untrained_the_policy_carries_ov
     assert {name: (tmp_path / "run" / name).stat().st_mtime_ns for name in kept} == stamps
 
 
+def test_a_summary_counts_as_finished_only_for_the_rounds_asked(tmp_path):
+    # a 2-round run extended to 3 and stopped after round 3 but before its summary: its summary is round 2's
+    from prefrun.run import _finished
+
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": [{"round": 1}, {"round": 2}], "eval_after": {}}))
+    assert _finished(tmp_path, 2) is not None and _finished(tmp_path, 3) is None and _finished(tmp_path / "x", 2) is None
+
+
 def test_a_round_of_only_empty_completions_says_so(caplog):
     from prefrun.online import warn_untrained
 
